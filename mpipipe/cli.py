@@ -1,0 +1,112 @@
+"""Command line: `python -m mpipipe train | schedule`.
+
+Run the default training:
+    python -m mpipipe train                          # 1 process, the whole model on one rank
+    mpiexec -n 4 python -m mpipipe train             # 4 pipeline stages
+    mpiexec -n 4 python -m mpipipe train --config run.toml --schedule gpipe --steps 50
+    sbatch jobs/train.sbatch                         # on a SLURM cluster (see the script header)
+
+Inspect a schedule (no MPI needed):
+    python -m mpipipe schedule --schedule 1f1b --pp 4 --microbatches 8
+    python -m mpipipe schedule --file my_schedule.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from typing import Any
+
+from mpipipe import config as config_mod
+from mpipipe.errors import ConfigError, ScheduleError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so errors are agreed on by all ranks first."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpipipe train", description="Train a model through the pipeline.",
+                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file of the keys below; flags win")
+    for f in config_mod.fields():
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
+        meta = f.metadata
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None,
+                       choices=meta.get("choices"), metavar=f.name.upper(),
+                       help=f"{meta['help']} (default: {f.default})")
+    return p
+
+
+def _schedule_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpipipe schedule", description="Check, draw and simulate a schedule.")
+    p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--pp", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--file", help="a hand-written schedule: one line of actions per rank")
+    return p
+
+
+def cmd_schedule(argv: list[str]) -> int:
+    from mpipipe import schedule
+
+    args = _schedule_parser().parse_args(argv)
+    if args.file:
+        with open(args.file) as fh:
+            plan = schedule.from_text(fh.read(), name=args.file)
+    else:
+        plan = schedule.build(args.schedule, args.pp, args.microbatches)
+    report = schedule.check(plan)
+    print(f"{plan.name}: pp={plan.pp}, {plan.microbatches} micro-batches")
+    print(schedule.render(plan))
+    print(f"peak stashed activations per rank: {report.peak_stash}")
+    print(f"simulated step time {report.step_time:g} (F=B=W=1), bubble {report.bubble:.3f}")
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from mpi4py import MPI
+
+    from mpipipe.trainer import train
+
+    comm = MPI.COMM_WORLD
+    try:
+        try:
+            args = vars(_train_parser().parse_args(argv))
+            cfg = config_mod.build(args, args.pop("config"))
+            err = None
+        except ConfigError as e:
+            cfg, err = None, str(e)
+        if any(comm.allgather(err)):  # flag errors end every rank together
+            raise ConfigError(err or "invalid command line on another rank")
+        assert cfg is not None
+        train(cfg, comm=comm)
+    except ConfigError as e:
+        if comm.Get_rank() == 0:
+            print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "schedule": cmd_schedule}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: python -m mpipipe {{{','.join(COMMANDS)}}} [options]\n{__doc__}",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ScheduleError as e:
+        print(f"mpipipe: schedule error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"mpipipe: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,158 @@
+"""Training configuration: one frozen dataclass, filled from defaults < TOML file < flags.
+
+The dataclass is the single source of truth: the CLI flags (`--d-model` for `d_model`) and the
+TOML keys (`d_model` or `d-model`) are generated from its fields and their help texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpipipe.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MODELS = ("gpt", "mlp")
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = ("float32", "float64")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's word
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _opt("gpt", "model family", choices=MODELS)
+    layers: int = _opt(4, "number of transformer blocks (gpt) or hidden layers (mlp)")
+    d_model: int = _opt(128, "model width")
+    heads: int = _opt(4, "attention heads (must divide --d-model)")
+    seq_len: int = _opt(128, "tokens per sample")
+    data: str | None = _opt(None, "text file, folder or glob (default: built-in corpus)")
+    global_batch: int = _opt(32, "samples per optimizer step")
+    microbatches: int = _opt(4, "micro-batches per step (must divide --global-batch)")
+    pp: int | None = _opt(None, "pipeline stages (default: the number of MPI ranks)")
+    schedule: str = _opt("1f1b", "pipeline schedule (gpipe, 1f1b)")
+    steps: int = _opt(250, "optimizer steps in total")
+    lr: float = _opt(3e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine)")
+    warmup: int = _opt(20, "linear warm-up steps")
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _opt(0.1, "decoupled weight decay (matrices only)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    clip: float = _opt(1.0, "clip gradients to this global norm (0: off)")
+    seed: int = _opt(1234, "seed for initialisation and data order")
+    dtype: str = _opt("float32", "parameter and compute dtype", choices=DTYPES)
+    log_every: int = _opt(10, "print a log line every N steps")
+    eval_every: int = _opt(50, "evaluate on held-out data every N steps (0: only at the end)")
+    eval_batches: int = _opt(4, "held-out batches per evaluation")
+    metrics_file: str | None = _opt(None, "write one JSON object per step to this .jsonl file")
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def micro_batch(self) -> int:
+        return self.global_batch // self.microbatches
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, world_size: int) -> TrainConfig:
+        """Check every rule that needs no data or model; return self with `pp` filled in."""
+        for name in ("layers", "d_model", "heads", "seq_len", "global_batch", "microbatches",
+                     "steps", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} {getattr(self, name)} must be at least 1")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r} (choose one of: {', '.join(MODELS)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r} "
+                              f"(choose one of: {', '.join(OPTIMIZERS)})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype} is not supported (choose float32 or float64)")
+        if self.global_batch % self.microbatches:
+            divisors = [d for d in range(1, self.global_batch + 1) if self.global_batch % d == 0]
+            near = min(divisors, key=lambda d: abs(d - self.microbatches))
+            raise ConfigError(
+                f"--microbatches {self.microbatches} does not divide --global-batch "
+                f"{self.global_batch} (choose a divisor of {self.global_batch}, e.g. {near})")
+        if self.model == "gpt" and self.d_model % self.heads:
+            raise ConfigError(f"--heads {self.heads} does not divide --d-model {self.d_model} "
+                              "(choose a divisor, e.g. --heads 4 with --d-model 128)")
+        pp = world_size if self.pp is None else self.pp
+        if pp < 1:
+            raise ConfigError(f"--pp {pp} must be at least 1")
+        if world_size % pp:
+            raise ConfigError(f"the world size {world_size} is not a multiple of --pp {pp} "
+                              f"(launch a multiple of {pp} ranks, or pick --pp dividing {world_size})")
+        if pp != world_size:
+            raise ConfigError(f"--pp {pp} on {world_size} ranks needs data parallelism, which is "
+                              f"not built yet (launch exactly {pp} ranks)")
+        from mpipipe.schedule import SCHEDULES  # noqa: PLC0415 - avoid an import cycle
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r} "
+                              f"(choose one of: {', '.join(sorted(SCHEDULES))})")
+        return self.replace(pp=pp)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, origin: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None:
+        return None
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {_flag(f.name)} = {value!r} is not a valid {kind}") from None
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML file of config keys (`d_model` or `d-model`); unknown keys are errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file (give a TOML file of training keys)")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    raw = raw.get("train", raw)  # keys may sit at the top or under [train]
+    known = {f.name: f for f in fields()}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r} "
+                              f"(known: {', '.join(sorted(known))})")
+        out[name] = _coerce(known[name], value, f"--config {path}")
+    return out
+
+
+def build(flags: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """defaults < TOML file < flags (flags given as None are 'not given')."""
+    values = load_toml(config_file) if config_file else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainConfig(**values)

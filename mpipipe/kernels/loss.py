@@ -1,0 +1,39 @@
+"""Softmax cross-entropy over the last dimension, mean over all positions."""
+
+from __future__ import annotations
+
+from mpipipe.xp import Array, namespace_of
+
+
+def cross_entropy_forward_backward(
+    logits: Array, targets: Array, scale: float
+) -> tuple[float, Array]:
+    """Mean loss over positions and d(scale * loss)/d logits in one pass (the fused form).
+
+    logits (..., V) float, targets (...) int. Returns (loss as a Python float, dlogits (..., V)).
+    """
+    xp = namespace_of(logits)
+    v = logits.shape[-1]
+    z = logits.reshape(-1, v)  # (N, V)
+    y = targets.reshape(-1)  # (N,)
+    n = z.shape[0]
+    shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
+    probs = xp.exp(shifted)  # (N, V)
+    sums = probs.sum(axis=1, keepdims=True)  # (N, 1)
+    rows = xp.arange(n)
+    loss = float((xp.log(sums[:, 0]) - shifted[rows, y]).mean())
+    probs /= sums  # softmax, in place
+    probs[rows, y] -= 1.0
+    probs *= scale / n
+    return loss, probs.reshape(logits.shape)
+
+
+def cross_entropy_forward(logits: Array, targets: Array) -> float:
+    """Mean loss only (evaluation)."""
+    xp = namespace_of(logits)
+    v = logits.shape[-1]
+    z = logits.reshape(-1, v)  # (N, V)
+    y = targets.reshape(-1)  # (N,)
+    shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
+    lse = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
+    return float((lse - shifted[xp.arange(z.shape[0]), y]).mean())

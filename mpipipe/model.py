@@ -1,0 +1,86 @@
+"""Models as lists of layer specs, so that a stage builds only the layers it owns.
+
+A `LayerSpec` is a recipe (a factory taking an `Init`), not a layer: the stage that owns global
+layer `i` calls it with `Init.for_layer(seed, i, ...)`, and parameters are named `layers.{i}.*`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from mpipipe.layers import GELU, MLP, Block, Embedding, Head, Init, Layer, Linear, Sequential
+
+VOCAB = 256  # byte-level tokens
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How to build one global layer. `body` layers count when splitting the model into stages;
+    non-body layers (the embedding, the head) ride along with the first or last stage."""
+
+    name: str
+    factory: Callable[[Init], Layer]
+    body: bool = True
+
+    def build(self, init: Init) -> Layer:
+        return self.factory(init)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model: its layers in order and the shape of the activation between two layers.
+
+    `act_shape(i, b)` is the shape of global layer i's output for a micro-batch of b samples; it
+    sizes the receive buffers, so messages never need a header. The last layer's output goes to
+    the loss (softmax cross-entropy against integer targets).
+    """
+
+    layers: Sequence[LayerSpec]
+    act_shape: Callable[[int, int], tuple[int, ...]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_body(self) -> int:
+        return sum(1 for s in self.layers if s.body)
+
+
+def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB) -> Model:
+    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head."""
+    specs = [LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)]
+    specs += [
+        LayerSpec(f"block{i}", partial(Block, c=d_model, n_head=n_head, n_layer=n_layer))
+        for i in range(n_layer)
+    ]
+    specs.append(LayerSpec("head", partial(Head, c=d_model, vocab=vocab), body=False))
+    last = len(specs) - 1
+
+    def act_shape(i: int, b: int) -> tuple[int, ...]:
+        return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
+
+    meta = {"kind": "gpt", "n_layer": n_layer, "d_model": d_model, "n_head": n_head,
+            "seq_len": seq_len, "vocab": vocab}
+    return Model(specs, act_shape, meta)
+
+
+def _mlp_block(init: Init, c: int) -> Layer:
+    return Sequential([("fc", Linear(init, c, c)), ("gelu", GELU())])
+
+
+def mlp(n_layer: int, d_model: int, seq_len: int, vocab: int = VOCAB) -> Model:
+    """Plain MLP classifier of each byte's successor: embedding, `n_layer` Linear+GELU layers,
+    a Linear classifier over the vocabulary. No attention: it sees one byte of context."""
+    specs = [LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)]
+    specs += [LayerSpec(f"fc{i}", partial(_mlp_block, c=d_model)) for i in range(n_layer)]
+    specs.append(LayerSpec("classifier", partial(Linear, c_in=d_model, c_out=vocab), body=False))
+    last = len(specs) - 1
+
+    def act_shape(i: int, b: int) -> tuple[int, ...]:
+        return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
+
+    return Model(specs, act_shape, {"kind": "mlp", "n_layer": n_layer, "d_model": d_model})
+
+
+__all__ = ["MLP", "LayerSpec", "Model", "gpt", "mlp"]

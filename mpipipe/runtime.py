@@ -1,0 +1,195 @@
+"""The executor: runs exactly the lowered action list of one rank, nothing else.
+
+    for i, action in enumerate(row): dispatch[action.kind](action, i)
+
+It holds no schedule logic. Data moves through one mailbox keyed by (kind, micro-batch, receiving
+stage): a producer puts its output there; a send takes it out and ships it; a receive puts a
+pending request there; a consumer takes the value, waiting only if the message is still in
+flight. Stages that share a rank (several chunks) thus hand over locally with no special case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from mpipipe.kernels.loss import cross_entropy_forward, cross_entropy_forward_backward
+from mpipipe.layers import Init, Layer
+from mpipipe.model import Model
+from mpipipe.parallel.p2p import P2P, tag
+from mpipipe.partition import uniform
+from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_peaks
+from mpipipe.xp import Array
+
+
+class Chunk:
+    """A contiguous run of global layers forming one virtual stage."""
+
+    def __init__(self, model: Model, layers: range, seed: int, dtype: Any, xp: ModuleType):
+        self.indices = layers
+        self.layers: list[Layer] = [
+            model.layers[i].build(Init.for_layer(seed, i, dtype, xp)) for i in layers
+        ]
+
+    def forward(self, x: Array) -> tuple[Array, list[Any]]:
+        ctxs = []
+        for layer in self.layers:
+            x, ctx = layer.forward(x)
+            ctxs.append(ctx)
+        return x, ctxs
+
+    def backward_input(self, dy: Array, ctxs: list[Any]) -> tuple[Array | None, list[Any]]:
+        wctxs: list[Any] = [None] * len(self.layers)
+        for j in reversed(range(len(self.layers))):
+            dy, wctxs[j] = self.layers[j].backward_input(dy, ctxs[j])
+        return dy, wctxs
+
+    def backward_weight(self, wctxs: list[Any]) -> None:
+        for layer, w in zip(self.layers, wctxs):
+            layer.backward_weight(w)
+
+
+class Stage:
+    """Everything one rank owns: a Chunk per virtual stage it runs, parameters by global name."""
+
+    def __init__(self, model: Model, plan: Plan, rank: int, seed: int, dtype: Any, xp: ModuleType):
+        bounds = uniform([s.body for s in model.layers], plan.n_stages)
+        self.ids = plan.stages[rank]
+        self.chunks = [Chunk(model, bounds[k], seed, dtype, xp) for k in self.ids]
+        self.params: dict[str, Array] = {}
+        self.grads: dict[str, Array] = {}
+        self.layer_params: dict[int, list[str]] = {}  # global layer index -> its param names
+        for chunk in self.chunks:
+            for i, layer in zip(chunk.indices, chunk.layers):
+                names = []
+                for k in sorted(layer.params):
+                    name = f"layers.{i}.{k}"
+                    self.params[name] = layer.params[k]
+                    self.grads[name] = layer.grads[k]
+                    names.append(name)
+                self.layer_params[i] = names
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            g.fill(0)
+
+
+@dataclass
+class MicroBatches:
+    """A step's data as the first and last stages need it, already split into micro-batches."""
+
+    inputs: Sequence[Array] | None  # per micro-batch, for the first stage
+    targets: Sequence[Array] | None  # per micro-batch, for the last stage
+
+
+class Executor:
+    """Runs one lowered plan row on one stage. Buffers are allocated once, at construction."""
+
+    def __init__(self, plan: Plan, rank: int, stage: Stage, model: Model, p2p: P2P,
+                 micro_batch: int, dtype: Any, xp: ModuleType) -> None:
+        self.plan, self.rank, self.stage, self.p2p = plan, rank, stage, p2p
+        self.row = plan.actions[rank]
+        self.last_stage = plan.n_stages - 1
+        self.training = any(a.kind == "B" for a in self.row)
+        self.releases = buffer_releases(self.row)
+        self.pools: dict[tuple[str, int], list[Array]] = {}
+        for (kind, c), n in recv_buffer_peaks(self.row).items():
+            layers = stage.chunks[c].indices
+            boundary = layers.start - 1 if kind == "RA" else layers.stop - 1
+            shape = model.act_shape(boundary, micro_batch)
+            self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
+        self.dispatch: dict[str, Callable[[Action, int], None]] = {
+            "F": self._forward, "B": self._backward_input, "W": self._backward_weight,
+            "SA": self._send, "SG": self._send, "RA": self._recv, "RG": self._recv,
+        }
+
+    def run(self, batch: MicroBatches) -> list[float]:
+        """Run the row once; return the last stage's per-micro-batch losses (else [])."""
+        self.batch = batch
+        self.mail: dict[tuple[str, int, int], Any] = {}
+        self.ctx: dict[tuple[int, int], Any] = {}
+        self.wctx: dict[tuple[int, int], Any] = {}
+        self.losses: dict[int, float] = {}
+        self.sends: list[tuple[Any, Array]] = []
+        self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
+        for i, action in enumerate(self.row):
+            self.dispatch[action.kind](action, i)
+            for j in self.releases.get(i, ()):
+                pool, buf = self.taken.pop(j)
+                self.pools[pool].append(buf)
+        self.p2p.waitall([req for req, _ in self.sends])
+        self.sends.clear()
+        if self.mail or self.ctx or self.wctx:  # a checked plan never gets here
+            raise RuntimeError(f"rank {self.rank}: the plan left work undone: "
+                               f"{sorted(self.mail)} {sorted(self.ctx)} {sorted(self.wctx)}")
+        return [self.losses[mb] for mb in sorted(self.losses)]
+
+    # -- compute -------------------------------------------------------------------------------
+    def _forward(self, a: Action, i: int) -> None:
+        k = self.stage.ids[a.chunk]
+        x = self.batch.inputs[a.mb] if k == 0 else self._take(("A", a.mb, k))
+        y, ctx = self.stage.chunks[a.chunk].forward(x)
+        if k == self.last_stage:
+            targets = self.batch.targets[a.mb]
+            if self.training:
+                scale = 1.0 / self.plan.microbatches
+                self.losses[a.mb], dy = cross_entropy_forward_backward(y, targets, scale)
+                self.mail[("G", a.mb, k)] = dy
+            else:
+                self.losses[a.mb] = cross_entropy_forward(y, targets)
+        else:
+            self.mail[("A", a.mb, k + 1)] = y
+        if self.training:
+            self.ctx[(a.mb, a.chunk)] = ctx
+
+    def _backward_input(self, a: Action, i: int) -> None:
+        k = self.stage.ids[a.chunk]
+        dy = self._take(("G", a.mb, k))
+        dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
+        self.wctx[(a.mb, a.chunk)] = wctx
+        if k > 0:
+            self.mail[("G", a.mb, k - 1)] = dx
+
+    def _backward_weight(self, a: Action, i: int) -> None:
+        self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)))
+
+    # -- communication -------------------------------------------------------------------------
+    def _key_and_peer(self, a: Action) -> tuple[tuple[str, int, int], int]:
+        k = self.stage.ids[a.chunk]
+        kind = "A" if a.kind in ("SA", "RA") else "G"
+        step = {"SA": 1, "RA": 0, "SG": -1, "RG": 0}[a.kind]  # which stage the message feeds
+        toward = {"SA": 1, "RA": -1, "SG": -1, "RG": 1}[a.kind]
+        other = peer(self.plan, self.rank, a.chunk, toward)
+        assert other is not None, f"{a} at the end of the pipeline"
+        return (kind, a.mb, k + step), other
+
+    def _send(self, a: Action, i: int) -> None:
+        key, dest = self._key_and_peer(a)
+        buf = self.mail.pop(key)
+        if not buf.flags.c_contiguous:
+            buf = buf.copy()
+        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
+        self.sends.append((self.p2p.isend(buf, dest, t), buf))
+
+    def _recv(self, a: Action, i: int) -> None:
+        key, source = self._key_and_peer(a)
+        pool = (a.kind, a.chunk)
+        buf = self.pools[pool].pop()
+        self.taken[i] = (pool, buf)
+        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
+        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t))
+
+    def _take(self, key: tuple[str, int, int]) -> Array:
+        item = self.mail.pop(key)
+        if isinstance(item, _Pending):
+            self.p2p.wait(item.request)
+            return item.buffer
+        return item
+
+
+@dataclass
+class _Pending:
+    buffer: Array
+    request: Any
