@@ -22,8 +22,18 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except BaseException:
         set_abort_status(1)
+        _name_the_rank()
         raise
     sys.exit(code)
+
+
+def _name_the_rank() -> None:
+    """Say which rank failed (its traceback follows) before MPI_Abort ends every rank."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
+        world = mpi.COMM_WORLD
+        print(f"mpipipe: rank {world.Get_rank()} of {world.Get_size()} failed; aborting the job",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ def _train_parser() -> argparse.ArgumentParser:
         kind = f.type if isinstance(f.type, str) else str(f.type)
         conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
         meta = f.metadata
+        choices = meta.get("choices")
+        default = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None,
-                       choices=meta.get("choices"), metavar=f.name.upper(),
-                       help=f"{meta['help']} (default: {f.default})")
+                       choices=choices, help=meta["help"] + default,
+                       metavar="{" + ",".join(choices) + "}" if choices else f.name.upper())
     return p
 
 

@@ -40,7 +40,7 @@ class TrainConfig:
     microbatches: int = _opt(4, "micro-batches per step (must divide --global-batch)")
     pp: int | None = _opt(None, "pipeline stages (default: the number of MPI ranks)")
     schedule: str = _opt("1f1b", "pipeline schedule (gpipe, 1f1b)")
-    steps: int = _opt(250, "optimizer steps in total")
+    steps: int = _opt(400, "optimizer steps in total")
     lr: float = _opt(3e-3, "peak learning rate")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine)")
     warmup: int = _opt(20, "linear warm-up steps")
@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = _opt(1234, "seed for initialisation and data order")
     dtype: str = _opt("float32", "parameter and compute dtype", choices=DTYPES)
     log_every: int = _opt(10, "print a log line every N steps")
-    eval_every: int = _opt(50, "evaluate on held-out data every N steps (0: only at the end)")
+    eval_every: int = _opt(100, "evaluate on held-out data every N steps (0: only at the end)")
     eval_batches: int = _opt(4, "held-out batches per evaluation")
     metrics_file: str | None = _opt(None, "write one JSON object per step to this .jsonl file")
 
@@ -68,7 +68,8 @@ class TrainConfig:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, world_size: int) -> TrainConfig:
-        """Check every rule that needs no data or model; return self with `pp` filled in."""
+        """Check every rule that needs no data or model; return self with `pp` filled in
+        (`--pp` defaults to the world size). The launch itself is checked by check_launch."""
         for name in ("layers", "d_model", "heads", "seq_len", "global_batch", "microbatches",
                      "steps", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
@@ -92,18 +93,22 @@ class TrainConfig:
         pp = world_size if self.pp is None else self.pp
         if pp < 1:
             raise ConfigError(f"--pp {pp} must be at least 1")
-        if world_size % pp:
-            raise ConfigError(f"the world size {world_size} is not a multiple of --pp {pp} "
-                              f"(launch a multiple of {pp} ranks, or pick --pp dividing {world_size})")
-        if pp != world_size:
-            raise ConfigError(f"--pp {pp} on {world_size} ranks needs data parallelism, which is "
-                              f"not built yet (launch exactly {pp} ranks)")
         from mpipipe.schedule import SCHEDULES  # noqa: PLC0415 - avoid an import cycle
 
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r} "
                               f"(choose one of: {', '.join(sorted(SCHEDULES))})")
         return self.replace(pp=pp)
+
+    def check_launch(self, world_size: int) -> None:
+        """The rules that tie the layout to the number of ranks launched."""
+        pp = world_size if self.pp is None else self.pp
+        if world_size % pp:
+            raise ConfigError(f"the world size {world_size} is not a multiple of --pp {pp} "
+                              f"(launch a multiple of {pp} ranks, or pick --pp dividing {world_size})")
+        if pp != world_size:
+            raise ConfigError(f"--pp {pp} on {world_size} ranks needs data parallelism, which is "
+                              f"not built yet (launch exactly {pp} ranks)")
 
 
 def _flag(name: str) -> str:

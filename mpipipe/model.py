@@ -80,7 +80,8 @@ def mlp(n_layer: int, d_model: int, seq_len: int, vocab: int = VOCAB) -> Model:
     def act_shape(i: int, b: int) -> tuple[int, ...]:
         return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
 
-    return Model(specs, act_shape, {"kind": "mlp", "n_layer": n_layer, "d_model": d_model})
+    return Model(specs, act_shape,
+                 {"kind": "mlp", "n_layer": n_layer, "d_model": d_model, "seq_len": seq_len})
 
 
 __all__ = ["MLP", "LayerSpec", "Model", "gpt", "mlp"]

@@ -78,6 +78,7 @@ def prepare(cfg: TrainConfig, world_size: int, model: Model | None = None,
     model = model or build_model(cfg)
     assert cfg.pp is not None
     uniform([s.body for s in model.layers], cfg.pp)  # raises when stages outnumber layers
+    cfg.check_launch(world_size)
     plan = schedule.build(cfg.schedule, cfg.pp, cfg.microbatches)
     report = schedule.check(plan)
     top = max_tag(plan.n_stages, cfg.microbatches)
@@ -180,7 +181,7 @@ class _Run:
         self.say(describe(job))
         metrics = MetricsFile(cfg.metrics_file if self.rank == 0 else None)
         result = TrainResult(cfg)
-        tokens = cfg.global_batch * cfg.seq_len
+        tokens = cfg.global_batch * job.model.meta.get("seq_len", 1)  # predictions per step
         t_start = time.perf_counter()
         try:
             for step in range(cfg.steps):
@@ -236,7 +237,10 @@ def describe(job: Job) -> str:
     parts = [f"{k}:{job.model.layers[r.start].name}..{job.model.layers[r.stop - 1].name}"
              if len(r) > 1 else f"{k}:{job.model.layers[r.start].name}"
              for k, r in enumerate(bounds)]
-    return (f"mpipipe: {cfg.model} {cfg.layers}x{cfg.d_model} ({cfg.dtype}), pp={plan.pp}, "
+    meta = job.model.meta
+    what = (f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}" if "kind" in meta
+            else f"custom model of {len(job.model.layers)} layers")
+    return (f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp}, "
             f"schedule {plan.name}, {cfg.microbatches} micro-batches of {cfg.micro_batch}, "
             f"peak stash {job.report.peak_stash}, simulated bubble {job.report.bubble:.2f}\n"
             f"stages: {' | '.join(parts)}")

@@ -1,0 +1,72 @@
+"""Launch real MPI jobs from pytest, with a hard timeout that kills every rank.
+
+`mpiexec` is taken from the running interpreter's environment first (the `mpich` wheel puts it
+beside python), else from PATH. Each job runs in its own process group, so a timeout kills the
+launcher and all ranks, and the test fails with the output so far instead of freezing CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpiexec() -> str:
+    local = Path(sys.executable).parent / "mpiexec"
+    found = str(local) if local.exists() else shutil.which("mpiexec")
+    if not found:
+        pytest.fail("no mpiexec: install the MPI runtime (pip install -e '.[mpi,test]')")
+    return found
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
+              "PYTHONUNBUFFERED": "1"})
+    e.update(extra)
+    return e
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_env: str) -> Result:
+    """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process)."""
+    cmd = [sys.executable, *args]
+    if n is not None:
+        cmd = [mpiexec(), "-n", str(n), *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n"
+                    f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+    return Result(proc.returncode, out, err, time.perf_counter() - t0)
+
+
+def train(n: int | None, *flags: str, timeout: float = 120.0, **extra_env: str) -> Result:
+    return run(["-m", "mpipipe", "train", *flags], n=n, timeout=timeout, **extra_env)

@@ -1,0 +1,107 @@
+"""Every layer's backward_input and backward_weight against finite differences, in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpipipe.kernels.loss import cross_entropy_forward, cross_entropy_forward_backward
+from mpipipe.layers import (
+    GELU, MLP, Attention, Block, Embedding, Head, Init, LayerNorm, Linear, Residual,
+)
+from tests.gradcheck import check_layer, numeric_grad, rel_error
+
+B, T, C, H, V = 2, 5, 8, 2, 11
+
+
+def init(dtype=np.float64, seed=0):
+    return Init.for_layer(seed, 0, dtype, np)
+
+
+def x_float(shape=(B, T, C), seed=1):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+def perturb(layer, seed=2):
+    """Non-trivial parameters (LayerNorm starts at g=1, b=0; biases at 0)."""
+    rng = np.random.default_rng(seed)
+    for p in layer.params.values():
+        p += 0.3 * rng.normal(size=p.shape)
+    return layer
+
+
+LAYERS = {
+    "linear": lambda dt: Linear(init(dt), C, 7),
+    "linear_nobias": lambda dt: Linear(init(dt), C, 7, bias=False),
+    "layernorm": lambda dt: LayerNorm(init(dt), C),
+    "gelu": lambda dt: GELU(),
+    "attention": lambda dt: Attention(init(dt), C, H),
+    "mlp": lambda dt: MLP(init(dt), C),
+    "residual": lambda dt: Residual([("ln", LayerNorm(init(dt), C)), ("fc", Linear(init(dt), C, C))]),
+    "block": lambda dt: Block(init(dt), C, H, n_layer=2),
+    "head": lambda dt: Head(init(dt), C, V),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_gradients_float64(name):
+    errors = check_layer(perturb(LAYERS[name](np.float64)), x_float())
+    assert errors  # at least the input gradient was compared
+
+
+def test_embedding_gradients_float64():
+    layer = perturb(Embedding(init(), V, C, max_len=T + 3))
+    tokens = np.array([[1, 3, 3, 0, 10], [3, 3, 2, 1, 1]])  # repeated tokens accumulate
+    errors = check_layer(layer, tokens)
+    assert set(errors) == {"wte", "wpe"}
+
+
+def test_attention_is_causal():
+    layer = perturb(Attention(init(), C, H))
+    x = x_float()
+    y, _ = layer.forward(x)
+    x2 = x.copy()
+    x2[:, -1] += 1.0  # change only the last position
+    y2, _ = layer.forward(x2)
+    np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
+    assert not np.allclose(y[:, -1], y2[:, -1])
+
+
+def test_cross_entropy_gradient_and_value():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(B, T, V))
+    targets = rng.integers(0, V, size=(B, T))
+    loss, dlogits = cross_entropy_forward_backward(logits.copy(), targets, scale=0.5)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = -np.log(np.take_along_axis(p, targets[..., None], -1)).mean()
+    assert loss == pytest.approx(expected, rel=1e-12)
+    assert cross_entropy_forward(logits, targets) == pytest.approx(expected, rel=1e-12)
+    numeric = numeric_grad(lambda: 0.5 * cross_entropy_forward(logits, targets), logits)
+    assert rel_error(dlogits, numeric) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_float32_matches_float64(name):
+    """The same layer built in float32 computes in float32, to float32 accuracy."""
+    l64, l32 = perturb(LAYERS[name](np.float64)), LAYERS[name](np.float32)
+    for k, p in l64.params.items():
+        l32.params[k][...] = p  # in place: composite layers share these arrays with children
+    x = x_float()
+    y64, _ = l64.forward(x)
+    y32, ctx = l32.forward(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, rtol=2e-4, atol=2e-5)
+    dx, wctx = l32.backward_input(np.ones_like(y32), ctx)
+    l32.backward_weight(wctx)
+    assert dx.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in l32.grads.values())
+
+
+def test_init_depends_only_on_seed_and_index():
+    a = Block(Init.for_layer(7, 3, np.float32, np), C, H, 2)
+    b = Block(Init.for_layer(7, 3, np.float32, np), C, H, 2)
+    c = Block(Init.for_layer(7, 4, np.float32, np), C, H, 2)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert not np.array_equal(a.params["attn.attn.qkv.w"], c.params["attn.attn.qkv.w"])

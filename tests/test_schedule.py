@@ -1,0 +1,121 @@
+"""Schedules are data: exact lists, the checker's verdicts, lowering and buffer accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpipipe.errors import ConfigError, ScheduleError
+from mpipipe.schedule import (
+    Action, Costs, build, check, forward_only, from_text, gpipe, lower, one_f_one_b, parse,
+    recv_buffer_peaks,
+)
+
+
+def rows(plan):
+    return [" ".join(str(a) for a in row) for row in plan.actions]
+
+
+def test_gpipe_exact():
+    assert rows(gpipe(2, 3)) == [
+        "F0 F1 F2 B0 W0 B1 W1 B2 W2",
+        "F0 F1 F2 B0 W0 B1 W1 B2 W2",
+    ]
+
+
+def test_1f1b_exact():
+    # laid out like the timing diagram: warm-up forwards, steady one-forward-one-backward, drain
+    assert rows(one_f_one_b(4, 5)) == [
+        "F0 F1 F2 F3 B0 W0 F4 B1 W1 B2 W2 B3 W3 B4 W4",
+        "F0 F1 F2 B0 W0 F3 B1 W1 F4 B2 W2 B3 W3 B4 W4",
+        "F0 F1 B0 W0 F2 B1 W1 F3 B2 W2 F4 B3 W3 B4 W4",
+        "F0 B0 W0 F1 B1 W1 F2 B2 W2 F3 B3 W3 F4 B4 W4",
+    ]
+
+
+def test_1f1b_fewer_microbatches_than_stages():
+    assert rows(one_f_one_b(4, 2))[0] == "F0 F1 B0 W0 B1 W1"
+    assert check(one_f_one_b(4, 2)).peak_stash == [2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("text", ["F0", "B12", "W3", "F3.1", "SA0", "RG7.2"])
+def test_action_round_trip(text):
+    assert str(parse(text)) == text
+
+
+def test_parse_rejects_garbage():
+    with pytest.raises(ValueError, match="cannot parse action 'X1'"):
+        parse("X1")
+
+
+@pytest.mark.parametrize("pp", range(1, 9))
+@pytest.mark.parametrize("m", range(1, 17))
+def test_checker_accepts_and_reports_peak_stash(pp, m):
+    assert check(gpipe(pp, m)).peak_stash == [m] * pp
+    assert check(one_f_one_b(pp, m)).peak_stash == [min(pp - s, m) for s in range(pp)]
+
+
+def test_bubble_matches_closed_form_without_w_cost():
+    # with W free, F and B of equal cost: bubble = (p - 1) / (m + p - 1) for GPipe and 1F1B
+    for p, m in [(2, 4), (4, 8), (8, 3)]:
+        for plan in (gpipe(p, m), one_f_one_b(p, m)):
+            assert check(plan, Costs(f=1, b=1, w=0)).bubble == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_deadlock_names_ranks_and_actions():
+    plan = from_text("F0 B0 W0 F1 B1 W1\nF1 B1 W1 F0 B0 W0")
+    with pytest.raises(ScheduleError) as e:
+        check(plan)
+    msg = str(e.value)
+    assert "deadlock" in msg
+    assert "rank 0 at B0 waits for B0 on rank 1" in msg
+    assert "rank 1 at F1 waits for F1 on rank 0" in msg
+    assert "[B0]" in msg and "[F1]" in msg  # the grid marks the stuck cells
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("F0 B0 W0\nF0 W0 B0", "rank 1 step 1: W0 runs before B0"),
+    ("F0 B0 W0 F0\nF0 B0 W0", "rank 0 runs F0 2 times"),
+    ("F0 B0\nF0 B0 W0", "rank 0 never runs W0"),
+    ("F0 B0 W0 F2 B2 W2\nF0 B0 W0", "out of range"),
+    ("F0 SA0 B0 W0\nF0 B0 W0", "not a compute action"),
+])
+def test_malformed_schedules_rejected(text, needle):
+    with pytest.raises(ScheduleError, match=needle):
+        check(from_text(text, microbatches=1))
+
+
+def test_unknown_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown schedule 'zb'.*1f1b, gpipe"):
+        build("zb", 2, 2)
+
+
+def test_lowering_pairs_every_send_with_a_receive():
+    for plan in (gpipe(4, 6), one_f_one_b(4, 6), forward_only(4, 6)):
+        low = lower(plan)
+        sends = {(r + (1 if a.kind == "SA" else -1), a.kind[1], a.mb)
+                 for r, row in enumerate(low.actions) for a in row if a.kind in ("SA", "SG")}
+        recvs = {(r, a.kind[1], a.mb)
+                 for r, row in enumerate(low.actions) for a in row if a.kind in ("RA", "RG")}
+        assert sends == recvs
+        for row in low.actions:  # a receive is posted before the action that consumes it
+            pos = {a: i for i, a in enumerate(row)}
+            for a in row:
+                if a.kind == "RA":
+                    assert pos[a] < pos[Action("F", a.mb)]
+                if a.kind == "RG":
+                    assert pos[a] < pos[Action("B", a.mb)]
+        assert [[a for a in row if a.is_compute] for row in low.actions] == \
+            [list(row) for row in plan.actions]
+
+
+def test_single_rank_lowers_to_no_messages():
+    assert lower(one_f_one_b(1, 4)).actions == one_f_one_b(1, 4).actions
+
+
+def test_receive_buffers_are_bounded_by_the_stash():
+    low = lower(one_f_one_b(4, 8))
+    peaks = [recv_buffer_peaks(row) for row in low.actions]
+    assert peaks[0] == {("RG", 0): 2}
+    assert peaks[3] == {("RA", 0): 2}
+    for s, p in enumerate(peaks[1:3], start=1):
+        assert p[("RA", 0)] <= min(4 - s, 8) + 1  # the stash plus the one posted ahead
