@@ -39,8 +39,9 @@ class Scale:
 
 
 def hidden_block(init: Init) -> Sequential:
-    return Sequential([("fc", Linear(init, HIDDEN, HIDDEN)), ("act", GELU()),
-                       ("scale", Scale(init, HIDDEN))])
+    return Sequential(
+        [("fc", Linear(init, HIDDEN, HIDDEN)), ("act", GELU()), ("scale", Scale(init, HIDDEN))]
+    )
 
 
 model = Model(
@@ -63,8 +64,16 @@ class Blobs:
         return x.astype(np.float32), y
 
 
-cfg = TrainConfig(global_batch=64, microbatches=4, steps=60, lr=1e-2, warmup=5,
-                  eval_every=20, log_every=20, schedule="1f1b")
+cfg = TrainConfig(
+    global_batch=64,
+    microbatches=4,
+    steps=60,
+    lr=1e-2,
+    warmup=5,
+    eval_every=20,
+    log_every=20,
+    schedule="1f1b",
+)
 result = train(cfg, model=model, dataset=Blobs())
 first, last = result.history[0]["loss"], result.eval_losses[-1]
 if last >= first:  # every rank knows the losses: they are all-reduced

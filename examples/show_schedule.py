@@ -1,6 +1,6 @@
 """Build, check and print schedules with the Python API (no MPI needed).
 
-    python examples/show_schedule.py
+python examples/show_schedule.py
 """
 
 from mpipipe.errors import ScheduleError
@@ -10,8 +10,10 @@ plan = one_f_one_b(pp=4, m=8)
 report = check(plan)  # proves it deadlock-free and simulates it
 print(render(plan))
 print("peak stashed activations per rank:", report.peak_stash)
-print(f"bubble with F=B=1, W=0: {check(plan, Costs(f=1, b=1, w=0)).bubble:.3f}"
-      f"  (closed form (p-1)/(m+p-1) = {3 / 11:.3f})")
+print(
+    f"bubble with F=B=1, W=0: {check(plan, Costs(f=1, b=1, w=0)).bubble:.3f}"
+    f"  (closed form (p-1)/(m+p-1) = {3 / 11:.3f})"
+)
 print("rank 1 with its messages:", " ".join(str(a) for a in lower(plan).actions[1]))
 
 # A schedule written by hand: rank 1 runs micro-batch 1 first, which needs rank 0's F1,

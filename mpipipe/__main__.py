@@ -32,8 +32,11 @@ def _name_the_rank() -> None:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized():
         world = mpi.COMM_WORLD
-        print(f"mpipipe: rank {world.Get_rank()} of {world.Get_size()} failed; aborting the job",
-              file=sys.stderr, flush=True)
+        print(
+            f"mpipipe: rank {world.Get_rank()} of {world.Get_size()} failed; aborting the job",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mpipipe train", description="Train a model through the pipeline.",
-                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="mpipipe train",
+        description="Train a model through the pipeline.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", metavar="FILE.toml", help="TOML file of the keys below; flags win")
     for f in config_mod.fields():
         kind = f.type if isinstance(f.type, str) else str(f.type)
@@ -39,9 +43,15 @@ def _train_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         choices = meta.get("choices")
         default = "" if f.default is None else f" (default: {f.default})"
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None,
-                       choices=choices, help=meta["help"] + default,
-                       metavar="{" + ",".join(choices) + "}" if choices else f.name.upper())
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=conv,
+            default=None,
+            choices=choices,
+            help=meta["help"] + default,
+            metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+        )
     return p
 
 
@@ -101,8 +111,10 @@ COMMANDS = {"train": cmd_train, "schedule": cmd_schedule}
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: python -m mpipipe {{{','.join(COMMANDS)}}} [options]\n{__doc__}",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        print(
+            f"usage: python -m mpipipe {{{','.join(COMMANDS)}}} [options]\n{__doc__}",
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -70,15 +70,25 @@ class TrainConfig:
     def validate(self, world_size: int) -> TrainConfig:
         """Check every rule that needs no data or model; return self with `pp` filled in
         (`--pp` defaults to the world size). The launch itself is checked by check_launch."""
-        for name in ("layers", "d_model", "heads", "seq_len", "global_batch", "microbatches",
-                     "steps", "log_every", "eval_batches"):
+        for name in (
+            "layers",
+            "d_model",
+            "heads",
+            "seq_len",
+            "global_batch",
+            "microbatches",
+            "steps",
+            "log_every",
+            "eval_batches",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} {getattr(self, name)} must be at least 1")
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r} (choose one of: {', '.join(MODELS)})")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r} "
-                              f"(choose one of: {', '.join(OPTIMIZERS)})")
+            raise ConfigError(
+                f"unknown optimizer {self.optimizer!r} (choose one of: {', '.join(OPTIMIZERS)})"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype} is not supported (choose float32 or float64)")
         if self.global_batch % self.microbatches:
@@ -86,29 +96,38 @@ class TrainConfig:
             near = min(divisors, key=lambda d: abs(d - self.microbatches))
             raise ConfigError(
                 f"--microbatches {self.microbatches} does not divide --global-batch "
-                f"{self.global_batch} (choose a divisor of {self.global_batch}, e.g. {near})")
+                f"{self.global_batch} (choose a divisor of {self.global_batch}, e.g. {near})"
+            )
         if self.model == "gpt" and self.d_model % self.heads:
-            raise ConfigError(f"--heads {self.heads} does not divide --d-model {self.d_model} "
-                              "(choose a divisor, e.g. --heads 4 with --d-model 128)")
+            raise ConfigError(
+                f"--heads {self.heads} does not divide --d-model {self.d_model} "
+                "(choose a divisor, e.g. --heads 4 with --d-model 128)"
+            )
         pp = world_size if self.pp is None else self.pp
         if pp < 1:
             raise ConfigError(f"--pp {pp} must be at least 1")
         from mpipipe.schedule import SCHEDULES  # noqa: PLC0415 - avoid an import cycle
 
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r} "
-                              f"(choose one of: {', '.join(sorted(SCHEDULES))})")
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r} "
+                f"(choose one of: {', '.join(sorted(SCHEDULES))})"
+            )
         return self.replace(pp=pp)
 
     def check_launch(self, world_size: int) -> None:
         """The rules that tie the layout to the number of ranks launched."""
         pp = world_size if self.pp is None else self.pp
         if world_size % pp:
-            raise ConfigError(f"the world size {world_size} is not a multiple of --pp {pp} "
-                              f"(launch a multiple of {pp} ranks, or pick --pp dividing {world_size})")
+            raise ConfigError(
+                f"the world size {world_size} is not a multiple of --pp {pp} "
+                f"(launch a multiple of {pp} ranks, or pick --pp dividing {world_size})"
+            )
         if pp != world_size:
-            raise ConfigError(f"--pp {pp} on {world_size} ranks needs data parallelism, which is "
-                              f"not built yet (launch exactly {pp} ranks)")
+            raise ConfigError(
+                f"--pp {pp} on {world_size} ranks needs data parallelism, which is "
+                f"not built yet (launch exactly {pp} ranks)"
+            )
 
 
 def _flag(name: str) -> str:
@@ -150,8 +169,9 @@ def load_toml(path: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise ConfigError(f"--config {path}: unknown key {key!r} "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(known))})"
+            )
         out[name] = _coerce(known[name], value, f"--config {path}")
     return out
 

@@ -38,8 +38,10 @@ def resolve(data: str | None) -> list[Path]:
     else:
         files = sorted(Path(f) for f in glob.glob(data, recursive=True) if os.path.isfile(f))
     if not files:
-        raise ConfigError(f"--data {data}: no such file, folder or matching glob "
-                          "(give a text file, a folder of files, or a quoted glob like 'docs/*.txt')")
+        raise ConfigError(
+            f"--data {data}: no such file, folder or matching glob "
+            "(give a text file, a folder of files, or a quoted glob like 'docs/*.txt')"
+        )
     return files
 
 
@@ -63,7 +65,8 @@ class ByteDataset:
         if smallest < self.seq_len + 1:
             raise ConfigError(
                 f"--seq-len {self.seq_len} is larger than the data allows: {self.size} bytes give "
-                f"a {smallest}-byte split (use --seq-len <= {max(smallest - 1, 0)} or more data)")
+                f"a {smallest}-byte split (use --seq-len <= {max(smallest - 1, 0)} or more data)"
+            )
 
     @property
     def tokens(self) -> np.ndarray:

@@ -126,7 +126,9 @@ class Embedding(Base):
     """Token + learned position embedding: tokens (B, T) -> (B, T, C). First layer only."""
 
     def __init__(self, init: Init, vocab: int, c: int, max_len: int):
-        super().__init__({"wte": init.normal((vocab, c), 0.02), "wpe": init.normal((max_len, c), 0.01)})
+        super().__init__(
+            {"wte": init.normal((vocab, c), 0.02), "wpe": init.normal((max_len, c), 0.01)}
+        )
 
     def forward(self, x: Array) -> tuple[Array, Any]:
         return embedding_forward(x, self.params["wte"], self.params["wpe"])
@@ -162,7 +164,7 @@ class Sequential(Base):
         return dy, wctxs
 
     def backward_weight(self, wctx: Any) -> None:
-        for (_, child), w in zip(self.children, wctx):
+        for (_, child), w in zip(self.children, wctx, strict=True):
             child.backward_weight(w)
 
 
@@ -200,7 +202,11 @@ class MLP(Sequential):
     def __init__(self, init: Init, c: int, hidden: int | None = None, proj_std: float = 0.02):
         h = hidden or 4 * c
         super().__init__(
-            [("fc", Linear(init, c, h)), ("gelu", GELU()), ("proj", Linear(init, h, c, std=proj_std))]
+            [
+                ("fc", Linear(init, c, h)),
+                ("gelu", GELU()),
+                ("proj", Linear(init, h, c, std=proj_std)),
+            ]
         )
 
 
@@ -223,8 +229,21 @@ class Block(Sequential):
         proj_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2: scale residual projections by depth
         super().__init__(
             [
-                ("attn", Residual([("ln", LayerNorm(init, c)), ("attn", Attention(init, c, n_head, proj_std))])),
-                ("mlp", Residual([("ln", LayerNorm(init, c)), ("mlp", MLP(init, c, proj_std=proj_std))])),
+                (
+                    "attn",
+                    Residual(
+                        [
+                            ("ln", LayerNorm(init, c)),
+                            ("attn", Attention(init, c, n_head, proj_std)),
+                        ]
+                    ),
+                ),
+                (
+                    "mlp",
+                    Residual(
+                        [("ln", LayerNorm(init, c)), ("mlp", MLP(init, c, proj_std=proj_std))]
+                    ),
+                ),
             ]
         )
 
@@ -233,4 +252,6 @@ class Head(Sequential):
     """Final LayerNorm and the LM head (C -> V, no bias): (B, T, C) -> logits (B, T, V)."""
 
     def __init__(self, init: Init, c: int, vocab: int):
-        super().__init__([("ln_f", LayerNorm(init, c)), ("lm_head", Linear(init, c, vocab, bias=False))])
+        super().__init__(
+            [("ln_f", LayerNorm(init, c)), ("lm_head", Linear(init, c, vocab, bias=False))]
+        )

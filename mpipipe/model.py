@@ -49,7 +49,9 @@ class Model:
 
 def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB) -> Model:
     """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head."""
-    specs = [LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)]
+    specs = [
+        LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)
+    ]
     specs += [
         LayerSpec(f"block{i}", partial(Block, c=d_model, n_head=n_head, n_layer=n_layer))
         for i in range(n_layer)
@@ -60,8 +62,14 @@ def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCA
     def act_shape(i: int, b: int) -> tuple[int, ...]:
         return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
 
-    meta = {"kind": "gpt", "n_layer": n_layer, "d_model": d_model, "n_head": n_head,
-            "seq_len": seq_len, "vocab": vocab}
+    meta = {
+        "kind": "gpt",
+        "n_layer": n_layer,
+        "d_model": d_model,
+        "n_head": n_head,
+        "seq_len": seq_len,
+        "vocab": vocab,
+    }
     return Model(specs, act_shape, meta)
 
 
@@ -72,7 +80,9 @@ def _mlp_block(init: Init, c: int) -> Layer:
 def mlp(n_layer: int, d_model: int, seq_len: int, vocab: int = VOCAB) -> Model:
     """Plain MLP classifier of each byte's successor: embedding, `n_layer` Linear+GELU layers,
     a Linear classifier over the vocabulary. No attention: it sees one byte of context."""
-    specs = [LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)]
+    specs = [
+        LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)
+    ]
     specs += [LayerSpec(f"fc{i}", partial(_mlp_block, c=d_model)) for i in range(n_layer)]
     specs.append(LayerSpec("classifier", partial(Linear, c_in=d_model, c_out=vocab), body=False))
     last = len(specs) - 1
@@ -80,8 +90,11 @@ def mlp(n_layer: int, d_model: int, seq_len: int, vocab: int = VOCAB) -> Model:
     def act_shape(i: int, b: int) -> tuple[int, ...]:
         return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
 
-    return Model(specs, act_shape,
-                 {"kind": "mlp", "n_layer": n_layer, "d_model": d_model, "seq_len": seq_len})
+    return Model(
+        specs,
+        act_shape,
+        {"kind": "mlp", "n_layer": n_layer, "d_model": d_model, "seq_len": seq_len},
+    )
 
 
 __all__ = ["MLP", "LayerSpec", "Model", "gpt", "mlp"]

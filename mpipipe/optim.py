@@ -26,8 +26,9 @@ def decays(name: str, p: Array) -> bool:
 
 
 class SGD:
-    def __init__(self, params: dict[str, Array], momentum: float = 0.9,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params: dict[str, Array], momentum: float = 0.9, weight_decay: float = 0.0
+    ) -> None:
         self.params, self.momentum, self.weight_decay = params, momentum, weight_decay
         self.state = {k: v * 0 for k, v in params.items()}
 
@@ -44,8 +45,13 @@ class SGD:
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter)."""
 
-    def __init__(self, params: dict[str, Array], betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.1) -> None:
+    def __init__(
+        self,
+        params: dict[str, Array],
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+    ) -> None:
         self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
         self.m = {k: v * 0 for k, v in params.items()}
         self.v = {k: v * 0 for k, v in params.items()}

@@ -32,4 +32,4 @@ def uniform(body: Sequence[bool], n_stages: int) -> list[range]:
         bounds.append(body_idx[taken - 1] + 1)  # stage ends after its last body layer
     bounds[-1] = len(body)  # trailing non-body layers join the last stage
     starts = [0] + bounds[:-1]
-    return [range(a, b) for a, b in zip(starts, bounds)]
+    return [range(a, b) for a, b in zip(starts, bounds, strict=True)]

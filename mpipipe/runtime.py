@@ -47,7 +47,7 @@ class Chunk:
         return dy, wctxs
 
     def backward_weight(self, wctxs: list[Any]) -> None:
-        for layer, w in zip(self.layers, wctxs):
+        for layer, w in zip(self.layers, wctxs, strict=True):
             layer.backward_weight(w)
 
 
@@ -62,7 +62,7 @@ class Stage:
         self.grads: dict[str, Array] = {}
         self.layer_params: dict[int, list[str]] = {}  # global layer index -> its param names
         for chunk in self.chunks:
-            for i, layer in zip(chunk.indices, chunk.layers):
+            for i, layer in zip(chunk.indices, chunk.layers, strict=True):
                 names = []
                 for k in sorted(layer.params):
                     name = f"layers.{i}.{k}"
@@ -87,8 +87,17 @@ class MicroBatches:
 class Executor:
     """Runs one lowered plan row on one stage. Buffers are allocated once, at construction."""
 
-    def __init__(self, plan: Plan, rank: int, stage: Stage, model: Model, p2p: P2P,
-                 micro_batch: int, dtype: Any, xp: ModuleType) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        rank: int,
+        stage: Stage,
+        model: Model,
+        p2p: P2P,
+        micro_batch: int,
+        dtype: Any,
+        xp: ModuleType,
+    ) -> None:
         self.plan, self.rank, self.stage, self.p2p = plan, rank, stage, p2p
         self.row = plan.actions[rank]
         self.last_stage = plan.n_stages - 1
@@ -101,8 +110,13 @@ class Executor:
             shape = model.act_shape(boundary, micro_batch)
             self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
         self.dispatch: dict[str, Callable[[Action, int], None]] = {
-            "F": self._forward, "B": self._backward_input, "W": self._backward_weight,
-            "SA": self._send, "SG": self._send, "RA": self._recv, "RG": self._recv,
+            "F": self._forward,
+            "B": self._backward_input,
+            "W": self._backward_weight,
+            "SA": self._send,
+            "SG": self._send,
+            "RA": self._recv,
+            "RG": self._recv,
         }
 
     def run(self, batch: MicroBatches) -> list[float]:
@@ -122,8 +136,10 @@ class Executor:
         self.p2p.waitall([req for req, _ in self.sends])
         self.sends.clear()
         if self.mail or self.ctx or self.wctx:  # a checked plan never gets here
-            raise RuntimeError(f"rank {self.rank}: the plan left work undone: "
-                               f"{sorted(self.mail)} {sorted(self.ctx)} {sorted(self.wctx)}")
+            raise RuntimeError(
+                f"rank {self.rank}: the plan left work undone: "
+                f"{sorted(self.mail)} {sorted(self.ctx)} {sorted(self.wctx)}"
+            )
         return [self.losses[mb] for mb in sorted(self.losses)]
 
     # -- compute -------------------------------------------------------------------------------

@@ -71,8 +71,9 @@ class Job:
     dataset: Any
 
 
-def prepare(cfg: TrainConfig, world_size: int, model: Model | None = None,
-            dataset: Any = None) -> Job:
+def prepare(
+    cfg: TrainConfig, world_size: int, model: Model | None = None, dataset: Any = None
+) -> Job:
     """All validation, cheap and identical on every rank; raises ConfigError with the fix."""
     cfg = cfg.validate(world_size)
     model = model or build_model(cfg)
@@ -83,8 +84,10 @@ def prepare(cfg: TrainConfig, world_size: int, model: Model | None = None,
     report = schedule.check(plan)
     top = max_tag(plan.n_stages, cfg.microbatches)
     if top > 32767:  # the least MPI.TAG_UB the standard guarantees
-        raise ConfigError(f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
-                          f"message tags up to {top} > 32767 (use fewer micro-batches)")
+        raise ConfigError(
+            f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
+            f"message tags up to {top} > 32767 (use fewer micro-batches)"
+        )
     if dataset is None:
         dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
     if hasattr(dataset, "check"):
@@ -113,8 +116,13 @@ def agree(comm: MPI.Comm, work: Callable[[], Job]) -> Job:
     return job
 
 
-def train(cfg: TrainConfig, model: Model | None = None, dataset: Any = None,
-          comm: MPI.Comm | None = None, out: Any = sys.stdout) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    model: Model | None = None,
+    dataset: Any = None,
+    comm: MPI.Comm | None = None,
+    out: Any = sys.stdout,
+) -> TrainResult:
     """Train `model` (default: built from `cfg`) through the pipeline; call on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
@@ -135,11 +143,20 @@ class _Run:
         self.stage = Stage(job.model, plan, self.rank, self.cfg.seed, self.dtype, self.xp)
         p2p = P2P(grid.pp_comm)
         b = self.cfg.micro_batch
-        self.train_exec = Executor(schedule.lower(plan), self.rank, self.stage, job.model, p2p,
-                                   b, self.dtype, self.xp)
+        self.train_exec = Executor(
+            schedule.lower(plan), self.rank, self.stage, job.model, p2p, b, self.dtype, self.xp
+        )
         eval_plan = schedule.forward_only(plan.pp, plan.microbatches)
-        self.eval_exec = Executor(schedule.lower(eval_plan), self.rank, self.stage, job.model,
-                                  p2p, b, self.dtype, self.xp)
+        self.eval_exec = Executor(
+            schedule.lower(eval_plan),
+            self.rank,
+            self.stage,
+            job.model,
+            p2p,
+            b,
+            self.dtype,
+            self.xp,
+        )
         self.opt = optim.make(self.cfg.optimizer, self.stage.params, self.cfg)
         self.n_layers = len(job.model.layers)
         self.first = 0 in self.stage.ids
@@ -155,8 +172,8 @@ class _Run:
             return MicroBatches(None, None)
         x, y = self.job.dataset.batch(step, split, self.cfg.global_batch)
         m, b = self.cfg.microbatches, self.cfg.micro_batch
-        xs = [self.xp.asarray(x[i * b:(i + 1) * b]) for i in range(m)] if self.first else None
-        ys = [self.xp.asarray(y[i * b:(i + 1) * b]) for i in range(m)] if self.last else None
+        xs = [self.xp.asarray(x[i * b : (i + 1) * b]) for i in range(m)] if self.first else None
+        ys = [self.xp.asarray(y[i * b : (i + 1) * b]) for i in range(m)] if self.last else None
         return MicroBatches(xs, ys)
 
     def reduce(self, per_layer: dict[int, float], loss: float) -> tuple[list[float], float]:
@@ -187,13 +204,16 @@ class _Run:
             for step in range(cfg.steps):
                 t0 = time.perf_counter()
                 if self.fault == (self.rank, step):
-                    raise RuntimeError(f"fault injected on rank {self.rank} at step {step} "
-                                       "(MPIPIPE_FAULT)")
+                    raise RuntimeError(
+                        f"fault injected on rank {self.rank} at step {step} (MPIPIPE_FAULT)"
+                    )
                 batch = self.micro_batches(step, "train")
                 self.stage.zero_grad()
                 losses = self.train_exec.run(batch)
-                sq = {i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
-                      for i, names in self.stage.layer_params.items()}
+                sq = {
+                    i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
+                    for i, names in self.stage.layer_params.items()
+                }
                 per_layer, loss_sum = self.reduce(sq, sum(losses))
                 norm = math.sqrt(math.fsum(per_layer))
                 factor = optim.clip_factor(norm, cfg.clip)
@@ -203,9 +223,14 @@ class _Run:
                 lr = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
                 self.opt.step(self.stage.grads, lr)
                 dt = time.perf_counter() - t0
-                rec: dict[str, Any] = {"step": step + 1, "loss": loss_sum / cfg.microbatches,
-                                       "lr": lr, "grad_norm": norm, "tokens_per_s": tokens / dt,
-                                       "step_time_s": dt}
+                rec: dict[str, Any] = {
+                    "step": step + 1,
+                    "loss": loss_sum / cfg.microbatches,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens_per_s": tokens / dt,
+                    "step_time_s": dt,
+                }
                 if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                     rec["eval_loss"] = self.evaluate()
                 result.history.append(rec)
@@ -216,9 +241,11 @@ class _Run:
             metrics.close()
         wall = time.perf_counter() - t_start
         h = result.history
-        self.say(f"done: {cfg.steps} steps in {wall:.1f} s | final loss {h[-1]['loss']:.4f} | "
-                 f"eval loss {h[-1]['eval_loss']:.4f} (first eval {result.eval_losses[0]:.4f}) | "
-                 f"{tokens * cfg.steps / wall:.0f} tok/s overall")
+        self.say(
+            f"done: {cfg.steps} steps in {wall:.1f} s | final loss {h[-1]['loss']:.4f} | "
+            f"eval loss {h[-1]['eval_loss']:.4f} (first eval {result.eval_losses[0]:.4f}) | "
+            f"{tokens * cfg.steps / wall:.0f} tok/s overall"
+        )
         result.params = {k: to_numpy(v).copy() for k, v in self.stage.params.items()}
         return result
 
@@ -234,16 +261,24 @@ def describe(job: Job) -> str:
     """The layout rank 0 prints at start: stages, their layers, schedule and its peak stash."""
     cfg, plan = job.cfg, job.plan
     bounds = uniform([s.body for s in job.model.layers], plan.n_stages)
-    parts = [f"{k}:{job.model.layers[r.start].name}..{job.model.layers[r.stop - 1].name}"
-             if len(r) > 1 else f"{k}:{job.model.layers[r.start].name}"
-             for k, r in enumerate(bounds)]
+    parts = [
+        f"{k}:{job.model.layers[r.start].name}..{job.model.layers[r.stop - 1].name}"
+        if len(r) > 1
+        else f"{k}:{job.model.layers[r.start].name}"
+        for k, r in enumerate(bounds)
+    ]
     meta = job.model.meta
-    what = (f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}" if "kind" in meta
-            else f"custom model of {len(job.model.layers)} layers")
-    return (f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp}, "
-            f"schedule {plan.name}, {cfg.microbatches} micro-batches of {cfg.micro_batch}, "
-            f"peak stash {job.report.peak_stash}, simulated bubble {job.report.bubble:.2f}\n"
-            f"stages: {' | '.join(parts)}")
+    what = (
+        f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
+        if "kind" in meta
+        else f"custom model of {len(job.model.layers)} layers"
+    )
+    return (
+        f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp}, "
+        f"schedule {plan.name}, {cfg.microbatches} micro-batches of {cfg.micro_batch}, "
+        f"peak stash {job.report.peak_stash}, simulated bubble {job.report.bubble:.2f}\n"
+        f"stages: {' | '.join(parts)}"
+    )
 
 
 def _fault_from_env() -> tuple[int, int] | None:

@@ -31,9 +31,15 @@ def mpiexec() -> str:
 
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
-    e.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
-              "PYTHONUNBUFFERED": "1"})
+    e.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     e.update(extra)
     return e
 
@@ -56,15 +62,24 @@ def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_e
     if n is not None:
         cmd = [mpiexec(), "-n", str(n), *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n"
-                    f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+        pytest.fail(
+            f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n"
+            f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}"
+        )
     return Result(proc.returncode, out, err, time.perf_counter() - t0)
 
 

@@ -11,8 +11,22 @@ import pytest
 
 from tests import mpirun
 
-SMALL = ["--layers", "4", "--d-model", "32", "--heads", "2", "--seq-len", "16",
-         "--global-batch", "8", "--microbatches", "4", "--eval-batches", "1"]
+SMALL = [
+    "--layers",
+    "4",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--global-batch",
+    "8",
+    "--microbatches",
+    "4",
+    "--eval-batches",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +37,27 @@ def tiny_text(tmp_path_factory):
 
 
 BAD = {
-    "more stages than layers": (["--layers", "2", "--pp", "4"],
-                                "4 pipeline stages but the model has only 2 layers "
-                                "(use --pp <= 2, or --layers >= 4)"),
-    "micro-batches don't divide": (["--microbatches", "6"],
-                                   "--microbatches 6 does not divide --global-batch 32 "
-                                   "(choose a divisor of 32, e.g. 4)"),
+    "more stages than layers": (
+        ["--layers", "2", "--pp", "4"],
+        "4 pipeline stages but the model has only 2 layers (use --pp <= 2, or --layers >= 4)",
+    ),
+    "micro-batches don't divide": (
+        ["--microbatches", "6"],
+        "--microbatches 6 does not divide --global-batch 32 (choose a divisor of 32, e.g. 4)",
+    ),
     "world size not a multiple of pp": (["--pp", "3"], "is not a multiple of --pp 3"),
-    "unknown schedule": (["--schedule", "zigzag"],
-                         "unknown schedule 'zigzag' (choose one of: 1f1b, gpipe)"),
-    "missing data path": (["--data", "/no/such/corpus.txt"],
-                          "--data /no/such/corpus.txt: no such file, folder or matching glob"),
-    "sequence longer than the data": (["--data", "TINY", "--seq-len", "128"],
-                                      "--seq-len 128 is larger than the data allows"),
+    "unknown schedule": (
+        ["--schedule", "zigzag"],
+        "unknown schedule 'zigzag' (choose one of: 1f1b, gpipe)",
+    ),
+    "missing data path": (
+        ["--data", "/no/such/corpus.txt"],
+        "--data /no/such/corpus.txt: no such file, folder or matching glob",
+    ),
+    "sequence longer than the data": (
+        ["--data", "TINY", "--seq-len", "128"],
+        "--seq-len 128 is larger than the data allows",
+    ),
     "unknown flag": (["--layerz", "3"], "unrecognized arguments: --layerz 3"),
 }
 
@@ -67,9 +89,25 @@ def test_a_rank_that_raises_ends_the_whole_job():
 
 def test_single_process_and_metrics_file(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    r = mpirun.train(None, *SMALL, "--steps", "4", "--eval-every", "2", "--log-every", "1",
-                     "--metrics-file", str(metrics), "--model", "mlp", "--optimizer", "sgd",
-                     "--lr", "0.1", timeout=60)
+    r = mpirun.train(
+        None,
+        *SMALL,
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "1",
+        "--metrics-file",
+        str(metrics),
+        "--model",
+        "mlp",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.1",
+        timeout=60,
+    )
     assert r.returncode == 0, r.output
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3, 4]
@@ -81,8 +119,10 @@ def test_single_process_and_metrics_file(tmp_path):
 
 def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text('[train]\nlayers = 2\nd-model = 32\nheads = 2\nseq-len = 16\n'
-                   'global-batch = 8\nmicrobatches = 2\nsteps = 50\nschedule = "gpipe"\n')
+    cfg.write_text(
+        "[train]\nlayers = 2\nd-model = 32\nheads = 2\nseq-len = 16\n"
+        'global-batch = 8\nmicrobatches = 2\nsteps = 50\nschedule = "gpipe"\n'
+    )
     r = mpirun.train(2, "--config", str(cfg), "--steps", "2", "--eval-batches", "1", timeout=60)
     assert r.returncode == 0, r.output
     assert "pp=2, schedule gpipe, 2 micro-batches of 4" in r.stdout

@@ -16,10 +16,16 @@ def test_custom_model_single_process_matches_four_ranks():
     one = mpirun.run(["examples/custom_model.py"], timeout=120)
     four = mpirun.run(["examples/custom_model.py"], n=4, timeout=120)
     assert one.returncode == 0 and four.returncode == 0, one.output + four.output
-    losses = [line.split("| loss ")[1].split()[0] for line in one.stdout.splitlines()
-              if line.startswith("step")]
-    assert losses and losses == [line.split("| loss ")[1].split()[0]
-                                 for line in four.stdout.splitlines() if line.startswith("step")]
+    losses = [
+        line.split("| loss ")[1].split()[0]
+        for line in one.stdout.splitlines()
+        if line.startswith("step")
+    ]
+    assert losses and losses == [
+        line.split("| loss ")[1].split()[0]
+        for line in four.stdout.splitlines()
+        if line.startswith("step")
+    ]
 
 
 def test_show_schedule():

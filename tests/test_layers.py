@@ -7,7 +7,16 @@ import pytest
 
 from mpipipe.kernels.loss import cross_entropy_forward, cross_entropy_forward_backward
 from mpipipe.layers import (
-    GELU, MLP, Attention, Block, Embedding, Head, Init, LayerNorm, Linear, Residual,
+    GELU,
+    MLP,
+    Attention,
+    Block,
+    Embedding,
+    Head,
+    Init,
+    LayerNorm,
+    Linear,
+    Residual,
 )
 from tests.gradcheck import check_layer, numeric_grad, rel_error
 
@@ -37,7 +46,9 @@ LAYERS = {
     "gelu": lambda dt: GELU(),
     "attention": lambda dt: Attention(init(dt), C, H),
     "mlp": lambda dt: MLP(init(dt), C),
-    "residual": lambda dt: Residual([("ln", LayerNorm(init(dt), C)), ("fc", Linear(init(dt), C, C))]),
+    "residual": lambda dt: Residual(
+        [("ln", LayerNorm(init(dt), C)), ("fc", Linear(init(dt), C, C))]
+    ),
     "block": lambda dt: Block(init(dt), C, H, n_layer=2),
     "head": lambda dt: Head(init(dt), C, V),
 }

@@ -6,7 +6,16 @@ import pytest
 
 from mpipipe.errors import ConfigError, ScheduleError
 from mpipipe.schedule import (
-    Action, Costs, build, check, forward_only, from_text, gpipe, lower, one_f_one_b, parse,
+    Action,
+    Costs,
+    build,
+    check,
+    forward_only,
+    from_text,
+    gpipe,
+    lower,
+    one_f_one_b,
+    parse,
     recv_buffer_peaks,
 )
 
@@ -72,13 +81,16 @@ def test_deadlock_names_ranks_and_actions():
     assert "[B0]" in msg and "[F1]" in msg  # the grid marks the stuck cells
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("F0 B0 W0\nF0 W0 B0", "rank 1 step 1: W0 runs before B0"),
-    ("F0 B0 W0 F0\nF0 B0 W0", "rank 0 runs F0 2 times"),
-    ("F0 B0\nF0 B0 W0", "rank 0 never runs W0"),
-    ("F0 B0 W0 F2 B2 W2\nF0 B0 W0", "out of range"),
-    ("F0 SA0 B0 W0\nF0 B0 W0", "not a compute action"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("F0 B0 W0\nF0 W0 B0", "rank 1 step 1: W0 runs before B0"),
+        ("F0 B0 W0 F0\nF0 B0 W0", "rank 0 runs F0 2 times"),
+        ("F0 B0\nF0 B0 W0", "rank 0 never runs W0"),
+        ("F0 B0 W0 F2 B2 W2\nF0 B0 W0", "out of range"),
+        ("F0 SA0 B0 W0\nF0 B0 W0", "not a compute action"),
+    ],
+)
 def test_malformed_schedules_rejected(text, needle):
     with pytest.raises(ScheduleError, match=needle):
         check(from_text(text, microbatches=1))
@@ -92,10 +104,18 @@ def test_unknown_schedule_is_a_config_error():
 def test_lowering_pairs_every_send_with_a_receive():
     for plan in (gpipe(4, 6), one_f_one_b(4, 6), forward_only(4, 6)):
         low = lower(plan)
-        sends = {(r + (1 if a.kind == "SA" else -1), a.kind[1], a.mb)
-                 for r, row in enumerate(low.actions) for a in row if a.kind in ("SA", "SG")}
-        recvs = {(r, a.kind[1], a.mb)
-                 for r, row in enumerate(low.actions) for a in row if a.kind in ("RA", "RG")}
+        sends = {
+            (r + (1 if a.kind == "SA" else -1), a.kind[1], a.mb)
+            for r, row in enumerate(low.actions)
+            for a in row
+            if a.kind in ("SA", "SG")
+        }
+        recvs = {
+            (r, a.kind[1], a.mb)
+            for r, row in enumerate(low.actions)
+            for a in row
+            if a.kind in ("RA", "RG")
+        }
         assert sends == recvs
         for row in low.actions:  # a receive is posted before the action that consumes it
             pos = {a: i for i, a in enumerate(row)}
@@ -104,8 +124,9 @@ def test_lowering_pairs_every_send_with_a_receive():
                     assert pos[a] < pos[Action("F", a.mb)]
                 if a.kind == "RG":
                     assert pos[a] < pos[Action("B", a.mb)]
-        assert [[a for a in row if a.is_compute] for row in low.actions] == \
-            [list(row) for row in plan.actions]
+        assert [[a for a in row if a.is_compute] for row in low.actions] == [
+            list(row) for row in plan.actions
+        ]
 
 
 def test_single_rank_lowers_to_no_messages():

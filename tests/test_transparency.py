@@ -18,8 +18,9 @@ def runs(tmp_path_factory):
     out = {}
     for pp in (1, 2, 4):
         path = tmp / f"pp{pp}.npz"
-        r = mpirun.run(["tests/scripts/transparency.py", str(path)], n=None if pp == 1 else pp,
-                       timeout=180)
+        r = mpirun.run(
+            ["tests/scripts/transparency.py", str(path)], n=None if pp == 1 else pp, timeout=180
+        )
         assert r.returncode == 0, r.output
         out[pp] = dict(np.load(path))
     return out
@@ -36,8 +37,10 @@ def test_pipeline_equals_single_process_bitwise(runs, pp, schedule, dtype):
     assert len([k for k in keys if "/layers." in k]) > 20  # every parameter of the model
     for k in keys:
         assert got[k].dtype == ref[k].dtype, k
-        assert np.array_equal(got[k], ref[k]), f"{k} differs (max |diff| "\
+        assert np.array_equal(got[k], ref[k]), (
+            f"{k} differs (max |diff| "
             f"{np.abs(got[k].astype(float) - ref[k].astype(float)).max():.3g})"
+        )
 
 
 def test_training_moved_the_parameters(runs):
@@ -51,4 +54,4 @@ def test_schedules_agree_with_each_other(runs):
     ref = runs[1]
     for k in ref:
         if k.startswith("gpipe/"):
-            assert np.array_equal(ref[k], ref["1f1b/" + k[len("gpipe/"):]]), k
+            assert np.array_equal(ref[k], ref["1f1b/" + k[len("gpipe/") :]]), k

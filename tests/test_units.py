@@ -20,8 +20,11 @@ def test_pp_defaults_to_world_size():
 
 
 def test_microbatches_must_divide_global_batch():
-    with pytest.raises(ConfigError, match=r"--microbatches 6 does not divide --global-batch 32 "
-                                          r"\(choose a divisor of 32, e.g. 4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--microbatches 6 does not divide --global-batch 32 "
+        r"\(choose a divisor of 32, e.g. 4\)",
+    ):
         TrainConfig(microbatches=6).validate(1)
 
 
@@ -61,8 +64,11 @@ def test_partition_body_layers_evenly_embedding_and_head_ride_along():
 
 
 def test_partition_rejects_more_stages_than_layers():
-    with pytest.raises(ConfigError, match=r"4 pipeline stages but the model has only 2 layers "
-                                          r"\(use --pp <= 2, or --layers >= 4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"4 pipeline stages but the model has only 2 layers "
+        r"\(use --pp <= 2, or --layers >= 4\)",
+    ):
         uniform([False, True, True, False], 4)
 
 
@@ -84,7 +90,7 @@ def test_batches_are_deterministic_and_shifted(tmp_path):
     assert not np.array_equal(x, ds.batch(6, "train", 4)[0])
     xe, _ = ds.batch(0, "eval", 4)  # held-out windows come from the last 10 % of the bytes
     cut = ds.size - int(ds.size * 0.1)
-    assert all((ds.tokens[cut:cut + 300] == row[0]).any() for row in xe)
+    assert all((ds.tokens[cut : cut + 300] == row[0]).any() for row in xe)
 
 
 def test_data_errors(tmp_path):
@@ -99,7 +105,7 @@ def test_data_errors(tmp_path):
 def test_lr_schedule_shape():
     lrs = [optim.lr_at(s, 1.0, warmup=10, total=110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert optim.lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)
 
 
@@ -115,7 +121,9 @@ def test_adamw_matches_reference_formula():
         opt.step({"w": g}, lr=0.01)
         m = 0.9 * m + 0.1 * g
         v = 0.95 * v + 0.05 * g * g
-        ref = ref * (1 - 0.01 * 0.1) - 0.01 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.95**t)) + 1e-8)
+        ref = ref * (1 - 0.01 * 0.1) - 0.01 * (m / (1 - 0.9**t)) / (
+            np.sqrt(v / (1 - 0.95**t)) + 1e-8
+        )
     np.testing.assert_allclose(params["w"], ref, rtol=1e-12)
 
 

@@ -29,6 +29,21 @@ def build(name: str, pp: int, m: int) -> Plan:
 
 
 __all__ = [
-    "SCHEDULES", "Action", "buffer_releases", "Costs", "Plan", "Report", "build", "check", "forward_only",
-    "from_text", "gpipe", "lower", "one_f_one_b", "parse", "peer", "recv_buffer_peaks", "render",
+    "SCHEDULES",
+    "Action",
+    "buffer_releases",
+    "Costs",
+    "Plan",
+    "Report",
+    "build",
+    "check",
+    "forward_only",
+    "from_text",
+    "gpipe",
+    "lower",
+    "one_f_one_b",
+    "parse",
+    "peer",
+    "recv_buffer_peaks",
+    "render",
 ]

@@ -80,17 +80,21 @@ def _validate_structure(plan: Plan) -> None:
             if a.kind not in COMPUTE:
                 raise ScheduleError(
                     f"rank {r} step {i}: {a} is not a compute action (builders emit F, B, W only;"
-                    " lower() adds communication)\n" + render(plan, {(r, i): "not F/B/W"}))
+                    " lower() adds communication)\n" + render(plan, {(r, i): "not F/B/W"})
+                )
             if not (0 <= a.mb < m and 0 <= a.chunk < len(plan.stages[r])):
                 raise ScheduleError(
                     f"rank {r} step {i}: {a} is out of range (micro-batches 0..{m - 1}, "
-                    f"chunks 0..{len(plan.stages[r]) - 1})\n" + render(plan, {(r, i): "range"}))
+                    f"chunks 0..{len(plan.stages[r]) - 1})\n" + render(plan, {(r, i): "range"})
+                )
         counts = Counter(acts)
         for a, n in counts.items():
             if n > 1:
                 i = [j for j, b in enumerate(acts) if b == a][1]
-                raise ScheduleError(f"rank {r} runs {a} {n} times (each action exactly once)\n"
-                                    + render(plan, {(r, i): "repeated"}))
+                raise ScheduleError(
+                    f"rank {r} runs {a} {n} times (each action exactly once)\n"
+                    + render(plan, {(r, i): "repeated"})
+                )
         kinds_seen |= {a.kind for a in acts}
     expected = ["F"] + (["B", "W"] if kinds_seen & {"B", "W"} else [])
     for r, acts in enumerate(plan.actions):
@@ -101,14 +105,17 @@ def _validate_structure(plan: Plan) -> None:
                     if Action(k, mb, c) not in pos:
                         raise ScheduleError(
                             f"rank {r} never runs {Action(k, mb, c)} (every rank runs "
-                            f"{'/'.join(expected)} once per micro-batch and chunk)\n" + render(plan))
+                            f"{'/'.join(expected)} once per micro-batch and chunk)\n"
+                            + render(plan)
+                        )
                 for before, after in (("F", "B"), ("B", "W")):
                     a, b = Action(before, mb, c), Action(after, mb, c)
                     if b in pos and pos[b] < pos[a]:
                         raise ScheduleError(
                             f"rank {r} step {pos[b]}: {b} runs before {a} ({after} needs {before}"
                             " of the same micro-batch first)\n"
-                            + render(plan, {(r, pos[b]): f"needs {a} first"}))
+                            + render(plan, {(r, pos[b]): f"needs {a} first"})
+                        )
 
 
 def _needs(plan: Plan, rank: int, a: Action) -> tuple[str, int, int] | None:
@@ -173,4 +180,4 @@ def _deadlock_message(plan: Plan, cursor: list[int]) -> str:
         want = Action(kind, mb, chunk)
         marks[(r, cursor[r])] = f"{a} waits for {want} on rank {peer}"
         lines.append(f"rank {r} at {a} waits for {want} on rank {peer}")
-    return ("schedule deadlocks: " + "; ".join(lines) + "\n" + render(plan, marks))
+    return "schedule deadlocks: " + "; ".join(lines) + "\n" + render(plan, marks)

@@ -3,7 +3,7 @@ forward and one backward, then drains the remaining backwards. Peak stash: min(p
 
 from __future__ import annotations
 
-from mpipipe.schedule.actions import B, F, Action, Plan, W, linear_stages
+from mpipipe.schedule.actions import Action, B, F, Plan, W, linear_stages
 
 
 def one_f_one_b(pp: int, m: int) -> Plan:

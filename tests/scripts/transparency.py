@@ -17,9 +17,20 @@ comm = MPI.COMM_WORLD
 arrays = {}
 for schedule in ("gpipe", "1f1b"):
     for dtype in ("float64", "float32"):
-        cfg = TrainConfig(layers=4, d_model=32, heads=4, seq_len=16, global_batch=8,
-                          microbatches=4, steps=3, schedule=schedule, dtype=dtype,
-                          eval_every=0, eval_batches=1, lr=1e-2)
+        cfg = TrainConfig(
+            layers=4,
+            d_model=32,
+            heads=4,
+            seq_len=16,
+            global_batch=8,
+            microbatches=4,
+            steps=3,
+            schedule=schedule,
+            dtype=dtype,
+            eval_every=0,
+            eval_batches=1,
+            lr=1e-2,
+        )
         result = train(cfg, comm=comm, out=io.StringIO())
         params = comm.gather(result.params, root=0)
         if comm.rank == 0:
