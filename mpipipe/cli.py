@@ -56,29 +56,54 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _schedule_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mpipipe schedule", description="Check, draw and simulate a schedule.")
-    p.add_argument("--schedule", default="1f1b")
-    p.add_argument("--pp", type=int, default=4)
-    p.add_argument("--microbatches", type=int, default=8)
+    p = _Parser(
+        prog="mpipipe schedule",
+        description="Check a schedule, draw its timeline and simulate it (no MPI needed).",
+    )
+    p.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved, zb-h1, zbv")
+    p.add_argument("--pp", type=int, default=4, help="pipeline ranks (default: 4)")
+    p.add_argument("--microbatches", type=int, default=8, help="micro-batches (default: 8)")
+    p.add_argument("--virtual-stages", type=int, default=None, help="chunks per rank")
+    p.add_argument(
+        "--costs", default="F=1,B=1,W=1", help="per-action costs, e.g. F=1,B=2,W=1,latency=0.1"
+    )
     p.add_argument("--file", help="a hand-written schedule: one line of actions per rank")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw the Gantt chart (matplotlib)")
     return p
 
 
 def cmd_schedule(argv: list[str]) -> int:
     from mpipipe import schedule
+    from mpipipe.schedule.render import plot, summary, timeline
 
     args = _schedule_parser().parse_args(argv)
+    try:
+        costs = schedule.Costs.parse(args.costs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.file:
-        with open(args.file) as fh:
-            plan = schedule.from_text(fh.read(), name=args.file)
+        plan = schedule.from_text(_read(args.file), name=args.file)
     else:
-        plan = schedule.build(args.schedule, args.pp, args.microbatches)
-    report = schedule.check(plan)
-    print(f"{plan.name}: pp={plan.pp}, {plan.microbatches} micro-batches")
-    print(schedule.render(plan))
-    print(f"peak stashed activations per rank: {report.peak_stash}")
-    print(f"simulated step time {report.step_time:g} (F=B=W=1), bubble {report.bubble:.3f}")
+        plan = schedule.build(args.schedule, args.pp, args.microbatches, args.virtual_stages)
+    report = schedule.check(plan, costs)
+    print(
+        f"{plan.name}: pp={plan.pp}, {plan.microbatches} micro-batches, "
+        f"{len(plan.stages[0])} chunk(s) per rank, costs {args.costs}"
+    )
+    print(timeline(report))
+    print(summary(report))
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError as e:
+        raise ConfigError(f"--file {path}: {e.strerror} (give a text file of actions)") from None
 
 
 def cmd_train(argv: list[str]) -> int:

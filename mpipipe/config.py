@@ -39,7 +39,16 @@ class TrainConfig:
     global_batch: int = _opt(32, "samples per optimizer step")
     microbatches: int = _opt(4, "micro-batches per step (must divide --global-batch)")
     pp: int | None = _opt(None, "pipeline stages (default: the number of MPI ranks)")
-    schedule: str = _opt("1f1b", "pipeline schedule (gpipe, 1f1b)")
+    schedule: str = _opt("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zbv")
+    virtual_stages: int | None = _opt(
+        None, "chunks of layers per rank (interleaved: 2 or more, default 2; zbv: 2)"
+    )
+    schedule_file: str | None = _opt(
+        None, "run a hand-written schedule: one line of actions per rank (see `schedule`)"
+    )
+    emulate: str | None = _opt(
+        None, "sleep instead of computing: F=ms,B=ms,W=ms per rank's share (measures the runtime)"
+    )
     steps: int = _opt(400, "optimizer steps in total")
     lr: float = _opt(3e-3, "peak learning rate")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine)")
@@ -106,13 +115,10 @@ class TrainConfig:
         pp = world_size if self.pp is None else self.pp
         if pp < 1:
             raise ConfigError(f"--pp {pp} must be at least 1")
-        from mpipipe.schedule import SCHEDULES  # noqa: PLC0415 - avoid an import cycle
+        from mpipipe.schedule import chunks_for  # noqa: PLC0415 - avoid an import cycle
 
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"unknown schedule {self.schedule!r} "
-                f"(choose one of: {', '.join(sorted(SCHEDULES))})"
-            )
+        if self.schedule_file is None:
+            chunks_for(self.schedule, self.virtual_stages)  # unknown name, bad chunk count
         return self.replace(pp=pp)
 
     def check_launch(self, world_size: int) -> None:

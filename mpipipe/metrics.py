@@ -32,7 +32,7 @@ def log_line(rec: dict[str, Any], steps: int) -> str:
     line = (
         f"step {rec['step']:>{width}}/{steps} | loss {rec['loss']:.4f} | "
         f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:>8.0f} tok/s | "
-        f"{rec['step_time_s'] * 1e3:7.1f} ms/step"
+        f"{rec['step_time_s'] * 1e3:7.1f} ms/step | bubble {rec['bubble']:.2f}"
     )
     if "eval_loss" in rec:
         line += f" | eval {rec['eval_loss']:.4f}"

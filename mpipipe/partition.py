@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from mpipipe.errors import ConfigError
 
 
-def uniform(body: Sequence[bool], n_stages: int) -> list[range]:
+def uniform(body: Sequence[bool], n_stages: int, chunks: int = 1) -> list[range]:
     """Split layer indices 0..len(body)-1 into `n_stages` contiguous ranges.
 
     `body[i]` says whether layer i counts; every stage gets floor or ceil of (#body / n_stages)
@@ -19,6 +19,12 @@ def uniform(body: Sequence[bool], n_stages: int) -> list[range]:
     if n_stages < 1:
         raise ConfigError(f"the number of stages must be at least 1, got {n_stages}")
     if n_stages > n_body:
+        if chunks > 1:
+            raise ConfigError(
+                f"{n_stages} virtual stages (--pp {n_stages // chunks} x {chunks} chunks per "
+                f"rank) but the model has only {n_body} layers (use --layers >= {n_stages}, "
+                "or fewer stages)"
+            )
         raise ConfigError(
             f"{n_stages} pipeline stages but the model has only {n_body} layers "
             f"(use --pp <= {n_body}, or --layers >= {n_stages})"

@@ -10,6 +10,7 @@ flight. Stages that share a rank (several chunks) thus hand over locally with no
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -51,12 +52,23 @@ class Chunk:
             layer.backward_weight(w)
 
 
+class CrossEntropyLoss:
+    """The loss the last stage applies to the model's output."""
+
+    def forward_backward(self, y: Array, targets: Array, scale: float) -> tuple[float, Array]:
+        return cross_entropy_forward_backward(y, targets, scale)
+
+    def forward(self, y: Array, targets: Array) -> float:
+        return cross_entropy_forward(y, targets)
+
+
 class Stage:
     """Everything one rank owns: a Chunk per virtual stage it runs, parameters by global name."""
 
     def __init__(self, model: Model, plan: Plan, rank: int, seed: int, dtype: Any, xp: ModuleType):
         bounds = uniform([s.body for s in model.layers], plan.n_stages)
         self.ids = plan.stages[rank]
+        self.loss: Any = CrossEntropyLoss()
         self.chunks = [Chunk(model, bounds[k], seed, dtype, xp) for k in self.ids]
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
@@ -109,6 +121,9 @@ class Executor:
             boundary = layers.start - 1 if kind == "RA" else layers.stop - 1
             shape = model.act_shape(boundary, micro_batch)
             self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
+        self.spans: list[tuple[float, float, Action]] = []  # last run's compute, perf_counter
+        self.waited = 0.0  # seconds the current action spent waiting for its input
+        self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
         self.dispatch: dict[str, Callable[[Action, int], None]] = {
             "F": self._forward,
             "B": self._backward_input,
@@ -128,12 +143,23 @@ class Executor:
         self.losses: dict[int, float] = {}
         self.sends: list[tuple[Any, Array]] = []
         self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
+        self.spans = []
+        clock = time.perf_counter
+        self.started = clock()
         for i, action in enumerate(self.row):
-            self.dispatch[action.kind](action, i)
+            if action.is_compute:
+                self.waited = 0.0
+                t0 = clock()
+                self.dispatch[action.kind](action, i)
+                # an action first waits for its input (in _take), then computes
+                self.spans.append((t0 + self.waited, clock(), action))
+            else:
+                self.dispatch[action.kind](action, i)
             for j in self.releases.get(i, ()):
                 pool, buf = self.taken.pop(j)
                 self.pools[pool].append(buf)
         self.p2p.waitall([req for req, _ in self.sends])
+        self.finished = clock()
         self.sends.clear()
         if self.mail or self.ctx or self.wctx:  # a checked plan never gets here
             raise RuntimeError(
@@ -141,6 +167,16 @@ class Executor:
                 f"{sorted(self.mail)} {sorted(self.ctx)} {sorted(self.wctx)}"
             )
         return [self.losses[mb] for mb in sorted(self.losses)]
+
+    @property
+    def busy(self) -> float:
+        """Seconds of compute in the last run."""
+        return sum(e - b for b, e, _ in self.spans)
+
+    @property
+    def wall(self) -> float:
+        """Seconds from the start of the last run to its last send completing."""
+        return self.finished - self.started
 
     # -- compute -------------------------------------------------------------------------------
     def _forward(self, a: Action, i: int) -> None:
@@ -151,14 +187,15 @@ class Executor:
             targets = self.batch.targets[a.mb]
             if self.training:
                 scale = 1.0 / self.plan.microbatches
-                self.losses[a.mb], dy = cross_entropy_forward_backward(y, targets, scale)
+                self.losses[a.mb], dy = self.stage.loss.forward_backward(y, targets, scale)
                 self.mail[("G", a.mb, k)] = dy
             else:
-                self.losses[a.mb] = cross_entropy_forward(y, targets)
+                self.losses[a.mb] = self.stage.loss.forward(y, targets)
         else:
             self.mail[("A", a.mb, k + 1)] = y
         if self.training:
             self.ctx[(a.mb, a.chunk)] = ctx
+            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
 
     def _backward_input(self, a: Action, i: int) -> None:
         k = self.stage.ids[a.chunk]
@@ -200,7 +237,9 @@ class Executor:
     def _take(self, key: tuple[str, int, int]) -> Array:
         item = self.mail.pop(key)
         if isinstance(item, _Pending):
+            t0 = time.perf_counter()
             self.p2p.wait(item.request)
+            self.waited += time.perf_counter() - t0
             return item.buffer
         return item
 

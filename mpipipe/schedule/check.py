@@ -14,6 +14,7 @@ rank, the action it is stuck on and what that action waits for, and draws the gr
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mpipipe.errors import ScheduleError
@@ -22,15 +23,38 @@ from mpipipe.schedule.actions import COMPUTE, Action, Plan
 
 @dataclass(frozen=True)
 class Costs:
-    """Time units per action (uniform over stages) and per point-to-point hop."""
+    """Time per action and per point-to-point hop. `f`, `b`, `w` are one number for every
+    virtual stage, or a sequence with one number per virtual stage."""
 
-    f: float = 1.0
-    b: float = 1.0
-    w: float = 1.0
+    f: float | Sequence[float] = 1.0
+    b: float | Sequence[float] = 1.0
+    w: float | Sequence[float] = 1.0
     latency: float = 0.0
 
-    def of(self, kind: str) -> float:
-        return {"F": self.f, "B": self.b, "W": self.w}[kind]
+    def of(self, kind: str, stage: int = 0) -> float:
+        value = {"F": self.f, "B": self.b, "W": self.w}[kind]
+        return float(value) if isinstance(value, (int, float)) else float(value[stage])
+
+    @classmethod
+    def parse(cls, text: str) -> Costs:
+        """'F=1,B=2,W=1[,latency=0.1]' (missing keys keep their defaults)."""
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            name = {"f": "f", "b": "b", "w": "w", "latency": "latency", "l": "latency"}.get(
+                key.strip().lower()
+            )
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not sep or name is None or number < 0:
+                raise ValueError(
+                    f"cannot read costs {text!r}: expected comma-separated F=, B=, W=, latency= "
+                    "with non-negative numbers, e.g. F=1,B=2,W=1"
+                )
+            values[name] = number
+        return cls(**values)
 
 
 @dataclass
@@ -48,6 +72,11 @@ class Report:
     @property
     def busy(self) -> list[float]:
         return [sum(e - b for b, e, _ in s) for s in self.spans]
+
+    @property
+    def idle(self) -> list[float]:
+        """Per rank: step time minus busy time."""
+        return [self.step_time - b for b in self.busy]
 
     @property
     def bubble(self) -> float:
@@ -152,7 +181,7 @@ def check(plan: Plan, costs: Costs | None = None) -> Report:
                         break
                     finish, src = done[need]
                     start = max(start, finish + (costs.latency if src != r else 0.0))
-                end = start + costs.of(a.kind)
+                end = start + costs.of(a.kind, plan.stages[r][a.chunk])
                 spans[r].append((start, end, a))
                 clock[r] = end
                 done[(a.kind, a.mb, plan.stages[r][a.chunk])] = (end, r)
@@ -170,7 +199,7 @@ def check(plan: Plan, costs: Costs | None = None) -> Report:
 
 
 def _deadlock_message(plan: Plan, cursor: list[int]) -> str:
-    marks, lines = {}, []
+    marks, lines, waits_on = {}, [], {}
     for r, acts in enumerate(plan.actions):
         if cursor[r] >= len(acts):
             continue
@@ -178,6 +207,25 @@ def _deadlock_message(plan: Plan, cursor: list[int]) -> str:
         kind, mb, stage = _needs(plan, r, a) or ("?", a.mb, -1)
         peer, chunk = plan.owner(stage)
         want = Action(kind, mb, chunk)
+        waits_on[r] = peer
         marks[(r, cursor[r])] = f"{a} waits for {want} on rank {peer}"
         lines.append(f"rank {r} at {a} waits for {want} on rank {peer}")
-    return "schedule deadlocks: " + "; ".join(lines) + "\n" + render(plan, marks)
+    cycle = _cycle(waits_on)
+    named = " -> ".join(f"rank {r} ({plan.actions[r][cursor[r]]})" for r in cycle)
+    return (
+        f"schedule deadlocks: cycle {named} -> rank {cycle[0]}; "
+        + "; ".join(lines)
+        + "\n"
+        + render(plan, marks)
+    )
+
+
+def _cycle(waits_on: dict[int, int]) -> list[int]:
+    """The wait-for cycle reached from the lowest stuck rank (every stuck rank waits on a stuck
+    rank, since a finished rank has produced everything it owns)."""
+    seen: list[int] = []
+    r = min(waits_on)
+    while r not in seen:
+        seen.append(r)
+        r = waits_on[r]
+    return seen[seen.index(r) :]

@@ -1,0 +1,107 @@
+"""Emulated compute: each action sleeps for a given time instead of doing the math, while real
+activation and gradient buffers of the configured shapes still cross MPI.
+
+Sleeping ranks need no cores, so this measures what a schedule and the executor achieve on 8, 16
+or 32 ranks of a 2-core machine. The costs given are for one rank's whole share of the layers
+(what a rank does per micro-batch with one chunk); a rank that runs v chunks spends 1/v of them
+per chunk, so every schedule does the same total work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from mpipipe.errors import ConfigError
+from mpipipe.model import Model
+from mpipipe.partition import uniform
+from mpipipe.schedule import Costs, Plan
+from mpipipe.xp import Array
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """Milliseconds per F, B and W of one rank's whole share of the model."""
+
+    f_ms: float
+    b_ms: float
+    w_ms: float
+
+    @classmethod
+    def parse(cls, text: str) -> Emulation:
+        try:
+            costs = Costs.parse(text)
+        except ValueError as e:
+            raise ConfigError(f"--emulate: {e}") from None
+        if costs.latency:
+            raise ConfigError(
+                "--emulate takes F=, B=, W= in milliseconds (no latency: it is real)"
+            )
+        return cls(costs.of("F"), costs.of("B"), costs.of("W"))
+
+    def costs(self, chunks: int) -> Costs:
+        """Simulator costs per virtual stage, in seconds."""
+        return Costs(self.f_ms / chunks / 1e3, self.b_ms / chunks / 1e3, self.w_ms / chunks / 1e3)
+
+
+class EmulatedChunk:
+    def __init__(self, indices: range, out: Array, dx: Array | None, costs: Costs) -> None:
+        self.indices, self.layers = indices, []
+        self.out, self.dx = out, dx
+        self.f, self.b, self.w = costs.of("F"), costs.of("B"), costs.of("W")
+
+    def forward(self, x: Array) -> tuple[Array, Any]:
+        time.sleep(self.f)
+        return self.out, None
+
+    def backward_input(self, dy: Array, ctx: Any) -> tuple[Array | None, Any]:
+        time.sleep(self.b)
+        return self.dx, None
+
+    def backward_weight(self, wctx: Any) -> None:
+        time.sleep(self.w)
+
+
+class _EmulatedLoss:
+    def __init__(self, dy: Array) -> None:
+        self.dy = dy
+
+    def forward_backward(self, y: Array, targets: Array, scale: float) -> tuple[float, Array]:
+        return 0.0, self.dy
+
+    def forward(self, y: Array, targets: Array) -> float:
+        return 0.0
+
+
+class EmulatedStage:
+    """Stands in for runtime.Stage: no parameters, chunks that sleep, buffers of real shapes."""
+
+    def __init__(
+        self,
+        model: Model,
+        plan: Plan,
+        rank: int,
+        emulation: Emulation,
+        micro_batch: int,
+        dtype: Any,
+        xp: ModuleType,
+    ) -> None:
+        bounds = uniform([s.body for s in model.layers], plan.n_stages)
+        self.ids = plan.stages[rank]
+        costs = emulation.costs(len(self.ids))
+        self.chunks = []
+        for k in self.ids:
+            r = bounds[k]
+            out = xp.zeros(model.act_shape(r.stop - 1, micro_batch), dtype=dtype)
+            dx = xp.zeros(model.act_shape(r.start - 1, micro_batch), dtype=dtype) if k else None
+            self.chunks.append(EmulatedChunk(r, out, dx, costs))
+        last = len(model.layers) - 1
+        self.loss = _EmulatedLoss(xp.zeros(model.act_shape(last, micro_batch), dtype=dtype))
+        self.params: dict[str, Array] = {}
+        self.grads: dict[str, Array] = {}
+        self.layer_params: dict[int, list[str]] = {}
+
+    def zero_grad(self) -> None:
+        return None
