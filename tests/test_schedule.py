@@ -13,10 +13,13 @@ from mpipipe.schedule import (
     forward_only,
     from_text,
     gpipe,
+    interleaved,
     lower,
     one_f_one_b,
     parse,
     recv_buffer_peaks,
+    zb_h1,
+    zbv,
 )
 
 
@@ -142,3 +145,96 @@ def test_receive_buffers_are_bounded_by_the_stash():
     assert peaks[3] == {("RA", 0): 2}
     for s, p in enumerate(peaks[1:3], start=1):
         assert p[("RA", 0)] <= min(4 - s, 8) + 1  # the stash plus the one posted ahead
+
+
+# -- schedules beyond 1F1B ---------------------------------------------------------------------
+ALL = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"]
+
+
+def accepted(name, pp):
+    """Micro-batch counts up to 32 that schedule `name` takes on `pp` ranks."""
+    return [m for m in range(1, 33) if name != "interleaved" or m % pp == 0]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("pp", range(2, 9))
+def test_every_schedule_passes_the_checker(name, pp):
+    for m in accepted(name, pp):
+        plan = build(name, pp, m)
+        report = check(plan)
+        assert len(report.peak_stash) == pp
+        for row in plan.actions:  # W (gradient accumulation) in increasing micro-batch order
+            for c in range(len(plan.stages[0])):
+                ws = [a.mb for a in row if a.kind == "W" and a.chunk == c]
+                assert ws == sorted(ws) == list(range(m))
+
+
+def test_interleaved_needs_a_multiple_of_pp():
+    with pytest.raises(ConfigError, match="6 is not a multiple of 4 .use e.g. --microbatches 8"):
+        build("interleaved", 4, 6)
+
+
+def test_virtual_stages_checked_per_schedule():
+    assert len(build("interleaved", 2, 4, 3).stages[0]) == 3
+    with pytest.raises(ConfigError, match="--schedule zbv takes --virtual-stages 2, not 3"):
+        build("zbv", 2, 4, 3)
+    with pytest.raises(ConfigError, match="--schedule 1f1b takes --virtual-stages 1, not 2"):
+        build("1f1b", 2, 4, 2)
+
+
+@pytest.mark.parametrize("v", [2, 3, 4])
+def test_interleaved_bubble_closed_form(v):
+    for p, m in [(2, 4), (4, 8), (4, 16), (8, 16)]:
+        report = check(interleaved(p, m, v), Costs(f=1, b=1, w=0))
+        assert report.bubble == pytest.approx((p - 1) / (v * m + p - 1))
+
+
+def test_zb_h1_has_a_third_of_the_1f1b_bubble():
+    p, m = 4, 8
+    # the paper's 1F1B runs B and W as one backward pass: idle (p-1)(F+B+W) per rank
+    fused = check(one_f_one_b(p, m), Costs(f=1, b=2, w=0))
+    zb = check(zb_h1(p, m), Costs(f=1, b=1, w=1))
+    assert fused.idle == [(p - 1) * 3.0] * p
+    assert zb.idle == [(p - 1) * (1 + 1 - 1.0)] * p
+    assert max(zb.idle) <= max(fused.idle) / 3
+    # same peak activation memory as 1F1B (its first stage's); ours sends before W: (p-1)(F+B)
+    assert max(zb.peak_stash) == max(check(one_f_one_b(p, m)).peak_stash) == p
+    assert check(one_f_one_b(p, m)).idle == [(p - 1) * 2.0] * p
+
+
+def test_zbv_is_a_v_and_keeps_1f1b_memory():
+    plan = zbv(4, 8)
+    assert plan.stages == ((0, 7), (1, 6), (2, 5), (3, 4))
+    report = check(plan)
+    assert report.peak_stash == [8] * 4  # 2 * pp half-stage activations = pp full ones
+    assert report.bubble < check(one_f_one_b(4, 8)).bubble
+    low = lower(plan)  # the tip of the V hands over on rank 3 without messages
+    tip = low.actions[3]
+    assert not [a for a in tip if (a.kind, a.chunk) in (("SA", 0), ("RA", 1), ("SG", 1))]
+    assert len([a for a in tip if (a.kind, a.chunk) == ("SA", 1)]) == 8  # on to rank 2
+
+
+def test_costs_parse():
+    c = Costs.parse("F=1.5, B=2,W=0.5,latency=0.1")
+    assert (c.of("F"), c.of("B"), c.of("W"), c.latency) == (1.5, 2.0, 0.5, 0.1)
+    with pytest.raises(ValueError, match="cannot read costs 'F=x'"):
+        Costs.parse("F=x")
+    per_stage = Costs(f=[1, 2], b=[1, 1], w=[0, 0])
+    assert check(gpipe(2, 1), per_stage).step_time == 1 + 2 + 1 + 1
+
+
+def test_deadlock_names_the_cycle():
+    plan = from_text("F0 B0 W0 F1 B1 W1\nF1 B1 W1 F0 B0 W0")
+    with pytest.raises(ScheduleError, match=r"cycle rank 0 \(B0\) -> rank 1 \(F1\) -> rank 0"):
+        check(plan)
+
+
+def test_timeline_one_column_per_slot():
+    from mpipipe.schedule.render import summary, timeline
+
+    report = check(one_f_one_b(2, 2), Costs(f=1, b=2, w=1))
+    assert timeline(report).splitlines() == [
+        "rank  0 |F0 F1 .. .. B0 ~~ W0 .. B1 ~~ W1",
+        "rank  1 |.. F0 B0 ~~ W0 F1 B1 ~~ W1 .. ..",
+    ]
+    assert "peak stashed activations per rank: [2, 1]" in summary(report)

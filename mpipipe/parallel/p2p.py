@@ -29,7 +29,7 @@ def max_tag(n_stages: int, m: int) -> int:
 class P2P:
     """Messages between pipeline neighbours on a private communicator."""
 
-    def __init__(self, comm: MPI.Comm, max_sleep_s: float = 5e-4) -> None:
+    def __init__(self, comm: MPI.Comm, max_sleep_s: float = 2e-4) -> None:
         self.comm = comm
         self.max_sleep_s = max_sleep_s
 

@@ -1,7 +1,8 @@
-"""Train a small GPT for 3 steps with every (schedule, dtype) and save losses and parameters.
+"""Train a small GPT for 3 steps with the given schedules in float64 and float32 and save the
+losses, every parameter, and the measured and predicted peak stash.
 
-Run as a plain process (pp=1, the reference) or under `mpiexec -n P` (P stages); rank 0 gathers
-every stage's parameters and writes OUT.npz.
+    python tests/scripts/transparency.py OUT.npz 1f1b               # the reference: 1 process
+    mpiexec -n 4 python tests/scripts/transparency.py OUT.npz gpipe 1f1b interleaved zb-h1 zbv
 """
 
 import io
@@ -10,22 +11,22 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from mpipipe import TrainConfig, train
+from mpipipe import TrainConfig, schedule, train
 
-out = sys.argv[1]
+out, schedules = sys.argv[1], sys.argv[2:]
 comm = MPI.COMM_WORLD
 arrays = {}
-for schedule in ("gpipe", "1f1b"):
+for name in schedules:
     for dtype in ("float64", "float32"):
         cfg = TrainConfig(
-            layers=4,
+            layers=8,
             d_model=32,
             heads=4,
             seq_len=16,
             global_batch=8,
             microbatches=4,
             steps=3,
-            schedule=schedule,
+            schedule=name,
             dtype=dtype,
             eval_every=0,
             eval_batches=1,
@@ -34,11 +35,15 @@ for schedule in ("gpipe", "1f1b"):
         result = train(cfg, comm=comm, out=io.StringIO())
         params = comm.gather(result.params, root=0)
         if comm.rank == 0:
-            key = f"{schedule}/{dtype}"
+            key = f"{name}/{dtype}"
             arrays[f"{key}/loss"] = np.array([r["loss"] for r in result.history])
             arrays[f"{key}/eval"] = np.array(result.eval_losses)
             for stage_params in params:
-                for name, value in stage_params.items():
-                    arrays[f"{key}/{name}"] = value
+                for pname, value in stage_params.items():
+                    arrays[f"{key}/{pname}"] = value
+    if comm.rank == 0:
+        plan = schedule.build(name, comm.size, 4)
+        arrays[f"peak/{name}/measured"] = np.array(result.peak_stash)
+        arrays[f"peak/{name}/predicted"] = np.array(schedule.check(plan).peak_stash)
 if comm.rank == 0:
     np.savez(out, **arrays)

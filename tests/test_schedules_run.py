@@ -1,0 +1,127 @@
+"""Schedules on real ranks: hand-written schedule files, emulated compute, the schedule tool."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import mpirun
+
+SMALL = [
+    "--layers",
+    "4",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--global-batch",
+    "8",
+    "--microbatches",
+    "4",
+    "--eval-batches",
+    "1",
+]
+
+
+def test_hand_written_schedule_trains_like_1f1b(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text(
+        "# 2 ranks, GPipe written by hand\n"
+        "F0 F1 F2 F3 B0 W0 B1 W1 B2 W2 B3 W3\n"
+        "F0 F1 F2 F3 B0 W0 B1 W1 B2 W2 B3 W3\n"
+    )
+    mine = mpirun.train(2, *SMALL, "--steps", "3", "--schedule-file", str(f), timeout=60)
+    ref = mpirun.train(2, *SMALL, "--steps", "3", "--schedule", "1f1b", timeout=60)
+    assert mine.returncode == 0 and ref.returncode == 0, mine.output + ref.output
+    assert "schedule mine.txt" in mine.stdout
+    losses = [
+        [
+            ln.split("| loss ")[1].split()[0]
+            for ln in r.stdout.splitlines()
+            if ln.startswith("step")
+        ]
+        for r in (mine, ref)
+    ]
+    assert losses[0] and losses[0] == losses[1]
+
+
+def test_deadlocking_schedule_file_is_refused_before_training(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_text("F0 B0 W0 F1 B1 W1 F2 B2 W2 F3 B3 W3\nF1 B1 W1 F0 B0 W0 F2 B2 W2 F3 B3 W3\n")
+    r = mpirun.train(2, *SMALL, "--steps", "3", "--schedule-file", str(f), timeout=60)
+    assert r.returncode == 2, r.output
+    assert "cycle rank 0 (B0) -> rank 1 (F1) -> rank 0" in r.stderr
+    assert "step 1/" not in r.stdout
+
+
+def test_schedule_file_must_match_the_ranks(tmp_path):
+    f = tmp_path / "three.txt"
+    f.write_text("F0 B0 W0\nF0 B0 W0\nF0 B0 W0\n")
+    r = mpirun.train(2, *SMALL, "--microbatches", "1", "--schedule-file", str(f), timeout=60)
+    assert r.returncode == 2 and "has 3 rank lines but --pp is 2" in r.stderr, r.output
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zbv"])
+def test_emulated_compute_reports_measured_and_predicted(tmp_path, name):
+    metrics = tmp_path / "m.jsonl"
+    r = mpirun.train(
+        4,
+        "--layers",
+        "8",
+        "--steps",
+        "3",
+        "--microbatches",
+        "8",
+        "--schedule",
+        name,
+        "--emulate",
+        "F=4,B=4,W=2",
+        "--eval-batches",
+        "1",
+        "--metrics-file",
+        str(metrics),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.output
+    assert "emulated costs F=4,B=4,W=2" in r.stdout
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for rec in recs:
+        assert rec["loss"] == 0.0  # no math was done
+        assert 0.0 <= rec["bubble"] < 1.0 and 0.0 < rec["bubble_predicted"] < 1.0
+        assert rec["pipeline_time_s"] > 0 and rec["pipeline_time_predicted_s"] > 0
+    assert "bubble measured" in r.stdout and "predicted" in r.stdout
+
+
+def test_bad_emulate_spec():
+    r = mpirun.train(1, "--emulate", "F=fast", "--steps", "1", timeout=60)
+    assert r.returncode == 2 and "--emulate: cannot read costs 'F=fast'" in r.stderr, r.output
+
+
+def test_schedule_tool_timeline_and_plot(tmp_path):
+    png = tmp_path / "zb.png"
+    r = mpirun.run(
+        [
+            "-m",
+            "mpipipe",
+            "schedule",
+            "--schedule",
+            "zb-h1",
+            "--pp",
+            "4",
+            "--microbatches",
+            "8",
+            "--costs",
+            "F=1,B=1,W=1",
+            "--plot",
+            str(png),
+        ],
+        timeout=60,
+    )
+    assert r.returncode == 0, r.output
+    assert "rank  0 |F0 F1 F2 F3 .. .. .. B0 W0 F4" in r.stdout
+    assert "idle per rank: [3, 3, 3, 3]" in r.stdout
+    assert "peak stashed activations per rank: [4, 4, 4, 4]" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
