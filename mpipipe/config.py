@@ -38,7 +38,21 @@ class TrainConfig:
     data: str | None = _opt(None, "text file, folder or glob (default: built-in corpus)")
     global_batch: int = _opt(32, "samples per optimizer step")
     microbatches: int = _opt(4, "micro-batches per step (must divide --global-batch)")
-    pp: int | None = _opt(None, "pipeline stages (default: the number of MPI ranks)")
+    pp: int | None = _opt(None, "pipeline stages (default: see --dp)")
+    dp: int | None = _opt(
+        None,
+        "data-parallel replicas (default: ranks / pp; with neither flag, pp is the largest "
+        "divisor of the ranks that the layers allow, the rest dp)",
+    )
+    rank_order: str = _opt(
+        "dp", "which dimension is contiguous in rank numbers", choices=("dp", "pp")
+    )
+    bucket_mb: float = _opt(25.0, "gradient all-reduce bucket size in MB")
+    overlap: str = _opt(
+        "on",
+        "start each bucket's all-reduce during backward (off: after it)",
+        choices=("on", "off"),
+    )
     schedule: str = _opt("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zbv")
     virtual_stages: int | None = _opt(
         None, "chunks of layers per rank (interleaved: 2 or more, default 2; zbv: 2)"
@@ -67,7 +81,8 @@ class TrainConfig:
     # -- derived -------------------------------------------------------------------------------
     @property
     def micro_batch(self) -> int:
-        return self.global_batch // self.microbatches
+        """Samples per micro-batch on one replica."""
+        return self.global_batch // ((self.dp or 1) * self.microbatches)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -76,9 +91,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # -- validation ----------------------------------------------------------------------------
-    def validate(self, world_size: int) -> TrainConfig:
-        """Check every rule that needs no data or model; return self with `pp` filled in
-        (`--pp` defaults to the world size). The launch itself is checked by check_launch."""
+    def validate(self) -> TrainConfig:
+        """Check every rule that needs no data, model or launch (see `layout`)."""
         for name in (
             "layers",
             "d_model",
@@ -112,28 +126,47 @@ class TrainConfig:
                 f"--heads {self.heads} does not divide --d-model {self.d_model} "
                 "(choose a divisor, e.g. --heads 4 with --d-model 128)"
             )
-        pp = world_size if self.pp is None else self.pp
-        if pp < 1:
-            raise ConfigError(f"--pp {pp} must be at least 1")
+        for name in ("pp", "dp"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} {value} must be at least 1")
+        if self.bucket_mb <= 0:
+            raise ConfigError(f"--bucket-mb {self.bucket_mb} must be positive")
         from mpipipe.schedule import chunks_for  # noqa: PLC0415 - avoid an import cycle
 
         if self.schedule_file is None:
             chunks_for(self.schedule, self.virtual_stages)  # unknown name, bad chunk count
-        return self.replace(pp=pp)
+        return self
 
-    def check_launch(self, world_size: int) -> None:
-        """The rules that tie the layout to the number of ranks launched."""
-        pp = world_size if self.pp is None else self.pp
-        if world_size % pp:
+    def layout(self, world_size: int, max_pp: int) -> TrainConfig:
+        """Fill in (pp, dp) for `world_size` ranks; `max_pp` is the most stages the model's
+        layers allow. With neither given: the largest pp <= max_pp dividing the world size."""
+        pp, dp, n = self.pp, self.dp, world_size
+        if pp is not None and dp is not None and pp * dp != n:
             raise ConfigError(
-                f"the world size {world_size} is not a multiple of --pp {pp} "
-                f"(launch a multiple of {pp} ranks, or pick --pp dividing {world_size})"
+                f"--pp {pp} x --dp {dp} = {pp * dp} but {n} ranks were launched "
+                f"(launch {pp * dp} ranks, or make pp x dp = {n})"
             )
-        if pp != world_size:
+        for name, value in (("pp", pp), ("dp", dp)):
+            if value is not None and n % value:
+                raise ConfigError(
+                    f"the world size {n} is not a multiple of --{name} {value} "
+                    f"(launch a multiple of {value} ranks, or pick --{name} dividing {n})"
+                )
+        if pp is None and dp is None:
+            pp = max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, max_pp))
+        if pp is None:
+            assert dp is not None
+            pp = n // dp
+        dp = n // pp
+        if self.global_batch % (dp * self.microbatches):
+            unit = dp * self.microbatches
             raise ConfigError(
-                f"--pp {pp} on {world_size} ranks needs data parallelism, which is "
-                f"not built yet (launch exactly {pp} ranks)"
+                f"--global-batch {self.global_batch} does not split into --dp {dp} replicas x "
+                f"--microbatches {self.microbatches} (make it a multiple of {unit}, e.g. "
+                f"{unit * max(1, round(self.global_batch / unit))})"
             )
+        return self.replace(pp=pp, dp=dp)
 
 
 def _flag(name: str) -> str:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from mpipipe.errors import ConfigError
 from mpipipe.model import Model
-from mpipipe.partition import uniform
-from mpipipe.schedule import Costs, Plan
+from mpipipe.runtime import Stage
+from mpipipe.schedule import Costs
 from mpipipe.xp import Array
 
 
@@ -47,8 +46,9 @@ class Emulation:
 
 
 class EmulatedChunk:
-    def __init__(self, indices: range, out: Array, dx: Array | None, costs: Costs) -> None:
-        self.indices, self.layers = indices, []
+    def __init__(self, real: Any, out: Array, dx: Array | None, costs: Costs) -> None:
+        self.indices, self.real_layers = real.indices, real.layers
+        self.layers: list[Any] = []
         self.out, self.dx = out, dx
         self.f, self.b, self.w = costs.of("F"), costs.of("B"), costs.of("W")
 
@@ -60,8 +60,11 @@ class EmulatedChunk:
         time.sleep(self.b)
         return self.dx, None
 
-    def backward_weight(self, wctx: Any) -> None:
-        time.sleep(self.w)
+    def backward_weight(self, wctx: Any, done: Any = None) -> None:
+        for i in reversed(self.indices):  # per layer, so gradient buckets can start early
+            time.sleep(self.w / len(self.indices))
+            if done is not None:
+                done(i)
 
 
 class _EmulatedLoss:
@@ -75,33 +78,20 @@ class _EmulatedLoss:
         return 0.0
 
 
-class EmulatedStage:
-    """Stands in for runtime.Stage: no parameters, chunks that sleep, buffers of real shapes."""
-
-    def __init__(
-        self,
-        model: Model,
-        plan: Plan,
-        rank: int,
-        emulation: Emulation,
-        micro_batch: int,
-        dtype: Any,
-        xp: ModuleType,
-    ) -> None:
-        bounds = uniform([s.body for s in model.layers], plan.n_stages)
-        self.ids = plan.stages[rank]
-        costs = emulation.costs(len(self.ids))
-        self.chunks = []
-        for k in self.ids:
-            r = bounds[k]
-            out = xp.zeros(model.act_shape(r.stop - 1, micro_batch), dtype=dtype)
-            dx = xp.zeros(model.act_shape(r.start - 1, micro_batch), dtype=dtype) if k else None
-            self.chunks.append(EmulatedChunk(r, out, dx, costs))
-        last = len(model.layers) - 1
-        self.loss = _EmulatedLoss(xp.zeros(model.act_shape(last, micro_batch), dtype=dtype))
-        self.params: dict[str, Array] = {}
-        self.grads: dict[str, Array] = {}
-        self.layer_params: dict[int, list[str]] = {}
-
-    def zero_grad(self) -> None:
-        return None
+def emulated_stage(
+    stage: Stage, model: Model, emulation: Emulation, micro_batch: int, dtype: Any, xp: Any
+) -> Stage:
+    """Turn a real stage into an emulated one: the same parameters and gradient buffers (so
+    gradient reductions and the optimizer move real bytes), chunks that sleep instead of
+    computing, and outputs of the real shapes."""
+    costs = emulation.costs(len(stage.ids))
+    chunks = []
+    for k, real in zip(stage.ids, stage.chunks, strict=True):
+        r = real.indices
+        out = xp.zeros(model.act_shape(r.stop - 1, micro_batch), dtype=dtype)
+        dx = xp.zeros(model.act_shape(r.start - 1, micro_batch), dtype=dtype) if k else None
+        chunks.append(EmulatedChunk(real, out, dx, costs))
+    stage.chunks = chunks
+    last = len(model.layers) - 1
+    stage.loss = _EmulatedLoss(xp.zeros(model.act_shape(last, micro_batch), dtype=dtype))
+    return stage

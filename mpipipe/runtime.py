@@ -47,9 +47,12 @@ class Chunk:
             dy, wctxs[j] = self.layers[j].backward_input(dy, ctxs[j])
         return dy, wctxs
 
-    def backward_weight(self, wctxs: list[Any]) -> None:
-        for layer, w in zip(self.layers, wctxs, strict=True):
-            layer.backward_weight(w)
+    def backward_weight(self, wctxs: list[Any], done: Callable[[int], None] | None = None) -> None:
+        """Accumulate weight gradients, last layer first; `done(i)` after global layer i."""
+        for j in reversed(range(len(self.layers))):
+            self.layers[j].backward_weight(wctxs[j])
+            if done is not None:
+                done(self.indices[j])
 
 
 class CrossEntropyLoss:
@@ -87,6 +90,22 @@ class Stage:
         for g in self.grads.values():
             g.fill(0)
 
+    def rebind_grads(self, remap: dict[int, Array]) -> None:
+        """Replace gradient arrays by others (views into flat buckets), wherever a layer or its
+        children refer to them; `remap` maps id(old array) -> new array."""
+
+        def visit(layer: Any) -> None:
+            for k, g in layer.grads.items():
+                if id(g) in remap:
+                    layer.grads[k] = remap[id(g)]
+            for _, child in getattr(layer, "children", ()):
+                visit(child)
+
+        for chunk in self.chunks:
+            for layer in getattr(chunk, "real_layers", chunk.layers):
+                visit(layer)
+        self.grads = {k: remap.get(id(g), g) for k, g in self.grads.items()}
+
 
 @dataclass
 class MicroBatches:
@@ -109,8 +128,17 @@ class Executor:
         micro_batch: int,
         dtype: Any,
         xp: ModuleType,
+        loss_scale: float | None = None,
+        on_layer_final: Callable[[int], None] | None = None,
+        between: Callable[[], None] | None = None,
     ) -> None:
+        """`loss_scale` multiplies each micro-batch's loss gradient (default 1 / micro-batches);
+        `on_layer_final(i)` is called once global layer i's weight gradients are final for the
+        step; `between()` runs after every action (to progress other communication)."""
         self.plan, self.rank, self.stage, self.p2p = plan, rank, stage, p2p
+        self.loss_scale = 1.0 / plan.microbatches if loss_scale is None else loss_scale
+        self.on_layer_final, self.between = on_layer_final, between
+        self.final_w = {a.chunk: i for i, a in enumerate(plan.actions[rank]) if a.kind == "W"}
         self.row = plan.actions[rank]
         self.last_stage = plan.n_stages - 1
         self.training = any(a.kind == "B" for a in self.row)
@@ -155,6 +183,8 @@ class Executor:
                 self.spans.append((t0 + self.waited, clock(), action))
             else:
                 self.dispatch[action.kind](action, i)
+            if self.between is not None:
+                self.between()
             for j in self.releases.get(i, ()):
                 pool, buf = self.taken.pop(j)
                 self.pools[pool].append(buf)
@@ -186,8 +216,9 @@ class Executor:
         if k == self.last_stage:
             targets = self.batch.targets[a.mb]
             if self.training:
-                scale = 1.0 / self.plan.microbatches
-                self.losses[a.mb], dy = self.stage.loss.forward_backward(y, targets, scale)
+                self.losses[a.mb], dy = self.stage.loss.forward_backward(
+                    y, targets, self.loss_scale
+                )
                 self.mail[("G", a.mb, k)] = dy
             else:
                 self.losses[a.mb] = self.stage.loss.forward(y, targets)
@@ -206,7 +237,8 @@ class Executor:
             self.mail[("G", a.mb, k - 1)] = dx
 
     def _backward_weight(self, a: Action, i: int) -> None:
-        self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)))
+        done = self.on_layer_final if i == self.final_w.get(a.chunk) else None
+        self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)), done)
 
     # -- communication -------------------------------------------------------------------------
     def _key_and_peer(self, a: Action) -> tuple[tuple[str, int, int], int]:

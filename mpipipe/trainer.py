@@ -1,9 +1,11 @@
 """The training loop and its Python API: `train(config, model=None, dataset=None, comm=None)`.
 
-One step on one rank: run the checked, lowered plan (losses on the last stage, weight gradients
-accumulated in micro-batch order), then ONE small all-reduce that carries every layer's squared
-gradient norm and the loss, then clip and step the optimizer. Each layer's entry in that vector is
-filled by its owner alone and the others add exact zeros, so the norm (summed in layer order) and
+One step on one rank: run the checked, lowered plan on my replica's shard (losses on the last
+stage, weight gradients accumulated in micro-batch order, each gradient bucket's all-reduce over
+the replicas started as soon as its layers are final), wait for the buckets, then ONE small
+all-reduce over the whole grid that carries every layer's squared gradient norm, the loss and the
+timings, then clip and step the optimizer. Each layer's norm entry is filled by one rank (its
+stage's replica 0) and every other rank adds exact zeros, so the norm (summed in layer order) and
 thus every update are bitwise the same for every pipeline size.
 """
 
@@ -13,30 +15,23 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
 from mpipipe import optim, schedule
 from mpipipe.config import TrainConfig
-from mpipipe.data import ByteDataset, resolve
-from mpipipe.emulate import EmulatedStage, Emulation
-from mpipipe.errors import ConfigError
+from mpipipe.emulate import emulated_stage
+from mpipipe.job import Job, agree, describe, prepare
 from mpipipe.metrics import MetricsFile, log_line
-from mpipipe.model import Model, gpt, mlp
+from mpipipe.model import Model
+from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
-from mpipipe.parallel.p2p import P2P, max_tag
-from mpipipe.partition import uniform
+from mpipipe.parallel.p2p import P2P
 from mpipipe.runtime import Executor, MicroBatches, Stage
 from mpipipe.xp import dtype_of, get, to_numpy
-
-
-class Dataset(Protocol):
-    def batch(self, step: int, split: str, size: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -46,7 +41,7 @@ class TrainResult:
     config: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, np.ndarray] = field(default_factory=dict)
-    peak_stash: list[int] = field(default_factory=list)  # measured, per pipeline rank
+    peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
 
     @property
     def final_loss(self) -> float:
@@ -55,91 +50,6 @@ class TrainResult:
     @property
     def eval_losses(self) -> list[float]:
         return [r["eval_loss"] for r in self.history if "eval_loss" in r]
-
-
-def build_model(cfg: TrainConfig) -> Model:
-    if cfg.model == "gpt":
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len)
-    return mlp(cfg.layers, cfg.d_model, cfg.seq_len)
-
-
-@dataclass
-class Job:
-    """Everything decided before heavy work: config, model recipe, checked plan, data source."""
-
-    cfg: TrainConfig
-    model: Model
-    plan: schedule.Plan
-    report: schedule.Report
-    dataset: Any
-    emulation: Emulation | None = None
-
-
-def prepare(
-    cfg: TrainConfig, world_size: int, model: Model | None = None, dataset: Any = None
-) -> Job:
-    """All validation, cheap and identical on every rank; raises ConfigError with the fix."""
-    cfg = cfg.validate(world_size)
-    model = model or build_model(cfg)
-    plan = make_plan(cfg)
-    cfg = cfg.replace(pp=plan.pp)
-    chunks = len(plan.stages[0])
-    uniform([s.body for s in model.layers], plan.n_stages, chunks)  # stages <= layers
-    cfg.check_launch(world_size)
-    emulation = Emulation.parse(cfg.emulate) if cfg.emulate else None
-    report = schedule.check(plan, emulation.costs(chunks) if emulation else None)
-    top = max_tag(plan.n_stages, cfg.microbatches)
-    if top > 32767:  # the least MPI.TAG_UB the standard guarantees
-        raise ConfigError(
-            f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
-            f"message tags up to {top} > 32767 (use fewer micro-batches)"
-        )
-    if dataset is None:
-        dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
-    if hasattr(dataset, "check"):
-        dataset.check()
-    return Job(cfg, model, plan, report, dataset, emulation)
-
-
-def make_plan(cfg: TrainConfig) -> schedule.Plan:
-    """The configured schedule, or the hand-written one from --schedule-file."""
-    assert cfg.pp is not None
-    if cfg.schedule_file is None:
-        return schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
-    path = Path(cfg.schedule_file)
-    if not path.is_file():
-        raise ConfigError(f"--schedule-file {path}: no such file (one line of actions per rank)")
-    try:
-        plan = schedule.from_text(path.read_text(), cfg.microbatches, name=path.name)
-    except ValueError as e:
-        raise ConfigError(f"--schedule-file {path}: {e}") from None
-    if plan.pp != cfg.pp:
-        raise ConfigError(
-            f"--schedule-file {path} has {plan.pp} rank lines but --pp is {cfg.pp} "
-            f"(launch {plan.pp} ranks, or write one line per rank)"
-        )
-    return plan
-
-
-def agree(comm: MPI.Comm, work: Callable[[], Job]) -> Job:
-    """Run `work` on every rank; if it raised ConfigError anywhere, raise it everywhere.
-
-    One small collective, so a rank that alone finds a problem (a file missing on its node) makes
-    every rank stop together instead of leaving the others to hang.
-    """
-    try:
-        job, err = work(), None
-    except ConfigError as e:
-        job, err = None, str(e)
-    errors = comm.allgather(err)
-    bad = [r for r, e in enumerate(errors) if e]
-    if bad:
-        msg = errors[bad[0]]
-        if len(bad) < comm.size:
-            msg += f" [on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}]"
-        raise ConfigError(msg)
-    assert job is not None
-    return job
 
 
 def train(
@@ -152,7 +62,7 @@ def train(
     """Train `model` (default: built from `cfg`) through the pipeline; call on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
-    grid = Grid.create(comm)
+    grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
         return _Run(job, grid, out).loop()
     finally:
@@ -162,26 +72,31 @@ def train(
 class _Run:
     def __init__(self, job: Job, grid: Grid, out: Any) -> None:
         self.job, self.cfg, self.grid, self.out = job, job.cfg, grid, out
-        self.rank = grid.stage_rank
+        self.rank = grid.stage_rank  # my rank within my pipeline
         self.xp = get("numpy")
         self.dtype = dtype_of(self.cfg.dtype)
-        plan, b = job.plan, self.cfg.micro_batch
+        plan, b, cfg = job.plan, self.cfg.micro_batch, self.cfg
+        self.stage = Stage(job.model, plan, self.rank, cfg.seed, self.dtype, self.xp)
         if job.emulation:
-            self.stage: Any = EmulatedStage(
-                job.model, plan, self.rank, job.emulation, b, self.dtype, self.xp
+            emulated_stage(self.stage, job.model, job.emulation, b, self.dtype, self.xp)
+        self.p2p = P2P(grid.pp_comm)
+        self.reducer = None
+        if grid.dp > 1:
+            self.reducer = GradReducer(
+                self.stage, grid.dp_comm, int(cfg.bucket_mb * 2**20), cfg.overlap == "on"
             )
-        else:
-            self.stage = Stage(job.model, plan, self.rank, self.cfg.seed, self.dtype, self.xp)
-        p2p = P2P(grid.pp_comm)
-
-        def executor(p: schedule.Plan) -> Executor:
-            return Executor(
-                schedule.lower(p), self.rank, self.stage, job.model, p2p, b, self.dtype, self.xp
-            )
-
-        self.train_exec = executor(plan)
-        self.eval_exec = executor(schedule.forward_only(plan))
-        self.opt = optim.make(self.cfg.optimizer, self.stage.params, self.cfg)
+        scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
+        self.train_exec = Executor(
+            schedule.lower(plan), self.rank, self.stage, job.model, self.p2p, b, self.dtype,
+            self.xp, scale,
+            on_layer_final=self.reducer.layer_ready if self.reducer else None,
+            between=self.reducer.poke if self.reducer else None,
+        )  # fmt: skip
+        self.eval_exec = Executor(
+            schedule.lower(schedule.forward_only(plan)), self.rank, self.stage, job.model,
+            self.p2p, b, self.dtype, self.xp,
+        )  # fmt: skip
+        self.opt = optim.make(cfg.optimizer, self.stage.params, cfg)
         self.n_layers = len(job.model.layers)
         self.n_stages = plan.n_stages
         self.first = 0 in self.stage.ids
@@ -189,37 +104,43 @@ class _Run:
         self.fault = _fault_from_env()
 
     def say(self, text: str) -> None:
-        if self.rank == 0:
+        if self.grid.world.Get_rank() == 0:
             print(text, file=self.out, flush=True)
 
     def micro_batches(self, step: int, split: str) -> MicroBatches:
+        """My replica's disjoint slice of the global batch, split into micro-batches."""
         if not (self.first or self.last):
             return MicroBatches(None, None)
         x, y = self.job.dataset.batch(step, split, self.cfg.global_batch)
         m, b = self.cfg.microbatches, self.cfg.micro_batch
-        xs = [self.xp.asarray(x[i * b : (i + 1) * b]) for i in range(m)] if self.first else None
-        ys = [self.xp.asarray(y[i * b : (i + 1) * b]) for i in range(m)] if self.last else None
-        return MicroBatches(xs, ys)
+        lo = self.grid.replica * m * b
+
+        def split_(a: Any) -> list[Any]:
+            return [self.xp.asarray(a[lo + i * b : lo + (i + 1) * b]) for i in range(m)]
+
+        return MicroBatches(split_(x) if self.first else None, split_(y) if self.last else None)
 
     def reduce(self, per_layer: dict[int, float], extras: list[float]) -> tuple[list, list]:
-        """Sum per-layer values and a few scalars over the pipeline in ONE all-reduce. Each
-        per-layer entry has one owner and the other ranks add exact zeros."""
+        """Sum per-layer values and a few scalars over the whole grid in ONE all-reduce. Each
+        per-layer entry comes from one rank (replica 0 of its stage), the others add zeros."""
         vec = np.zeros(self.n_layers + len(extras))
-        for i, v in per_layer.items():
-            vec[i] = v
+        if self.grid.replica == 0:
+            for i, v in per_layer.items():
+                vec[i] = v
         vec[self.n_layers :] = extras
-        self.grid.pp_comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.SUM)
+        self.grid.world.Allreduce(MPI.IN_PLACE, vec, op=MPI.SUM)
         return list(vec[: self.n_layers]), list(vec[self.n_layers :])
 
     def action_costs(self) -> list[float]:
-        """This rank's mean F, B, W seconds per virtual stage in the last run, as 3 x n_stages
-        entries (zeros for stages owned elsewhere): the simulator's input."""
+        """Mean F, B, W seconds per virtual stage in the last run, 3 x n_stages entries; only
+        replica 0 fills in its stages, so the sum over the grid is one pipeline's."""
         sums = np.zeros((3, self.n_stages))
         counts = np.zeros((3, self.n_stages))
-        for t0, t1, a in self.train_exec.spans:
-            kind, k = "FBW".index(a.kind), self.stage.ids[a.chunk]
-            sums[kind, k] += t1 - t0
-            counts[kind, k] += 1
+        if self.grid.replica == 0:
+            for t0, t1, a in self.train_exec.spans:
+                kind, k = "FBW".index(a.kind), self.stage.ids[a.chunk]
+                sums[kind, k] += t1 - t0
+                counts[kind, k] += 1
         return list((sums / np.maximum(counts, 1)).ravel())
 
     def predicted(self, costs: list[float]) -> schedule.Report:
@@ -233,29 +154,32 @@ class _Run:
         for i in range(self.cfg.eval_batches):
             losses = self.eval_exec.run(self.micro_batches(i, "eval"))
             _, (loss,) = self.reduce({}, [sum(losses)])
-            total += loss / self.cfg.microbatches
+            total += loss / (self.cfg.microbatches * self.grid.dp)
         return total / self.cfg.eval_batches
 
     def step(self, step: int) -> dict[str, Any]:
-        cfg, pp = self.cfg, self.job.plan.pp
+        cfg, world = self.cfg, self.grid.world
+        n, me = world.Get_size(), world.Get_rank()
         t0 = time.perf_counter()
-        if self.fault == (self.rank, step):
-            raise RuntimeError(
-                f"fault injected on rank {self.rank} at step {step} (MPIPIPE_FAULT)"
-            )
+        if self.fault == (me, step):
+            raise RuntimeError(f"fault injected on rank {me} at step {step} (MPIPIPE_FAULT)")
         batch = self.micro_batches(step, "train")
         self.stage.zero_grad()
         ex = self.train_exec
         losses = ex.run(batch)
+        t_backward = time.perf_counter()
+        if self.reducer is not None:
+            self.reducer.finish(self.p2p.wait)
+        exposed = time.perf_counter() - t_backward  # all-reduce time not hidden by backward
         sq = {
             i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
             for i, names in self.stage.layer_params.items()
         }
-        busy, wall = np.zeros(pp), np.zeros(pp)  # one slot per rank, so the sum is a gather
-        busy[self.rank], wall[self.rank] = ex.busy, ex.wall
+        busy, wall = np.zeros(n), np.zeros(n)  # one slot per rank, so the sum is a gather
+        busy[me], wall[me] = ex.busy, ex.wall
         extras = [sum(losses), *busy, *wall, *self.action_costs()]
         per_layer, (loss_sum, *rest) = self.reduce(sq, extras)
-        busy, wall, costs = rest[:pp], rest[pp : 2 * pp], rest[2 * pp :]
+        busy, wall, costs = rest[:n], rest[n : 2 * n], rest[2 * n :]
         span = max(wall)  # the pipeline's step: the slowest rank's run
         norm = math.sqrt(math.fsum(per_layer))
         factor = optim.clip_factor(norm, cfg.clip)
@@ -268,15 +192,16 @@ class _Run:
         tokens = cfg.global_batch * self.job.model.meta.get("seq_len", 1)  # predictions
         rec: dict[str, Any] = {
             "step": step + 1,
-            "loss": loss_sum / cfg.microbatches,
+            "loss": loss_sum / (cfg.microbatches * self.grid.dp),
             "lr": lr,
             "grad_norm": norm,
             "tokens_per_s": tokens / dt,
             "step_time_s": dt,
             "pipeline_time_s": span,
-            "bubble": 1.0 - sum(busy) / (pp * span) if span > 0 else 0.0,  # mean idle fraction
+            "bubble": 1.0 - sum(busy) / (n * span) if span > 0 else 0.0,  # mean idle fraction
+            "allreduce_exposed_s": exposed,
         }
-        if self.rank == 0:  # only rank 0 reports; the simulation is cheap but not free
+        if me == 0:  # only rank 0 reports; the simulation is cheap but not free
             report = self.predicted(costs)
             rec["bubble_predicted"] = report.bubble
             rec["pipeline_time_predicted_s"] = report.step_time
@@ -284,8 +209,9 @@ class _Run:
 
     def loop(self) -> TrainResult:
         cfg = self.cfg
-        self.say(describe(self.job))
-        metrics = MetricsFile(cfg.metrics_file if self.rank == 0 else None)
+        layout = self.grid.layout()
+        self.say(describe(self.job, layout))
+        metrics = MetricsFile(cfg.metrics_file if self.grid.world.Get_rank() == 0 else None)
         result = TrainResult(cfg)
         t_start = time.perf_counter()
         try:
@@ -328,33 +254,8 @@ def _sq_norm(g: Any) -> float:
     return float((g64 * g64).sum())
 
 
-def describe(job: Job) -> str:
-    """The layout rank 0 prints at start: stages, their layers, schedule and its peak stash."""
-    cfg, plan = job.cfg, job.plan
-    bounds = uniform([s.body for s in job.model.layers], plan.n_stages, len(plan.stages[0]))
-    parts = [
-        f"{k}:{job.model.layers[r.start].name}..{job.model.layers[r.stop - 1].name}"
-        if len(r) > 1
-        else f"{k}:{job.model.layers[r.start].name}"
-        for k, r in enumerate(bounds)
-    ]
-    meta = job.model.meta
-    what = (
-        f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
-        if "kind" in meta
-        else f"custom model of {len(job.model.layers)} layers"
-    )
-    return (
-        f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp}, "
-        f"schedule {plan.name}, {cfg.microbatches} micro-batches of {cfg.micro_batch}, "
-        f"peak stash {job.report.peak_stash}, simulated bubble {job.report.bubble:.2f} "
-        f"({'emulated costs ' + str(cfg.emulate) if job.emulation else 'if F = B = W'})\n"
-        f"stages: {' | '.join(parts)}"
-    )
-
-
 def _fault_from_env() -> tuple[int, int] | None:
-    """MPIPIPE_FAULT=RANK:STEP makes that rank raise at that step (tests of failure handling)."""
+    """MPIPIPE_FAULT=RANK:STEP makes that world rank raise at that step (failure tests)."""
     spec = os.environ.get("MPIPIPE_FAULT")
     if not spec:
         return None

@@ -125,7 +125,7 @@ def test_config_file_and_flags(tmp_path):
     )
     r = mpirun.train(2, "--config", str(cfg), "--steps", "2", "--eval-batches", "1", timeout=60)
     assert r.returncode == 0, r.output
-    assert "pp=2, schedule gpipe, 2 micro-batches of 4" in r.stdout
+    assert "pp=2 x dp=1 (dp contiguous), schedule gpipe, 2 micro-batches of 4" in r.stdout
     assert "done: 2 steps" in r.stdout  # the flag beat the file's 50
 
 

@@ -15,8 +15,27 @@ from mpipipe.partition import uniform
 
 
 # -- config ------------------------------------------------------------------------------------
-def test_pp_defaults_to_world_size():
-    assert TrainConfig().validate(4).pp == 4
+def test_default_layout_is_the_largest_pp_the_layers_allow():
+    assert (TrainConfig().layout(4, max_pp=4).pp, TrainConfig().layout(4, max_pp=4).dp) == (4, 1)
+    cfg = TrainConfig().layout(16, max_pp=4)
+    assert (cfg.pp, cfg.dp) == (4, 4)
+    cfg = TrainConfig(global_batch=48).layout(12, max_pp=5)
+    assert (cfg.pp, cfg.dp) == (4, 3)
+    assert TrainConfig(dp=2).layout(8, max_pp=8).pp == 4
+    assert TrainConfig(pp=2).layout(8, max_pp=8).dp == 4
+
+
+def test_layout_errors():
+    with pytest.raises(ConfigError, match=r"--pp 2 x --dp 3 = 6 but 8 ranks were launched"):
+        TrainConfig(pp=2, dp=3).layout(8, max_pp=8)
+    with pytest.raises(ConfigError, match="world size 8 is not a multiple of --dp 3"):
+        TrainConfig(dp=3).layout(8, max_pp=8)
+    with pytest.raises(
+        ConfigError,
+        match=r"--global-batch 32 does not split into --dp 4 "
+        r"replicas x --microbatches 16 \(make it a multiple",
+    ):
+        TrainConfig(microbatches=16).layout(8, max_pp=2)
 
 
 def test_microbatches_must_divide_global_batch():
@@ -25,17 +44,17 @@ def test_microbatches_must_divide_global_batch():
         match=r"--microbatches 6 does not divide --global-batch 32 "
         r"\(choose a divisor of 32, e.g. 4\)",
     ):
-        TrainConfig(microbatches=6).validate(1)
+        TrainConfig(microbatches=6).validate()
 
 
 def test_heads_must_divide_width():
     with pytest.raises(ConfigError, match="--heads 3 does not divide --d-model 128"):
-        TrainConfig(heads=3).validate(1)
+        TrainConfig(heads=3).validate()
 
 
 def test_world_size_must_be_multiple_of_pp():
     with pytest.raises(ConfigError, match="world size 4 is not a multiple of --pp 3"):
-        TrainConfig(pp=3).check_launch(4)
+        TrainConfig(pp=3).layout(4, max_pp=4)
 
 
 def test_toml_then_flags(tmp_path):

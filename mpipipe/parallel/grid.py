@@ -1,7 +1,16 @@
-"""The process grid: which ranks form a pipeline, on private duplicates of the user's communicator.
+"""The process grid: pp x dp ranks on private duplicates of the user's communicator.
 
-Today every rank of the communicator is one pipeline stage (pp = size). The pp x dp grid of the
-data-parallel issue will split this communicator; the rest of the code already goes through it.
+Each world rank is one (stage, replica): `pp_comm` joins the stages of its pipeline replica,
+`dp_comm` joins the replicas of its stage. Which dimension is contiguous in rank numbers is a
+choice (`--rank-order`):
+
+- `dp` (default, as in Megatron-LM): the dp replicas of a stage are neighbours, so with ranks
+  packed onto nodes the gradient all-reduce (the whole stage's gradients, once per step) stays
+  inside a node and the pipeline's activation messages cross nodes.
+- `pp`: a pipeline's stages are neighbours, so its messages (one per micro-batch and stage
+  boundary, on the critical path) stay inside a node and the all-reduce crosses nodes. Better
+  when activations are large against the gradients (long sequences, small models) or when
+  inter-node latency would stall many small micro-batches.
 """
 
 from __future__ import annotations
@@ -10,26 +19,54 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
+ORDERS = ("dp", "pp")
+
+
+def coords(rank: int, pp: int, dp: int, order: str) -> tuple[int, int]:
+    """(stage, replica) of world rank `rank`."""
+    if order == "dp":
+        return rank // dp, rank % dp
+    return rank % pp, rank // pp
+
 
 @dataclass
 class Grid:
     world: MPI.Comm  # private duplicate of the user's communicator
-    pp_comm: MPI.Comm  # the ranks of my pipeline, ordered by stage
+    pp_comm: MPI.Comm  # my pipeline replica, ranked by stage
+    dp_comm: MPI.Comm  # the replicas of my stage, ranked by replica
+    order: str
 
     @property
     def pp(self) -> int:
         return self.pp_comm.Get_size()
 
     @property
+    def dp(self) -> int:
+        return self.dp_comm.Get_size()
+
+    @property
     def stage_rank(self) -> int:
         return self.pp_comm.Get_rank()
 
+    @property
+    def replica(self) -> int:
+        return self.dp_comm.Get_rank()
+
     @classmethod
-    def create(cls, comm: MPI.Comm) -> Grid:
+    def create(cls, comm: MPI.Comm, pp: int | None = None, order: str = "dp") -> Grid:
         world = comm.Dup()
-        return cls(world=world, pp_comm=world)
+        pp = pp or world.Get_size()
+        dp = world.Get_size() // pp
+        stage, replica = coords(world.Get_rank(), pp, dp, order)
+        pp_comm = world.Split(color=replica, key=stage)
+        dp_comm = world.Split(color=stage, key=replica)
+        return cls(world=world, pp_comm=pp_comm, dp_comm=dp_comm, order=order)
+
+    def layout(self) -> list[tuple[int, int, int, str]]:
+        """(world rank, stage, replica, host) for every rank; collective."""
+        mine = (self.world.Get_rank(), self.stage_rank, self.replica, MPI.Get_processor_name())
+        return self.world.allgather(mine)
 
     def free(self) -> None:
-        if self.pp_comm is not self.world:
-            self.pp_comm.Free()
-        self.world.Free()
+        for c in (self.pp_comm, self.dp_comm, self.world):
+            c.Free()

@@ -1,0 +1,137 @@
+"""Everything decided before heavy work: validated config, layout, model recipe, checked plan.
+
+`prepare` runs on every rank and is cheap (no parameters, no data read); `agree` makes a problem
+found on any rank stop every rank together with the same message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpi4py import MPI
+
+from mpipipe import schedule
+from mpipipe.config import TrainConfig
+from mpipipe.data import ByteDataset, resolve
+from mpipipe.emulate import Emulation
+from mpipipe.errors import ConfigError
+from mpipipe.model import Model, gpt, mlp
+from mpipipe.parallel.p2p import max_tag
+from mpipipe.partition import uniform
+
+
+def build_model(cfg: TrainConfig) -> Model:
+    if cfg.model == "gpt":
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len)
+    return mlp(cfg.layers, cfg.d_model, cfg.seq_len)
+
+
+@dataclass
+class Job:
+    cfg: TrainConfig  # with pp and dp filled in
+    model: Model
+    plan: schedule.Plan
+    report: schedule.Report  # the checker's verdict and simulation (emulated or unit costs)
+    dataset: Any
+    emulation: Emulation | None = None
+
+
+def prepare(
+    cfg: TrainConfig, world_size: int, model: Model | None = None, dataset: Any = None
+) -> Job:
+    """All validation, cheap and identical on every rank; raises ConfigError with the fix."""
+    cfg = cfg.validate()
+    model = model or build_model(cfg)
+    body = [s.body for s in model.layers]
+    hand = _read_schedule_file(cfg) if cfg.schedule_file else None
+    if hand is not None:
+        if cfg.pp is not None and cfg.pp != hand.pp:
+            raise ConfigError(
+                f"--schedule-file {cfg.schedule_file} has {hand.pp} rank lines but --pp is "
+                f"{cfg.pp} (write one line per pipeline rank)"
+            )
+        cfg = cfg.replace(pp=hand.pp)
+    chunks = len(hand.stages[0]) if hand else schedule.chunks_for(cfg.schedule, cfg.virtual_stages)
+    if cfg.pp is not None:  # stages vs layers first: the same answer on any number of ranks
+        uniform(body, cfg.pp * chunks, chunks)
+    cfg = cfg.layout(world_size, max_pp=sum(body) // chunks)
+    assert cfg.pp is not None
+    plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
+    uniform(body, plan.n_stages, chunks)
+    emulation = Emulation.parse(cfg.emulate) if cfg.emulate else None
+    report = schedule.check(plan, emulation.costs(chunks) if emulation else None)
+    top = max_tag(plan.n_stages, cfg.microbatches)
+    if top > 32767:  # the least MPI.TAG_UB the standard guarantees
+        raise ConfigError(
+            f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
+            f"message tags up to {top} > 32767 (use fewer micro-batches)"
+        )
+    if dataset is None:
+        dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
+    if hasattr(dataset, "check"):
+        dataset.check()
+    return Job(cfg, model, plan, report, dataset, emulation)
+
+
+def _read_schedule_file(cfg: TrainConfig) -> schedule.Plan:
+    path = Path(str(cfg.schedule_file))
+    if not path.is_file():
+        raise ConfigError(f"--schedule-file {path}: no such file (one line of actions per rank)")
+    try:
+        return schedule.from_text(path.read_text(), cfg.microbatches, name=path.name)
+    except ValueError as e:
+        raise ConfigError(f"--schedule-file {path}: {e}") from None
+
+
+def agree(comm: MPI.Comm, work: Callable[[], Job]) -> Job:
+    """Run `work` on every rank; if it raised ConfigError anywhere, raise it everywhere.
+
+    One small collective, so a rank that alone finds a problem (a file missing on its node) makes
+    every rank stop together instead of leaving the others to hang.
+    """
+    try:
+        job, err = work(), None
+    except ConfigError as e:
+        job, err = None, str(e)
+    errors = comm.allgather(err)
+    bad = [r for r, e in enumerate(errors) if e]
+    if bad:
+        msg = errors[bad[0]]
+        if len(bad) < comm.size:
+            msg += f" [on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}]"
+        raise ConfigError(msg)
+    assert job is not None
+    return job
+
+
+def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
+    """What rank 0 prints at start: model, grid, schedule, stages and where every rank runs."""
+    cfg, plan = job.cfg, job.plan
+    bounds = uniform([s.body for s in job.model.layers], plan.n_stages, len(plan.stages[0]))
+    names = [s.name for s in job.model.layers]
+    parts = [
+        f"{k}:{names[r.start]}..{names[r.stop - 1]}" if len(r) > 1 else f"{k}:{names[r.start]}"
+        for k, r in enumerate(bounds)
+    ]
+    meta = job.model.meta
+    what = (
+        f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
+        if "kind" in meta
+        else f"custom model of {len(job.model.layers)} layers"
+    )
+    sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
+    lines = [
+        f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp} ({cfg.rank_order} "
+        f"contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
+        f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
+        f"{job.report.bubble:.2f} ({sim})",
+        f"stages: {' | '.join(parts)}",
+    ]
+    by_stage: dict[int, list[str]] = {}
+    for rank, stage, _replica, host in sorted(layout, key=lambda t: (t[1], t[2])):
+        by_stage.setdefault(stage, []).append(f"{rank}@{host}")
+    lines += [f"  stage {s}: ranks {' '.join(v)}" for s, v in sorted(by_stage.items())]
+    return "\n".join(lines)
