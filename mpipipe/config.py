@@ -144,7 +144,8 @@ class TrainConfig:
         pp, dp, n = self.pp, self.dp, world_size
         if pp is not None and dp is not None and pp * dp != n:
             raise ConfigError(
-                f"--pp {pp} x --dp {dp} = {pp * dp} but {n} ranks were launched "
+                f"--pp {pp} x --dp {dp} = {pp * dp} but {n} rank{'s were' if n > 1 else ' was'} "
+                "launched "
                 f"(launch {pp * dp} ranks, or make pp x dp = {n})"
             )
         for name, value in (("pp", pp), ("dp", dp)):

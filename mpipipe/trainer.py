@@ -175,11 +175,11 @@ class _Run:
             i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
             for i, names in self.stage.layer_params.items()
         }
-        busy, wall = np.zeros(n), np.zeros(n)  # one slot per rank, so the sum is a gather
-        busy[me], wall[me] = ex.busy, ex.wall
-        extras = [sum(losses), *busy, *wall, *self.action_costs()]
+        busy, wall, hid = np.zeros(n), np.zeros(n), np.zeros(n)  # a slot per rank: a gather
+        busy[me], wall[me], hid[me] = ex.busy, ex.wall, exposed
+        extras = [sum(losses), *busy, *wall, *hid, *self.action_costs()]
         per_layer, (loss_sum, *rest) = self.reduce(sq, extras)
-        busy, wall, costs = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        busy, wall, hid, costs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
         span = max(wall)  # the pipeline's step: the slowest rank's run
         norm = math.sqrt(math.fsum(per_layer))
         factor = optim.clip_factor(norm, cfg.clip)
@@ -199,7 +199,7 @@ class _Run:
             "step_time_s": dt,
             "pipeline_time_s": span,
             "bubble": 1.0 - sum(busy) / (n * span) if span > 0 else 0.0,  # mean idle fraction
-            "allreduce_exposed_s": exposed,
+            "allreduce_exposed_s": max(hid),  # the slowest rank's wait for its buckets
         }
         if me == 0:  # only rank 0 reports; the simulation is cheap but not free
             report = self.predicted(costs)
@@ -225,6 +225,8 @@ class _Run:
                     self.say(log_line(rec, cfg.steps))
         finally:
             metrics.close()
+            if self.reducer is not None:
+                self.reducer.close()
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
         self.say(summary_line(result, time.perf_counter() - t_start))
         result.params = {k: to_numpy(v).copy() for k, v in self.stage.params.items()}

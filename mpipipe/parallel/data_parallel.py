@@ -4,9 +4,13 @@ A stage's gradients are re-homed into a few flat buckets (each gradient becomes 
 bucket, so there is no copy in or out). Buckets hold whole layers in backward order (last layer
 first), up to `bucket_bytes` each. When the last weight-gradient work of the step has finished a
 bucket's layers, its in-place `Iallreduce` starts at once and overlaps the remaining backward
-work; `finish()` waits for all before the optimizer step. MPI libraries progress a non-blocking
-collective only inside MPI calls, so the runtime `poke()`s the open requests between actions and
-between layers of the final weight-gradient pass.
+work; `finish()` waits for all before the optimizer step.
+
+MPI libraries progress a non-blocking collective only inside MPI calls, and the compute between
+them makes none. So while reductions are open, a helper thread tests them with a short back-off
+sleep (MPI_THREAD_MULTIPLE, which mpi4py asks for by default); NumPy and sleeps release the GIL,
+so it runs alongside the backward work. Where the MPI library lacks thread support, the runtime's
+`poke()` between actions and layers is the fallback.
 
 The loss is already scaled by 1 / (micro-batches x replicas), so the SUM over replicas is the
 gradient of the mean loss over the global batch, as in the single-process run.
@@ -14,6 +18,8 @@ gradient of the mean loss over the global batch, as in the single-process run.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from mpi4py import MPI
@@ -24,6 +30,9 @@ from mpipipe.xp import Array, namespace_of
 class GradReducer:
     def __init__(self, stage: Any, comm: MPI.Comm, bucket_bytes: int, overlap: bool = True):
         self.comm, self.overlap = comm, overlap
+        self.lock = threading.Lock()  # guards the requests between the two threads
+        self.active = threading.Event()  # set while this step's reductions are open
+        self.closed = False
         self.buckets: list[Array] = []
         self.members: list[set[int]] = []  # global layer indices per bucket
         layers = sorted(stage.layer_params, reverse=True)  # backward order
@@ -55,6 +64,10 @@ class GradReducer:
             self.members.append(set(group))
         stage.rebind_grads(remap)
         self.reset()
+        self.thread: threading.Thread | None = None
+        if overlap and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+            self.thread = threading.Thread(target=self._progress, daemon=True)
+            self.thread.start()
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +76,6 @@ class GradReducer:
     def reset(self) -> None:
         self.pending = [set(m) for m in self.members]
         self.requests: list[Any] = [None] * len(self.buckets)
-        self.started_at: list[float] = [0.0] * len(self.buckets)
 
     def layer_ready(self, index: int) -> None:
         """Layer `index`'s gradients are final for this step."""
@@ -75,20 +87,49 @@ class GradReducer:
                 return
 
     def _start(self, b: int) -> None:
-        if self.requests[b] is None:
-            self.started_at[b] = MPI.Wtime()
-            self.requests[b] = self.comm.Iallreduce(MPI.IN_PLACE, self.buckets[b], op=MPI.SUM)
+        with self.lock:
+            if self.requests[b] is None:
+                self.requests[b] = self.comm.Iallreduce(MPI.IN_PLACE, self.buckets[b], op=MPI.SUM)
+                self.active.set()
 
-    def poke(self) -> None:
-        """Let MPI progress the open reductions (non-blocking)."""
+    def _progress(self) -> None:
+        """The helper thread: while reductions are open, test them with a short back-off."""
+        while True:
+            self.active.wait()
+            if self.closed:
+                return
+            sleep = 2e-5
+            while self.active.is_set():
+                with self.lock:
+                    if self.active.is_set():
+                        self._test()
+                time.sleep(sleep)
+                sleep = min(2 * sleep, 2e-4)
+
+    def _test(self) -> None:
         live = [r for r in self.requests if r is not None]
         if live:
             MPI.Request.Testall(live)
+
+    def poke(self) -> None:
+        """Let MPI progress the open reductions (non-blocking); the fallback without threads."""
+        with self.lock:
+            self._test()
 
     def finish(self, wait: Any) -> None:
         """Start what has not started (all of it, without overlap), then wait for everything."""
         for b in range(len(self.buckets)):
             self._start(b)
+        with self.lock:  # from here on only this thread touches the requests
+            self.active.clear()
         for r in self.requests:
             wait(r)
         self.reset()
+
+    def close(self) -> None:
+        """Stop the helper thread."""
+        self.closed = True
+        self.active.set()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
