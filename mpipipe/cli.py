@@ -6,6 +6,13 @@ Run the default training:
     mpiexec -n 4 python -m mpipipe train --config run.toml --schedule gpipe --steps 50
     sbatch jobs/train.sbatch                         # on a SLURM cluster (see the script header)
 
+Checkpoints and resuming:
+    mpiexec -n 4 python -m mpipipe train --checkpoint-dir ckpt --save-every 100
+    mpiexec -n 8 python -m mpipipe train --checkpoint-dir ckpt --resume auto   # any layout
+    python -m mpipipe ckpt inspect ckpt | ckpt verify ckpt | ckpt export ckpt all.h5
+    mpiexec -n 2 python -m mpipipe eval --resume ckpt
+    python -m mpipipe generate --resume ckpt --prompt "def " --tokens 200
+
 Inspect a schedule (no MPI needed):
     python -m mpipipe schedule --schedule 1f1b --pp 4 --microbatches 8
     python -m mpipipe schedule --file my_schedule.txt
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from mpipipe import config as config_mod
@@ -106,23 +114,20 @@ def _read(path: str) -> str:
         raise ConfigError(f"--file {path}: {e.strerror} (give a text file of actions)") from None
 
 
-def cmd_train(argv: list[str]) -> int:
+def _on_all_ranks(parse: Any, run: Any) -> int:
+    """Parse on every rank, agree on parse errors, run; a ConfigError anywhere ends every rank
+    with status 2 and one message from rank 0."""
     from mpi4py import MPI
-
-    from mpipipe.trainer import train
 
     comm = MPI.COMM_WORLD
     try:
         try:
-            args = vars(_train_parser().parse_args(argv))
-            cfg = config_mod.build(args, args.pop("config"))
-            err = None
+            parsed, err = parse(), None
         except ConfigError as e:
-            cfg, err = None, str(e)
+            parsed, err = None, str(e)
         if any(comm.allgather(err)):  # flag errors end every rank together
             raise ConfigError(err or "invalid command line on another rank")
-        assert cfg is not None
-        train(cfg, comm=comm)
+        run(parsed, comm)
     except ConfigError as e:
         if comm.Get_rank() == 0:
             print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
@@ -130,7 +135,79 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "schedule": cmd_schedule}
+def cmd_train(argv: list[str]) -> int:
+    from mpipipe.trainer import train
+
+    def parse() -> config_mod.TrainConfig:
+        args = vars(_train_parser().parse_args(argv))
+        return config_mod.build(args, args.pop("config"))
+
+    return _on_all_ranks(parse, lambda cfg, comm: train(cfg, comm=comm))
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """python -m mpipipe eval --resume DIR [--batches N]: held-out loss and bits per byte."""
+    from mpipipe.inference import evaluate
+
+    p = _Parser(prog="mpipipe eval", description="Held-out loss of a checkpoint.")
+    p.add_argument("--resume", required=True, help="checkpoint DIR (its latest) or step dir")
+    p.add_argument("--batches", type=int, default=8, help="global batches to average")
+    return _on_all_ranks(
+        lambda: p.parse_args(argv), lambda a, comm: evaluate(a.resume, a.batches, comm)
+    )
+
+
+def cmd_generate(argv: list[str]) -> int:
+    """python -m mpipipe generate --resume DIR --prompt "def " --tokens 200."""
+    from mpipipe.inference import generate
+
+    p = _Parser(prog="mpipipe generate", description="Sample bytes from a GPT checkpoint.")
+    p.add_argument("--resume", required=True, help="checkpoint DIR (its latest) or step dir")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(a: argparse.Namespace, comm: Any) -> None:
+        generate(a.resume, a.prompt, a.tokens, a.temperature, a.top_k, a.seed, comm)
+
+    return _on_all_ranks(lambda: p.parse_args(argv), run)
+
+
+def cmd_ckpt(argv: list[str]) -> int:
+    """python -m mpipipe ckpt inspect|verify DIR, ckpt export DIR OUT.h5 (no MPI needed)."""
+    from mpipipe import checkpoint
+
+    p = _Parser(prog="mpipipe ckpt", description="Inspect, verify or export a checkpoint.")
+    p.add_argument("action", choices=("inspect", "verify", "export"))
+    p.add_argument("dir", help="checkpoint DIR (its latest) or a step directory")
+    p.add_argument("out", nargs="?", help="export: the HDF5 file to write")
+    a = p.parse_args(argv)
+    step_dir = checkpoint.resolve(a.dir)
+    if a.action == "inspect":
+        print(checkpoint.inspect(step_dir))
+        return 0 if not checkpoint.verify(step_dir) else 1
+    if a.action == "verify":
+        problems = checkpoint.verify(step_dir)
+        for msg in problems:
+            print(f"BAD {msg}")
+        print(f"{step_dir}: {'OK' if not problems else f'{len(problems)} bad shard(s)'}")
+        return 0 if not problems else 1
+    if not a.out:
+        raise ConfigError("ckpt export needs an output file: ckpt export DIR OUT.h5")
+    n = checkpoint.export(step_dir, Path(a.out))
+    print(f"wrote {a.out}: {n} tensors from {step_dir}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "schedule": cmd_schedule,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "ckpt": cmd_ckpt,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

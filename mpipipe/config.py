@@ -77,6 +77,12 @@ class TrainConfig:
     eval_every: int = _opt(100, "evaluate on held-out data every N steps (0: only at the end)")
     eval_batches: int = _opt(4, "held-out batches per evaluation")
     metrics_file: str | None = _opt(None, "write one JSON object per step to this .jsonl file")
+    checkpoint_dir: str | None = _opt(None, "save HDF5 checkpoints here (and at the end)")
+    save_every: int = _opt(0, "save a checkpoint every N steps (0: only at the end)")
+    keep_last: int = _opt(0, "keep only the newest K checkpoints (0: keep all)")
+    resume: str | None = _opt(
+        None, "resume from a checkpoint DIR, or 'auto': the latest in --checkpoint-dir if any"
+    )
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -130,6 +136,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} {value} must be at least 1")
+        if self.resume == "auto" and not self.checkpoint_dir:
+            raise ConfigError("--resume auto needs --checkpoint-dir (where to look)")
+        for name in ("save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
         if self.bucket_mb <= 0:
             raise ConfigError(f"--bucket-mb {self.bucket_mb} must be positive")
         from mpipipe.schedule import chunks_for  # noqa: PLC0415 - avoid an import cycle

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mpi4py import MPI
 
@@ -21,6 +21,8 @@ from mpipipe.errors import ConfigError
 from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
 from mpipipe.partition import uniform
+
+T = TypeVar("T")
 
 
 def build_model(cfg: TrainConfig) -> Model:
@@ -86,7 +88,7 @@ def _read_schedule_file(cfg: TrainConfig) -> schedule.Plan:
         raise ConfigError(f"--schedule-file {path}: {e}") from None
 
 
-def agree(comm: MPI.Comm, work: Callable[[], Job]) -> Job:
+def agree(comm: MPI.Comm, work: Callable[[], T]) -> T:
     """Run `work` on every rank; if it raised ConfigError anywhere, raise it everywhere.
 
     One small collective, so a rank that alone finds a problem (a file missing on its node) makes
@@ -103,8 +105,7 @@ def agree(comm: MPI.Comm, work: Callable[[], Job]) -> Job:
         if len(bad) < comm.size:
             msg += f" [on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}]"
         raise ConfigError(msg)
-    assert job is not None
-    return job
+    return job  # type: ignore[return-value]
 
 
 def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:

@@ -8,13 +8,14 @@ from typing import IO, Any
 
 
 class MetricsFile:
-    """Appends one JSON object per line; opened (truncated) at the start of a run, rank 0 only."""
+    """One JSON object per line, rank 0 only; truncated at the start of a run, appended to when
+    the run resumes from a checkpoint."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, append: bool = False) -> None:
         self.fh: IO[str] | None = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "w")  # noqa: SIM115 - closed in close()
+            self.fh = open(path, "a" if append else "w")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         if self.fh:

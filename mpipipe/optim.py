@@ -32,6 +32,10 @@ class SGD:
         self.params, self.momentum, self.weight_decay = params, momentum, weight_decay
         self.state = {k: v * 0 for k, v in params.items()}
 
+    def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
+        """(step count, {slot: {param name: array}}): what a checkpoint stores."""
+        return 0, {"momentum": self.state}
+
     def step(self, grads: dict[str, Array], lr: float) -> None:
         for k, p in self.params.items():
             buf = self.state[k]
@@ -57,6 +61,9 @@ class AdamW:
         self.v = {k: v * 0 for k, v in params.items()}
         self.t = 0
 
+    def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
+        return self.t, {"m": self.m, "v": self.v}
+
     def step(self, grads: dict[str, Array], lr: float) -> None:
         self.t += 1
         b1, b2 = self.betas
@@ -70,6 +77,12 @@ class AdamW:
             if self.weight_decay and decays(k, p):
                 p *= 1.0 - lr * self.weight_decay
             p -= (lr / c1) * m / ((v / c2) ** 0.5 + self.eps)
+
+
+def load_state(opt: SGD | AdamW, t: int) -> None:
+    """Restore the step count (the slot arrays are filled in place by the caller)."""
+    if isinstance(opt, AdamW):
+        opt.t = t
 
 
 def make(name: str, params: dict[str, Array], cfg: Any) -> SGD | AdamW:

@@ -169,6 +169,7 @@ class Executor:
         self.ctx: dict[tuple[int, int], Any] = {}
         self.wctx: dict[tuple[int, int], Any] = {}
         self.losses: dict[int, float] = {}
+        self.outputs: dict[int, Array] = {}  # last stage, when the batch has no targets
         self.sends: list[tuple[Any, Array]] = []
         self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
         self.spans = []
@@ -214,6 +215,9 @@ class Executor:
         x = self.batch.inputs[a.mb] if k == 0 else self._take(("A", a.mb, k))
         y, ctx = self.stage.chunks[a.chunk].forward(x)
         if k == self.last_stage:
+            if self.batch.targets is None:  # inference: keep the model's output
+                self.outputs[a.mb] = y
+                return
             targets = self.batch.targets[a.mb]
             if self.training:
                 self.losses[a.mb], dy = self.stage.loss.forward_backward(

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from mpipipe import optim, schedule
+from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
 from mpipipe.emulate import emulated_stage
 from mpipipe.job import Job, agree, describe, prepare
@@ -42,6 +44,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, np.ndarray] = field(default_factory=dict)
     peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
+    preempted: str | None = None  # the signal that stopped the run early, if any
 
     @property
     def final_loss(self) -> float:
@@ -102,6 +105,7 @@ class _Run:
         self.first = 0 in self.stage.ids
         self.last = plan.n_stages - 1 in self.stage.ids
         self.fault = _fault_from_env()
+        self.preemption = _Preemption()
 
     def say(self, text: str) -> None:
         if self.grid.world.Get_rank() == 0:
@@ -175,11 +179,15 @@ class _Run:
             i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
             for i, names in self.stage.layer_params.items()
         }
-        busy, wall, hid = np.zeros(n), np.zeros(n), np.zeros(n)  # a slot per rank: a gather
-        busy[me], wall[me], hid[me] = ex.busy, ex.wall, exposed
-        extras = [sum(losses), *busy, *wall, *hid, *self.action_costs()]
+        slots = np.zeros((4, n))  # one slot per rank, so the sum is a gather
+        slots[:, me] = ex.busy, ex.wall, exposed, self.preemption.signum
+        extras = [sum(losses), *slots.ravel(), *self.action_costs()]
         per_layer, (loss_sum, *rest) = self.reduce(sq, extras)
-        busy, wall, hid, costs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
+        busy, wall, hid, sig = np.reshape(rest[: 4 * n], (4, n))
+        costs = rest[4 * n :]
+        signums = [int(x) for x in sig if x]
+        if signums and not self.preemption.name:  # another rank was signalled
+            self.preemption.name = signal.Signals(signums[0]).name
         span = max(wall)  # the pipeline's step: the slowest rank's run
         norm = math.sqrt(math.fsum(per_layer))
         factor = optim.clip_factor(norm, cfg.clip)
@@ -200,6 +208,7 @@ class _Run:
             "pipeline_time_s": span,
             "bubble": 1.0 - sum(busy) / (n * span) if span > 0 else 0.0,  # mean idle fraction
             "allreduce_exposed_s": max(hid),  # the slowest rank's wait for its buckets
+            "preempt": bool(signums),  # a rank got SIGTERM/SIGUSR1: all stop after this step
         }
         if me == 0:  # only rank 0 reports; the simulation is cheap but not free
             report = self.predicted(costs)
@@ -207,38 +216,117 @@ class _Run:
             rec["pipeline_time_predicted_s"] = report.step_time
         return rec
 
+    def resume(self) -> int:
+        """Load the checkpoint --resume names (collectively agreed); return the next step."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return 0
+        if cfg.resume == "auto":
+            found = checkpoint.latest(str(cfg.checkpoint_dir))
+            if found is None:
+                self.say(f"--resume auto: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
+                return 0
+            path = found
+        else:
+            path = checkpoint.resolve(cfg.resume)
+        step = agree(
+            self.grid.world, lambda: checkpoint.load(path, self.stage, self.opt, self.job.model)
+        )
+        self.say(f"resumed from {path} (step {step})")
+        return step
+
+    def save(self, step: int) -> None:
+        path = checkpoint.save(
+            str(self.cfg.checkpoint_dir), step, self.stage, self.opt, self.job, self.grid,
+            self.cfg.keep_last,
+        )  # fmt: skip
+        self.say(f"saved {path}")
+
     def loop(self) -> TrainResult:
         cfg = self.cfg
         layout = self.grid.layout()
         self.say(describe(self.job, layout))
-        metrics = MetricsFile(cfg.metrics_file if self.grid.world.Get_rank() == 0 else None)
+        start = self.resume()
+        metrics = MetricsFile(
+            cfg.metrics_file if self.grid.world.Get_rank() == 0 else None, append=start > 0
+        )
         result = TrainResult(cfg)
         t_start = time.perf_counter()
-        try:
-            for step in range(cfg.steps):
-                rec = self.step(step)
-                if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-                    rec["eval_loss"] = self.evaluate()
-                result.history.append(rec)
-                metrics.write(rec)
-                if (step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == cfg.steps:
-                    self.say(log_line(rec, cfg.steps))
-        finally:
-            metrics.close()
-            if self.reducer is not None:
-                self.reducer.close()
+        saved = start if cfg.resume else -1
+        with _Preemption() as preemption:
+            self.preemption = preemption
+            try:
+                for step in range(start, cfg.steps):
+                    rec = self.step(step)
+                    last = step + 1 == cfg.steps or rec["preempt"]
+                    if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                        rec["eval_loss"] = self.evaluate()
+                    result.history.append(rec)
+                    metrics.write(rec)
+                    if (step + 1) % cfg.log_every == 0 or step == start or last:
+                        self.say(log_line(rec, cfg.steps))
+                    periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+                    if cfg.checkpoint_dir and (periodic or last):
+                        self.save(step + 1)
+                        saved = step + 1
+                    if rec["preempt"]:
+                        result.preempted = preemption.name
+                        where = (
+                            f"checkpoint at step {saved}"
+                            if cfg.checkpoint_dir
+                            else ("nothing saved: no --checkpoint-dir")
+                        )
+                        self.say(
+                            f"stopped by {preemption.name} after step {step + 1}: {where}"
+                            "; start again with --resume auto to continue"
+                        )
+                        break
+            finally:
+                metrics.close()
+                if self.reducer is not None:
+                    self.reducer.close()
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
-        self.say(summary_line(result, time.perf_counter() - t_start))
+        if result.history:
+            self.say(summary_line(result, time.perf_counter() - t_start))
+        else:
+            self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
         result.params = {k: to_numpy(v).copy() for k, v in self.stage.params.items()}
         return result
 
 
+class _Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM sends before the time limit) set a flag; the step's grid-
+    wide all-reduce spreads it, so every rank finishes the same step, saves and stops."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+    def __enter__(self) -> _Preemption:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def summary_line(result: TrainResult, wall: float) -> str:
-    h, cfg = result.history, result.config
+    h = result.history
     later = h[1:] or h  # the first step includes one-time costs
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in h)
     line = (
-        f"done: {cfg.steps} steps in {wall:.1f} s | final loss {h[-1]['loss']:.4f} | "
+        f"done: {len(h)} steps (to step {h[-1]['step']}) in {wall:.1f} s | "
+        f"final loss {h[-1]['loss']:.4f} | "
         f"eval loss {h[-1]['eval_loss']:.4f} (first eval {result.eval_losses[0]:.4f}) | "
         f"{tokens / wall:.0f} tok/s overall | bubble measured "
         f"{sum(r['bubble'] for r in later) / len(later):.3f}"

@@ -56,6 +56,10 @@ class Result:
         return self.stdout + self.stderr
 
 
+def python() -> list[str]:
+    return [sys.executable]
+
+
 def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_env: str) -> Result:
     """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process)."""
     cmd = [sys.executable, *args]

@@ -1,0 +1,158 @@
+"""Use a trained checkpoint: held-out loss (`eval`) and text generation (`generate`), both run
+through the pipeline with a forward-only schedule on however many ranks are launched."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpipipe import checkpoint, schedule
+from mpipipe.config import TrainConfig
+from mpipipe.errors import ConfigError
+from mpipipe.job import Job, agree, prepare
+from mpipipe.parallel.grid import Grid
+from mpipipe.parallel.p2p import P2P
+from mpipipe.runtime import Executor, MicroBatches, Stage
+from mpipipe.xp import dtype_of, get, to_numpy
+
+
+def config_of(path: str) -> tuple[Any, TrainConfig]:
+    """The step directory and the training config stored in its manifest, with the layout
+    left to this launch."""
+    step_dir = checkpoint.resolve(path)
+    raw = checkpoint.read_manifest(step_dir)["config"]
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: v for k, v in raw.items() if k in fields})
+    cfg = cfg.replace(
+        pp=None,
+        dp=None,
+        resume=None,
+        checkpoint_dir=None,
+        metrics_file=None,
+        schedule_file=None,
+        emulate=None,
+        schedule="1f1b",
+        virtual_stages=None,
+    )
+    return step_dir, cfg
+
+
+class _Pipeline:
+    """A loaded model on this launch's pipeline, running forward-only plans."""
+
+    def __init__(self, job: Job, step_dir: Any, comm: MPI.Comm, micro_batch: int, m: int):
+        self.job, self.grid = job, Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+        rank = self.grid.stage_rank
+        xp, dtype = get("numpy"), dtype_of(job.cfg.dtype)
+        self.stage = Stage(job.model, job.plan, rank, job.cfg.seed, dtype, xp)
+        self.step = agree(
+            self.grid.world, lambda: checkpoint.load(step_dir, self.stage, None, job.model)
+        )
+        plan = schedule.forward_only(schedule.one_f_one_b(job.plan.pp, m))
+        self.exec = Executor(
+            schedule.lower(plan),
+            rank,
+            self.stage,
+            job.model,
+            P2P(self.grid.pp_comm),
+            micro_batch,
+            dtype,
+            xp,
+        )
+        self.xp = xp
+        self.first = 0 in self.stage.ids
+        self.last = plan.n_stages - 1 in self.stage.ids
+        self.last_rank = plan.owner(plan.n_stages - 1)[0]
+
+    def say(self, text: str) -> None:
+        if self.grid.world.Get_rank() == 0:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self.grid.free()
+
+
+def evaluate(path: str, batches: int, comm: MPI.Comm | None = None) -> float:
+    """Held-out loss of the checkpoint over `batches` global batches; prints bits per byte."""
+    comm = comm or MPI.COMM_WORLD
+    step_dir, cfg = config_of(path)
+    job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
+    cfg = job.cfg  # with this launch's layout: each replica takes its slice of each batch
+    m, b = cfg.microbatches * (cfg.dp or 1), cfg.micro_batch
+    pipe = _Pipeline(job, step_dir, comm, b, cfg.microbatches)
+    total = 0.0
+    for i in range(batches):
+        x, y = job.dataset.batch(i, "eval", cfg.global_batch)
+        lo = pipe.grid.replica * cfg.microbatches * b
+        split = [slice(lo + j * b, lo + (j + 1) * b) for j in range(cfg.microbatches)]
+        mb = MicroBatches(
+            [x[s] for s in split] if pipe.first else None,
+            [y[s] for s in split] if pipe.last else None,
+        )
+        losses = pipe.exec.run(mb)
+        total += pipe.grid.world.allreduce(sum(losses), op=MPI.SUM) / m
+    loss = total / batches
+    pipe.say(
+        f"{step_dir} (step {pipe.step}): held-out loss {loss:.4f} nats, "
+        f"{loss / math.log(2):.4f} bits per byte, over {batches} batches of "
+        f"{cfg.global_batch} x {cfg.seq_len} bytes"
+    )
+    pipe.close()
+    return loss
+
+
+def generate(
+    path: str,
+    prompt: str,
+    tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    comm: MPI.Comm | None = None,
+    out: Any = sys.stdout,
+) -> bytes:
+    """Sample `tokens` bytes after `prompt`, one forward pass through the pipeline per byte."""
+    comm = comm or MPI.COMM_WORLD
+    if tokens < 0 or temperature < 0 or top_k < 0:
+        raise ConfigError("--tokens, --temperature and --top-k must be >= 0")
+    step_dir, cfg = config_of(path)
+    if cfg.model != "gpt":
+        raise ConfigError(f"generate needs a gpt checkpoint; {step_dir} holds a {cfg.model}")
+    cfg = cfg.replace(global_batch=1, microbatches=1)
+    job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
+    pipe = _Pipeline(job, step_dir, comm, 1, 1)
+    rng = np.random.default_rng(seed)
+    text = list(prompt.encode())
+    if not text:
+        raise ConfigError("--prompt must not be empty")
+    t = cfg.seq_len
+    for _ in range(tokens):
+        context = text[-t:]
+        x = np.zeros((1, t), dtype=np.int64)  # right padding: causal attention never sees it
+        x[0, : len(context)] = context
+        pipe.exec.run(MicroBatches([x] if pipe.first else None, None))
+        token = 0
+        if pipe.last:
+            logits = to_numpy(pipe.exec.outputs[0])[0, len(context) - 1].astype(np.float64)
+            token = _sample(logits, temperature, top_k, rng)
+        text.append(pipe.grid.pp_comm.bcast(token, root=pipe.last_rank))
+    result = bytes(text)
+    if pipe.grid.world.Get_rank() == 0:
+        print(result.decode("utf-8", errors="replace"), file=out, flush=True)
+    pipe.close()
+    return result
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: int, rng: Any) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if top_k:
+        cut = np.sort(z)[-min(top_k, len(z))]
+        z = np.where(z < cut, -np.inf, z)
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))

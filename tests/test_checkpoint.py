@@ -1,0 +1,343 @@
+"""Checkpoints: exact resume, any layout, atomic under SIGKILL, corruption refused, pruning,
+preemption by signal, the one-file view, and the ckpt / eval / generate commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests import mpirun
+
+SMALL = [
+    "--layers",
+    "8",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--global-batch",
+    "16",
+    "--microbatches",
+    "4",
+    "--eval-batches",
+    "1",
+    "--eval-every",
+    "0",
+    "--dtype",
+    "float64",
+]
+
+
+def tensors(step_dir: Path) -> dict[str, np.ndarray]:
+    """Every parameter and optimizer tensor of a checkpoint, by dataset name."""
+    out = {}
+    for shard in sorted(step_dir.glob("shard_*.h5")):
+        with h5py.File(shard, "r") as f:
+            f.visititems(
+                lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None
+            )
+    return out
+
+
+def assert_same(a: dict, b: dict, rel: float = 0.0) -> None:
+    assert sorted(a) == sorted(b) and len(a) > 50
+    for k in a:
+        if rel == 0.0:
+            assert np.array_equal(a[k], b[k]), k
+        else:
+            d = np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-300)
+            assert d < rel, f"{k}: relative difference {d:.3g}"
+
+
+def run(n, *flags, **env):
+    r = mpirun.train(n, *SMALL, *flags, timeout=240, **env)
+    assert r.returncode == 0, r.output
+    return r
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ten_plus_ten_equals_twenty_bitwise(tmp_path, ranks):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(ranks, "--steps", "20", "--checkpoint-dir", str(straight))
+    run(ranks, "--steps", "10", "--checkpoint-dir", str(split))
+    r = run(ranks, "--steps", "20", "--checkpoint-dir", str(split), "--resume", "auto")
+    assert "resumed from" in r.stdout and "step 11/20" in r.stdout
+    assert (split / "latest").read_text().strip() == "step_000020"
+    assert_same(tensors(straight / "step_000020"), tensors(split / "step_000020"))
+
+
+def test_any_layout_loads_any_checkpoint(tmp_path):
+    """Saved with (pp, dp, schedule) = (4, 1, 1f1b), resumed on other grids. The arithmetic
+    does not depend on pp, so dp = 1 continues bitwise; dp = 2 sums gradients in another order
+    (equal to 1e-12). SGD, since Adam's sign-like first steps amplify rounding noise in
+    gradients that are mathematically zero (see tests/test_data_parallel.py)."""
+    sgd = ["--optimizer", "sgd", "--lr", "0.05"]
+    ref = tmp_path / "ref"
+    run(4, *sgd, "--steps", "6", "--checkpoint-dir", str(ref))
+    base = tmp_path / "base"
+    run(4, *sgd, "--steps", "3", "--checkpoint-dir", str(base))
+    want = tensors(ref / "step_000006")
+    for n, flags, rel in [
+        (1, [], 0.0),
+        (2, ["--pp", "2"], 0.0),
+        (4, ["--pp", "2", "--dp", "2", "--schedule", "gpipe"], 1e-12),
+        (16, ["--pp", "8", "--dp", "2", "--schedule", "zb-h1"], 1e-12),
+    ]:
+        d = tmp_path / f"resume{n}{'-'.join(flags)}"
+        shutil.copytree(base, d)
+        r = run(n, *sgd, *flags, "--steps", "6", "--checkpoint-dir", str(d), "--resume", "auto")
+        assert "resumed from" in r.stdout
+        assert_same(tensors(d / "step_000006"), want, rel)
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    d, ref = tmp_path / "ck", tmp_path / "ref"
+    r = mpirun.train(
+        2,
+        *SMALL,
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--checkpoint-dir",
+        str(d),
+        timeout=120,
+        MPIPIPE_KILL_IN_SAVE="4",
+    )
+    assert r.returncode != 0  # rank 0 was SIGKILLed in the middle of saving step 4
+    assert (d / "latest").read_text().strip() == "step_000002"
+    assert not (d / "step_000004").exists() and list(d.glob(".tmp-step_000004-*"))
+    v = mpirun.run(["-m", "mpipipe", "ckpt", "verify", str(d)], timeout=60)
+    assert v.returncode == 0 and "step_000002: OK" in v.stdout, v.output
+    run(2, "--steps", "6", "--save-every", "2", "--checkpoint-dir", str(d), "--resume", "auto")
+    assert not list(d.glob(".tmp-step_*"))  # the next complete save cleaned up the leftover
+    run(2, "--steps", "6", "--checkpoint-dir", str(ref))
+    assert_same(tensors(d / "step_000006"), tensors(ref / "step_000006"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved") / "ck"
+    r = mpirun.train(
+        2,
+        *SMALL,
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "2",
+        "--checkpoint-dir",
+        str(d),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.output
+    return d
+
+
+def test_keep_last_prunes_old_checkpoints(saved):
+    assert sorted(p.name for p in saved.glob("step_*")) == ["step_000002", "step_000003"]
+    assert (saved / "latest").read_text().strip() == "step_000003"
+
+
+def test_one_file_view_reads_through_external_links(saved):
+    step = saved / "step_000003"
+    with h5py.File(step / "model.h5", "r") as f:
+        w = f["layers/3/attn/attn/qkv/w"][...]
+        m = f["optim/m/3/attn/attn/qkv/w"][...]
+        assert len(f["layers"]) == 10  # embedding, 8 blocks, head
+    assert np.array_equal(w, tensors(step)["layers/3/attn/attn/qkv/w"])
+    assert m.shape == w.shape and np.abs(m).max() > 0
+
+
+def test_ckpt_commands(saved, tmp_path):
+    r = mpirun.run(["-m", "mpipipe", "ckpt", "inspect", str(saved)], timeout=60)
+    assert r.returncode == 0 and "step 3" in r.stdout and r.stdout.count("checksum OK") == 2
+    out = tmp_path / "all.h5"
+    r = mpirun.run(["-m", "mpipipe", "ckpt", "export", str(saved), str(out)], timeout=60)
+    assert r.returncode == 0, r.output
+    moved = tmp_path / "elsewhere.h5"
+    shutil.move(out, moved)  # self-contained: no links back into the checkpoint
+    with h5py.File(moved, "r") as f:
+        assert f.attrs["step"] == 3
+        assert np.array_equal(
+            f["layers/3/attn/attn/qkv/w"][...],
+            tensors(saved / "step_000003")["layers/3/attn/attn/qkv/w"],
+        )
+
+
+def _corrupt_copy(saved: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "ck"
+    shutil.copytree(saved, d)
+    return d
+
+
+def test_flipped_byte_is_refused_naming_file_and_dataset(saved, tmp_path):
+    d = _corrupt_copy(saved, tmp_path)
+    shard = d / "step_000003" / "shard_001.h5"
+    with h5py.File(shard, "r") as f:  # where the tensor's first chunk lies in the file
+        offset = f["layers/9/lm_head/w"].id.get_chunk_info(0).byte_offset
+    data = bytearray(shard.read_bytes())
+    data[offset + 100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    r = mpirun.run(["-m", "mpipipe", "ckpt", "verify", str(d)], timeout=60)
+    assert r.returncode == 1
+    assert "shard_001.h5: sha256 does not match" in r.stdout
+    assert "dataset layers/9/lm_head/w" in r.stdout
+    t = mpirun.train(
+        2, *SMALL, "--steps", "5", "--checkpoint-dir", str(d), "--resume", "auto", timeout=60
+    )
+    assert t.returncode == 2 and "shard_001.h5" in t.stderr and "lm_head" in t.stderr, t.output
+
+
+def test_truncated_shard_is_refused(saved, tmp_path):
+    d = _corrupt_copy(saved, tmp_path)
+    shard = d / "step_000003" / "shard_000.h5"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    t = mpirun.train(
+        2, *SMALL, "--steps", "5", "--checkpoint-dir", str(d), "--resume", "auto", timeout=60
+    )
+    assert t.returncode == 2 and "shard_000.h5: sha256 does not match" in t.stderr, t.output
+
+
+def test_resume_errors(saved, tmp_path):
+    r = mpirun.train(2, *SMALL, "--resume", str(tmp_path / "none"), "--steps", "5", timeout=60)
+    assert r.returncode == 2 and "no checkpoint there" in r.stderr, r.output
+    other = [a if a != "32" else "64" for a in SMALL]  # another width
+    r = mpirun.train(2, *other, "--resume", str(saved), "--steps", "5", timeout=60)
+    assert r.returncode == 2 and "has shape" in r.stderr and "model flags" in r.stderr, r.output
+    r = mpirun.train(1, *SMALL, "--resume", "auto", "--steps", "5", timeout=60)
+    assert r.returncode == 2 and "--resume auto needs --checkpoint-dir" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("h5ls") is None, reason="h5ls not installed (Debian hdf5-tools)")
+def test_h5ls_reads_the_shards(saved):
+    shard = saved / "step_000003" / "shard_000.h5"
+    r = subprocess.run(["h5ls", "-r", str(shard)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "/layers/1/attn/attn/qkv/w" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(["h5dump", "-p", "-H", str(shard)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "FLETCHER32" in r.stdout
+
+
+def test_eval_and_generate(saved):
+    r = mpirun.run(
+        ["-m", "mpipipe", "eval", "--resume", str(saved), "--batches", "2"], n=2, timeout=60
+    )
+    assert r.returncode == 0 and "bits per byte" in r.stdout, r.output
+    r = mpirun.run(
+        [
+            "-m",
+            "mpipipe",
+            "generate",
+            "--resume",
+            str(saved),
+            "--prompt",
+            "def ",
+            "--tokens",
+            "20",
+            "--temperature",
+            "0",
+        ],
+        n=2,
+        timeout=60,
+    )
+    one = mpirun.run(
+        [
+            "-m",
+            "mpipipe",
+            "generate",
+            "--resume",
+            str(saved),
+            "--prompt",
+            "def ",
+            "--tokens",
+            "20",
+            "--temperature",
+            "0",
+        ],
+        timeout=60,
+    )
+    assert r.returncode == 0 and one.returncode == 0, r.output + one.output
+    assert r.stdout.startswith("def ") and r.stdout == one.stdout  # greedy: same on any layout
+
+
+def _ranks_of(marker: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmd and "python" in cmd and "mpiexec" not in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_saves_and_exits_zero(tmp_path, sig):
+    d = tmp_path / f"ck-{sig}"
+    cmd = [
+        mpirun.mpiexec(),
+        "-n",
+        "2",
+        *mpirun.python(),
+        "-m",
+        "mpipipe",
+        "train",
+        *SMALL,
+        "--steps",
+        "100000",
+        "--checkpoint-dir",
+        str(d),
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=mpirun.ROOT,
+        env=mpirun.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(_ranks_of(str(d))) < 2:
+            time.sleep(0.2)
+        time.sleep(2.0)  # let it train a few steps
+        pids = _ranks_of(str(d))
+        assert len(pids) == 2
+        os.kill(max(pids), getattr(signal, sig))  # one rank only: the others learn of it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out + err
+    assert f"stopped by {sig}" in out and "--resume auto" in out
+    stopped = (d / "latest").read_text().strip()
+    step = int(stopped.split("_")[1])
+    assert 0 < step < 100000
+    r = mpirun.train(
+        2,
+        *SMALL,
+        "--steps",
+        str(step + 2),
+        "--checkpoint-dir",
+        str(d),
+        "--resume",
+        "auto",
+        timeout=60,
+    )
+    assert r.returncode == 0 and f"resumed from {d / stopped}" in r.stdout, r.output
