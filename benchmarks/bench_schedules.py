@@ -1,11 +1,13 @@
 """How close the runtime comes to the schedule simulator, with emulated compute.
 
-Each schedule runs on 8 ranks (pp=8) with `--emulate`: every F, B, W sleeps its cost while real
-activation and gradient buffers cross MPI. The simulator's step time for the same plan and costs
+Each schedule runs on 8 ranks (pp=8, 2 layers per rank, micro-batches of one sample) with
+`--emulate`: every F, B, W sleeps its cost (per layer and sample, so 2 x the given cost per rank
+and micro-batch, split over a rank's chunks) while real activation and gradient buffers cross
+MPI. The simulator's step time for the same plan and costs
 is what a zero-overhead runtime would take, so measured / simulated is the executor's overhead
 (messages, waits, Python). Goal: every ratio <= 1.10.
 
-    python benchmarks/bench_schedules.py [--costs F=10,B=10,W=10] [--steps 5]
+    python benchmarks/bench_schedules.py [--costs F=5,B=5,W=5] [--steps 5]
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--costs", default="F=10,B=10,W=10", help="ms per action, one rank's share")
+    p.add_argument("--costs", default="F=5,B=5,W=5", help="ms per layer and sample")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--microbatches", default="16,32")
     args = p.parse_args()
     print(
-        f"emulated compute {args.costs} ms on {args.ranks} ranks; median of steps 2..{args.steps}"
+        f"emulated compute {args.costs} ms per layer and sample on {args.ranks} ranks; median "
+        f"of steps 2..{args.steps}"
     )
     print(
         f"| {'schedule':<11} | {'m':>3} | measured ms | simulated ms | ratio | bubble meas. | "

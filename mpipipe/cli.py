@@ -45,6 +45,12 @@ def _train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE.toml", help="TOML file of the keys below; flags win")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the layout (host, local rank, device, stage, replica) and "
+        "the checked schedule, then exit without building the model",
+    )
     for f in config_mod.fields():
         kind = f.type if isinstance(f.type, str) else str(f.type)
         conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
@@ -138,11 +144,46 @@ def _on_all_ranks(parse: Any, run: Any) -> int:
 def cmd_train(argv: list[str]) -> int:
     from mpipipe.trainer import train
 
-    def parse() -> config_mod.TrainConfig:
+    def parse() -> tuple[config_mod.TrainConfig, bool]:
         args = vars(_train_parser().parse_args(argv))
-        return config_mod.build(args, args.pop("config"))
+        dry = args.pop("dry_run")
+        return config_mod.build(args, args.pop("config")), dry
 
-    return _on_all_ranks(parse, lambda cfg, comm: train(cfg, comm=comm))
+    def run(parsed: tuple[config_mod.TrainConfig, bool], comm: Any) -> None:
+        cfg, dry = parsed
+        if dry:
+            dry_run(cfg, comm)
+        else:
+            train(cfg, comm=comm)
+
+    return _on_all_ranks(parse, run)
+
+
+def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
+    """Everything `train` checks, then where every rank would run and what it would do."""
+    from mpipipe import schedule
+    from mpipipe.job import agree, describe, prepare
+    from mpipipe.parallel.grid import Grid
+    from mpipipe.schedule.render import summary, timeline
+
+    job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
+    grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+    try:
+        layout, placement = grid.layout(), grid.placement("cpu")
+    finally:
+        grid.free()
+    if comm.Get_rank() != 0:
+        return
+    print(describe(job, layout))
+    print("rank  host              local  device  stage  replica")
+    for rank, host, local, device, stage, replica in placement:
+        print(f"{rank:>4}  {host:<16}  {local:>5}  {device:<6}  {stage:>5}  {replica:>7}")
+    report = schedule.check(
+        job.plan, job.emulation.costs(len(job.plan.stages[0])) if job.emulation else None
+    )
+    print(timeline(report))
+    print(summary(report))
+    print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 
 def cmd_eval(argv: list[str]) -> int:

@@ -61,7 +61,8 @@ class TrainConfig:
         None, "run a hand-written schedule: one line of actions per rank (see `schedule`)"
     )
     emulate: str | None = _opt(
-        None, "sleep instead of computing: F=ms,B=ms,W=ms per rank's share (measures the runtime)"
+        None,
+        "sleep instead of computing: F=ms,B=ms,W=ms per layer and sample (measures the runtime)",
     )
     steps: int = _opt(400, "optimizer steps in total")
     lr: float = _opt(3e-3, "peak learning rate")
@@ -80,6 +81,14 @@ class TrainConfig:
     checkpoint_dir: str | None = _opt(None, "save HDF5 checkpoints here (and at the end)")
     save_every: int = _opt(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = _opt(0, "keep only the newest K checkpoints (0: keep all)")
+    timeout_s: float = _opt(
+        900.0, "watchdog: abort (saying where) if a rank makes no progress this long (0: off)"
+    )
+    trace: str | None = _opt(None, "write a Chrome/Perfetto trace of all ranks to this .json")
+    trace_steps: int = _opt(3, "steps to trace (from the second step on)")
+    peak_tflops: float = _opt(
+        0.0, "per-rank peak for MFU, TFLOP/s (0: measure a matrix product at start)"
+    )
     resume: str | None = _opt(
         None, "resume from a checkpoint DIR, or 'auto': the latest in --checkpoint-dir if any"
     )

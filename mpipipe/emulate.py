@@ -2,9 +2,11 @@
 activation and gradient buffers of the configured shapes still cross MPI.
 
 Sleeping ranks need no cores, so this measures what a schedule and the executor achieve on 8, 16
-or 32 ranks of a 2-core machine. The costs given are for one rank's whole share of the layers
-(what a rank does per micro-batch with one chunk); a rank that runs v chunks spends 1/v of them
-per chunk, so every schedule does the same total work.
+or 32 ranks of a 2-core machine. Costs are milliseconds per body layer (a transformer block) per
+sample: a chunk of L layers running a micro-batch of b samples sleeps L * b times the cost, so
+the work scales with the model and the batch as real compute does: strong scaling (more stages,
+smaller replicas' shares) and every schedule do the same total work. The embedding and the head
+are free.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mpipipe.xp import Array
 
 @dataclass(frozen=True)
 class Emulation:
-    """Milliseconds per F, B and W of one rank's whole share of the model."""
+    """Milliseconds per F, B and W of one body layer for one sample."""
 
     f_ms: float
     b_ms: float
@@ -40,17 +42,30 @@ class Emulation:
             )
         return cls(costs.of("F"), costs.of("B"), costs.of("W"))
 
-    def costs(self, chunks: int) -> Costs:
+    def costs(self, body_per_stage: list[int], micro_batch: int) -> Costs:
         """Simulator costs per virtual stage, in seconds."""
-        return Costs(self.f_ms / chunks / 1e3, self.b_ms / chunks / 1e3, self.w_ms / chunks / 1e3)
+        scale = [n * micro_batch / 1e3 for n in body_per_stage]
+        return Costs(
+            [self.f_ms * x for x in scale],
+            [self.b_ms * x for x in scale],
+            [self.w_ms * x for x in scale],
+        )
+
+
+def body_per_stage(model: Model, n_stages: int, chunks: int) -> list[int]:
+    """Body layers in each virtual stage (the emulated work)."""
+    from mpipipe.partition import uniform
+
+    bounds = uniform([s.body for s in model.layers], n_stages, chunks)
+    return [sum(model.layers[i].body for i in r) for r in bounds]
 
 
 class EmulatedChunk:
-    def __init__(self, real: Any, out: Array, dx: Array | None, costs: Costs) -> None:
+    def __init__(self, real: Any, out: Array, dx: Array | None, costs: Costs, k: int) -> None:
         self.indices, self.real_layers = real.indices, real.layers
         self.layers: list[Any] = []
         self.out, self.dx = out, dx
-        self.f, self.b, self.w = costs.of("F"), costs.of("B"), costs.of("W")
+        self.f, self.b, self.w = costs.of("F", k), costs.of("B", k), costs.of("W", k)
 
     def forward(self, x: Array) -> tuple[Array, Any]:
         time.sleep(self.f)
@@ -79,18 +94,17 @@ class _EmulatedLoss:
 
 
 def emulated_stage(
-    stage: Stage, model: Model, emulation: Emulation, micro_batch: int, dtype: Any, xp: Any
+    stage: Stage, model: Model, costs: Costs, micro_batch: int, dtype: Any, xp: Any
 ) -> Stage:
     """Turn a real stage into an emulated one: the same parameters and gradient buffers (so
-    gradient reductions and the optimizer move real bytes), chunks that sleep instead of
-    computing, and outputs of the real shapes."""
-    costs = emulation.costs(len(stage.ids))
+    gradient reductions and the optimizer move real bytes), chunks that sleep their virtual
+    stage's `costs` (seconds) instead of computing, and outputs of the real shapes."""
     chunks = []
     for k, real in zip(stage.ids, stage.chunks, strict=True):
         r = real.indices
         out = xp.zeros(model.act_shape(r.stop - 1, micro_batch), dtype=dtype)
         dx = xp.zeros(model.act_shape(r.start - 1, micro_batch), dtype=dtype) if k else None
-        chunks.append(EmulatedChunk(real, out, dx, costs))
+        chunks.append(EmulatedChunk(real, out, dx, costs, k))
     stage.chunks = chunks
     last = len(model.layers) - 1
     stage.loss = _EmulatedLoss(xp.zeros(model.act_shape(last, micro_batch), dtype=dtype))

@@ -16,7 +16,7 @@ from mpi4py import MPI
 from mpipipe import schedule
 from mpipipe.config import TrainConfig
 from mpipipe.data import ByteDataset, resolve
-from mpipipe.emulate import Emulation
+from mpipipe.emulate import Emulation, body_per_stage
 from mpipipe.errors import ConfigError
 from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
@@ -39,6 +39,7 @@ class Job:
     report: schedule.Report  # the checker's verdict and simulation (emulated or unit costs)
     dataset: Any
     emulation: Emulation | None = None
+    emulated: schedule.Costs | None = None  # seconds per action and virtual stage, if emulated
 
 
 def prepare(
@@ -64,7 +65,10 @@ def prepare(
     plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
     uniform(body, plan.n_stages, chunks)
     emulation = Emulation.parse(cfg.emulate) if cfg.emulate else None
-    report = schedule.check(plan, emulation.costs(chunks) if emulation else None)
+    emulated = None
+    if emulation:
+        emulated = emulation.costs(body_per_stage(model, plan.n_stages, chunks), cfg.micro_batch)
+    report = schedule.check(plan, emulated)
     top = max_tag(plan.n_stages, cfg.microbatches)
     if top > 32767:  # the least MPI.TAG_UB the standard guarantees
         raise ConfigError(
@@ -75,7 +79,7 @@ def prepare(
         dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
     if hasattr(dataset, "check"):
         dataset.check()
-    return Job(cfg, model, plan, report, dataset, emulation)
+    return Job(cfg, model, plan, report, dataset, emulation, emulated)
 
 
 def _read_schedule_file(cfg: TrainConfig) -> schedule.Plan:

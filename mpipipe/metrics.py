@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +29,37 @@ class MetricsFile:
             self.fh = None
 
 
+def measure_peak_flops(dtype: Any, n: int = 768, repeats: int = 3) -> float:
+    """FLOP/s of a plain n x n matrix product on this rank (best of `repeats`): the reference for
+    MFU when no --peak-tflops is given. Ranks sharing cores measure their share."""
+    import numpy as np
+
+    a = np.ones((n, n), dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def model_flops_per_step(meta: dict[str, Any], n_params: int, samples: int) -> float:
+    """Training FLOPs per step: 6 per parameter per token (forward + backward), plus attention's
+    12 * layers * seq_len * width per token for a GPT (PaLM's accounting)."""
+    t = meta.get("seq_len", 1)
+    per_token = 6.0 * n_params
+    if meta.get("kind") == "gpt":
+        per_token += 12.0 * meta["n_layer"] * t * meta["d_model"]
+    return per_token * samples * t
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def log_line(rec: dict[str, Any], steps: int) -> str:
     width = len(str(steps))
     line = (
@@ -35,6 +67,10 @@ def log_line(rec: dict[str, Any], steps: int) -> str:
         f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:>8.0f} tok/s | "
         f"{rec['step_time_s'] * 1e3:7.1f} ms/step | bubble {rec['bubble']:.2f}"
     )
+    if "mfu" in rec:
+        line += f" | MFU {rec['mfu']:.1%}"
+    if "max_rss_mb" in rec:
+        line += f" | mem/stage {'/'.join(f'{x:.0f}' for x in rec['max_rss_mb'])} MiB"
     if "eval_loss" in rec:
         line += f" | eval {rec['eval_loss']:.4f}"
     return line

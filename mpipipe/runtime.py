@@ -22,6 +22,7 @@ from mpipipe.model import Model
 from mpipipe.parallel.p2p import P2P, tag
 from mpipipe.partition import uniform
 from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_peaks
+from mpipipe.watchdog import NoWatchdog
 from mpipipe.xp import Array
 
 
@@ -136,8 +137,15 @@ class Executor:
         `on_layer_final(i)` is called once global layer i's weight gradients are final for the
         step; `between()` runs after every action (to progress other communication)."""
         self.plan, self.rank, self.stage, self.p2p = plan, rank, stage, p2p
+        self.name = (
+            "forward-only"
+            if all(a.kind == "F" for a in plan.actions[rank] if a.is_compute)
+            else "pipeline"
+        )
         self.loss_scale = 1.0 / plan.microbatches if loss_scale is None else loss_scale
         self.on_layer_final, self.between = on_layer_final, between
+        self.watchdog: Any = NoWatchdog()
+        self.waits: list[tuple[float, float, str]] = []  # last run's blocking waits
         self.final_w = {a.chunk: i for i, a in enumerate(plan.actions[rank]) if a.kind == "W"}
         self.row = plan.actions[rank]
         self.last_stage = plan.n_stages - 1
@@ -172,10 +180,11 @@ class Executor:
         self.outputs: dict[int, Array] = {}  # last stage, when the batch has no targets
         self.sends: list[tuple[Any, Array]] = []
         self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
-        self.spans = []
+        self.spans, self.waits = [], []
         clock = time.perf_counter
         self.started = clock()
         for i, action in enumerate(self.row):
+            self.watchdog.beat(f"{self.name} action {action} (rank {self.rank})")
             if action.is_compute:
                 self.waited = 0.0
                 t0 = clock()
@@ -189,8 +198,12 @@ class Executor:
             for j in self.releases.get(i, ()):
                 pool, buf = self.taken.pop(j)
                 self.pools[pool].append(buf)
+        self.watchdog.beat(f"{self.name}: completing sends")
+        self.watchdog.waiting("waiting for sends to complete (a neighbour not receiving?)")
+        t0 = clock()
         self.p2p.waitall([req for req, _ in self.sends])
         self.finished = clock()
+        self.waits.append((t0, self.finished, "wait sends"))
         self.sends.clear()
         if self.mail or self.ctx or self.wctx:  # a checked plan never gets here
             raise RuntimeError(
@@ -268,14 +281,21 @@ class Executor:
         buf = self.pools[pool].pop()
         self.taken[i] = (pool, buf)
         t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
-        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t))
+        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), source, t)
 
     def _take(self, key: tuple[str, int, int]) -> Array:
         item = self.mail.pop(key)
         if isinstance(item, _Pending):
+            what = "activation" if key[0] == "A" else "gradient"
+            self.watchdog.waiting(
+                f"waiting for the {what} of micro-batch {key[1]} from rank {item.source} "
+                f"(tag {item.tag}, {item.buffer.nbytes} bytes)"
+            )
             t0 = time.perf_counter()
             self.p2p.wait(item.request)
-            self.waited += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.waited += t1 - t0
+            self.waits.append((t0, t1, f"wait {what} {key[1]} from {item.source}"))
             return item.buffer
         return item
 
@@ -284,3 +304,5 @@ class Executor:
 class _Pending:
     buffer: Array
     request: Any
+    source: int
+    tag: int

@@ -27,12 +27,20 @@ from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
 from mpipipe.emulate import emulated_stage
 from mpipipe.job import Job, agree, describe, prepare
-from mpipipe.metrics import MetricsFile, log_line
+from mpipipe.metrics import (
+    MetricsFile,
+    log_line,
+    max_rss_mb,
+    measure_peak_flops,
+    model_flops_per_step,
+)
 from mpipipe.model import Model
 from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
 from mpipipe.parallel.p2p import P2P
 from mpipipe.runtime import Executor, MicroBatches, Stage
+from mpipipe.trace import Tracer
+from mpipipe.watchdog import Watchdog
 from mpipipe.xp import dtype_of, get, to_numpy
 
 
@@ -80,8 +88,8 @@ class _Run:
         self.dtype = dtype_of(self.cfg.dtype)
         plan, b, cfg = job.plan, self.cfg.micro_batch, self.cfg
         self.stage = Stage(job.model, plan, self.rank, cfg.seed, self.dtype, self.xp)
-        if job.emulation:
-            emulated_stage(self.stage, job.model, job.emulation, b, self.dtype, self.xp)
+        if job.emulated:
+            emulated_stage(self.stage, job.model, job.emulated, b, self.dtype, self.xp)
         self.p2p = P2P(grid.pp_comm)
         self.reducer = None
         if grid.dp > 1:
@@ -104,12 +112,39 @@ class _Run:
         self.n_stages = plan.n_stages
         self.first = 0 in self.stage.ids
         self.last = plan.n_stages - 1 in self.stage.ids
-        self.fault = _fault_from_env()
+        self.fault = _rank_step_from_env("MPIPIPE_FAULT")
+        self.stall = _rank_step_from_env("MPIPIPE_STALL")
         self.preemption = _Preemption()
+        world = grid.world
+        self.layout = grid.layout()
+        self.watchdog = Watchdog(cfg.timeout_s, world.Get_rank(), world.Abort)
+        self.train_exec.watchdog = self.eval_exec.watchdog = self.watchdog
+        self.tracer = Tracer(world, cfg.trace, 1, cfg.trace_steps)  # skip step 0: warm-up
+        mine = sum(int(p.size) for p in self.stage.params.values()) if grid.replica == 0 else 0
+        self.n_params = world.allreduce(mine, op=MPI.SUM)
+        peak = cfg.peak_tflops * 1e12 or measure_peak_flops(self.dtype)
+        self.peak_flops = world.allreduce(peak, op=MPI.SUM)  # the whole grid's
+        self.flops_per_step = model_flops_per_step(job.model.meta, self.n_params, cfg.global_batch)
+
+    @property
+    def tty(self) -> bool:
+        return self.grid.world.Get_rank() == 0 and getattr(self.out, "isatty", lambda: False)()
 
     def say(self, text: str) -> None:
         if self.grid.world.Get_rank() == 0:
-            print(text, file=self.out, flush=True)
+            print("\r\033[K" + text if self.tty else text, file=self.out, flush=True)
+
+    def progress(self, rec: dict[str, Any]) -> None:
+        """A one-line progress bar, redrawn in place (terminals only; batch logs get lines)."""
+        done = rec["step"] / self.cfg.steps
+        bar = "#" * int(30 * done)
+        print(
+            f"\r[{bar:<30}] {rec['step']}/{self.cfg.steps} loss {rec['loss']:.4f} "
+            f"{rec['tokens_per_s']:.0f} tok/s",
+            end="",
+            file=self.out,
+            flush=True,
+        )
 
     def micro_batches(self, step: int, split: str) -> MicroBatches:
         """My replica's disjoint slice of the global batch, split into micro-batches."""
@@ -162,29 +197,41 @@ class _Run:
         return total / self.cfg.eval_batches
 
     def step(self, step: int) -> dict[str, Any]:
-        cfg, world = self.cfg, self.grid.world
+        cfg, world, wd = self.cfg, self.grid.world, self.watchdog
         n, me = world.Get_size(), world.Get_rank()
-        t0 = time.perf_counter()
+        clock = time.perf_counter
+        t0 = clock()
+        wd.step = step
+        wd.beat("the start of the step")
         if self.fault == (me, step):
             raise RuntimeError(f"fault injected on rank {me} at step {step} (MPIPIPE_FAULT)")
+        if self.stall == (me, step):
+            time.sleep(10**6)  # MPIPIPE_STALL: a rank that hangs, for the watchdog's tests
         batch = self.micro_batches(step, "train")
         self.stage.zero_grad()
         ex = self.train_exec
         losses = ex.run(batch)
-        t_backward = time.perf_counter()
+        t_backward = clock()
         if self.reducer is not None:
+            wd.beat("the gradient all-reduce")
+            wd.waiting("waiting for the gradient all-reduce with the other replicas of my stage")
             self.reducer.finish(self.p2p.wait)
-        exposed = time.perf_counter() - t_backward  # all-reduce time not hidden by backward
+        t_reduced = clock()
+        exposed = t_reduced - t_backward  # all-reduce time not hidden by backward
         sq = {
             i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
             for i, names in self.stage.layer_params.items()
         }
-        slots = np.zeros((4, n))  # one slot per rank, so the sum is a gather
-        slots[:, me] = ex.busy, ex.wall, exposed, self.preemption.signum
+        slots = np.zeros((5, n))  # one slot per rank, so the sum is a gather
+        slots[:, me] = ex.busy, ex.wall, exposed, self.preemption.signum, max_rss_mb()
         extras = [sum(losses), *slots.ravel(), *self.action_costs()]
+        wd.beat("the step's all-reduce")
+        wd.waiting("waiting in the step's all-reduce (norms, loss, timings) for other ranks")
+        t_sum = clock()
         per_layer, (loss_sum, *rest) = self.reduce(sq, extras)
-        busy, wall, hid, sig = np.reshape(rest[: 4 * n], (4, n))
-        costs = rest[4 * n :]
+        t_summed = clock()
+        busy, wall, hid, sig, rss = np.reshape(rest[: 5 * n], (5, n))
+        costs = rest[5 * n :]
         signums = [int(x) for x in sig if x]
         if signums and not self.preemption.name:  # another rank was signalled
             self.preemption.name = signal.Signals(signums[0]).name
@@ -195,9 +242,16 @@ class _Run:
             for g in self.stage.grads.values():
                 g *= factor
         lr = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        wd.beat("the optimizer step")
         self.opt.step(self.stage.grads, lr)
-        dt = time.perf_counter() - t0
+        t_end = clock()
+        if self.tracer.wants(step):
+            self.trace_step(step, t_backward, t_reduced, t_sum, t_summed, t_end)
+        dt = t_end - t0
         tokens = cfg.global_batch * self.job.model.meta.get("seq_len", 1)  # predictions
+        per_stage = [0.0] * self.grid.pp
+        for rank, stage, _, _ in self.layout:
+            per_stage[stage] = max(per_stage[stage], rss[rank])
         rec: dict[str, Any] = {
             "step": step + 1,
             "loss": loss_sum / (cfg.microbatches * self.grid.dp),
@@ -208,6 +262,8 @@ class _Run:
             "pipeline_time_s": span,
             "bubble": 1.0 - sum(busy) / (n * span) if span > 0 else 0.0,  # mean idle fraction
             "allreduce_exposed_s": max(hid),  # the slowest rank's wait for its buckets
+            "mfu": self.flops_per_step / dt / self.peak_flops,
+            "max_rss_mb": per_stage,  # peak resident memory, the largest replica per stage
             "preempt": bool(signums),  # a rank got SIGTERM/SIGUSR1: all stop after this step
         }
         if me == 0:  # only rank 0 reports; the simulation is cheap but not free
@@ -215,6 +271,18 @@ class _Run:
             rec["bubble_predicted"] = report.bubble
             rec["pipeline_time_predicted_s"] = report.step_time
         return rec
+
+    def trace_step(self, step: int, *marks: float) -> None:
+        t_backward, t_reduced, t_sum, t_summed, t_end = marks
+        tr, ex = self.tracer, self.train_exec
+        for b, e, a in ex.spans:
+            tr.span(str(a), "compute", b, e, step=step + 1, kind=a.kind, mb=a.mb, chunk=a.chunk)
+        for b, e, label in ex.waits:
+            tr.span(label, "wait", b, e, step=step + 1)
+        if self.reducer is not None:
+            tr.span("gradient all-reduce", "comm", t_backward, t_reduced, step=step + 1)
+        tr.span("step all-reduce", "comm", t_sum, t_summed, step=step + 1)
+        tr.span("optimizer", "compute", t_summed, t_end, step=step + 1)
 
     def resume(self) -> int:
         """Load the checkpoint --resume names (collectively agreed); return the next step."""
@@ -244,8 +312,7 @@ class _Run:
 
     def loop(self) -> TrainResult:
         cfg = self.cfg
-        layout = self.grid.layout()
-        self.say(describe(self.job, layout))
+        self.say(describe(self.job, self.layout))
         start = self.resume()
         metrics = MetricsFile(
             cfg.metrics_file if self.grid.world.Get_rank() == 0 else None, append=start > 0
@@ -265,6 +332,8 @@ class _Run:
                     metrics.write(rec)
                     if (step + 1) % cfg.log_every == 0 or step == start or last:
                         self.say(log_line(rec, cfg.steps))
+                    elif self.tty:
+                        self.progress(rec)
                     periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
                     if cfg.checkpoint_dir and (periodic or last):
                         self.save(step + 1)
@@ -283,8 +352,12 @@ class _Run:
                         break
             finally:
                 metrics.close()
+                self.watchdog.close()
                 if self.reducer is not None:
                     self.reducer.close()
+        self.tracer.write(f"stage {self.grid.stage_rank}, replica {self.grid.replica}")
+        if cfg.trace:
+            self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
         if result.history:
             self.say(summary_line(result, time.perf_counter() - t_start))
@@ -344,9 +417,10 @@ def _sq_norm(g: Any) -> float:
     return float((g64 * g64).sum())
 
 
-def _fault_from_env() -> tuple[int, int] | None:
-    """MPIPIPE_FAULT=RANK:STEP makes that world rank raise at that step (failure tests)."""
-    spec = os.environ.get("MPIPIPE_FAULT")
+def _rank_step_from_env(name: str) -> tuple[int, int] | None:
+    """Test hooks: MPIPIPE_FAULT=RANK:STEP makes that world rank raise at that step,
+    MPIPIPE_STALL=RANK:STEP makes it hang there (for the watchdog)."""
+    spec = os.environ.get(name)
     if not spec:
         return None
     rank, step = spec.split(":")

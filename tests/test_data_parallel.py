@@ -130,7 +130,7 @@ def test_overlap_hides_the_all_reduce(tmp_path):
             "--steps",
             "6",
             "--emulate",
-            "F=20,B=20,W=80",
+            "F=1.25,B=1.25,W=5",
             "--bucket-mb",
             "13",
             "--overlap",

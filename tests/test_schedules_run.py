@@ -78,7 +78,7 @@ def test_emulated_compute_reports_measured_and_predicted(tmp_path, name):
         "--schedule",
         name,
         "--emulate",
-        "F=4,B=4,W=2",
+        "F=0.5,B=0.5,W=0.25",
         "--eval-batches",
         "1",
         "--metrics-file",
@@ -86,7 +86,7 @@ def test_emulated_compute_reports_measured_and_predicted(tmp_path, name):
         timeout=120,
     )
     assert r.returncode == 0, r.output
-    assert "emulated costs F=4,B=4,W=2" in r.stdout
+    assert "emulated costs F=0.5,B=0.5,W=0.25" in r.stdout
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     for rec in recs:
         assert rec["loss"] == 0.0  # no math was done

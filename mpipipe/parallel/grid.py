@@ -35,6 +35,8 @@ class Grid:
     pp_comm: MPI.Comm  # my pipeline replica, ranked by stage
     dp_comm: MPI.Comm  # the replicas of my stage, ranked by replica
     order: str
+    local_rank: int = 0  # rank among the processes on my node (picks my GPU, never the global)
+    local_size: int = 1
 
     @property
     def pp(self) -> int:
@@ -60,11 +62,26 @@ class Grid:
         stage, replica = coords(world.Get_rank(), pp, dp, order)
         pp_comm = world.Split(color=replica, key=stage)
         dp_comm = world.Split(color=stage, key=replica)
-        return cls(world=world, pp_comm=pp_comm, dp_comm=dp_comm, order=order)
+        node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+        local_rank, local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        return cls(world, pp_comm, dp_comm, order, local_rank, local_size)
 
     def layout(self) -> list[tuple[int, int, int, str]]:
         """(world rank, stage, replica, host) for every rank; collective."""
         mine = (self.world.Get_rank(), self.stage_rank, self.replica, MPI.Get_processor_name())
+        return self.world.allgather(mine)
+
+    def placement(self, device: str) -> list[tuple[int, str, int, str, int, int]]:
+        """(world rank, host, local rank, device, stage, replica) for every rank; collective."""
+        mine = (
+            self.world.Get_rank(),
+            MPI.Get_processor_name(),
+            self.local_rank,
+            device,
+            self.stage_rank,
+            self.replica,
+        )
         return self.world.allgather(mine)
 
     def free(self) -> None:
