@@ -6,6 +6,9 @@ Run the default training:
     mpiexec -n 4 python -m mpipipe train --config run.toml --schedule gpipe --steps 50
     sbatch jobs/train.sbatch                         # on a SLURM cluster (see the script header)
 
+Scaling studies (launch the runs themselves: srun inside SLURM, else mpiexec):
+    python -m mpipipe study --ranks 1,2,4,8 --mode strong --out results --emulate F=1,B=1,W=1
+
 Checkpoints and resuming:
     mpiexec -n 4 python -m mpipipe train --checkpoint-dir ckpt --save-every 100
     mpiexec -n 8 python -m mpipipe train --checkpoint-dir ckpt --resume auto   # any layout
@@ -242,8 +245,15 @@ def cmd_ckpt(argv: list[str]) -> int:
     return 0
 
 
+def cmd_study(argv: list[str]) -> int:
+    from mpipipe.study import main as study
+
+    return study(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
+    "study": cmd_study,
     "schedule": cmd_schedule,
     "eval": cmd_eval,
     "generate": cmd_generate,

@@ -254,6 +254,8 @@ class _Run:
             per_stage[stage] = max(per_stage[stage], rss[rank])
         rec: dict[str, Any] = {
             "step": step + 1,
+            "pp": self.grid.pp,
+            "dp": self.grid.dp,
             "loss": loss_sum / (cfg.microbatches * self.grid.dp),
             "lr": lr,
             "grad_norm": norm,

@@ -1,0 +1,245 @@
+"""Scaling studies: `python -m mpipipe study --ranks 1,2,4,8 --mode strong|weak --out DIR
+[train flags...]` launches one training run per rank count (through `srun` inside a SLURM
+allocation, else `mpiexec`), collects each run's metrics and writes DIR/results.csv,
+DIR/results.md and, with matplotlib, DIR/throughput.png and DIR/efficiency.png.
+
+Strong scaling keeps the global batch; weak scaling grows it with the ranks (global batch x
+ranks / first rank count). Speed-up is throughput over the first run's; parallel efficiency is
+speed-up over the ideal (ranks / first rank count). Layouts follow train's default rule unless
+--pp / --dp are passed through. With --emulate the study measures the runtime and schedules on
+any machine (a study of 32 ranks runs on a laptop); say so when you publish its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mpipipe.config import TrainConfig
+from mpipipe.errors import ConfigError
+
+COLUMNS = [
+    "ranks",
+    "pp",
+    "dp",
+    "schedule",
+    "microbatches",
+    "global_batch",
+    "tokens_per_s",
+    "step_time_s",
+    "speedup",
+    "efficiency",
+    "bubble",
+    "emulated",
+]
+
+
+def launcher(kind: str, n: int) -> list[str]:
+    if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
+        return ["srun", "-n", str(n)]
+    local = Path(sys.executable).parent / "mpiexec"
+    exe = str(local) if local.exists() else shutil.which("mpiexec")
+    if not exe:
+        raise ConfigError("study: no mpiexec found (pip install 'mpipipe[mpi]', or run in SLURM)")
+    return [exe, "-n", str(n)]
+
+
+def _flag(flags: list[str], name: str) -> str | None:
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            return flags[i + 1]
+        if f.startswith(name + "="):
+            return f.split("=", 1)[1]
+    return None
+
+
+def _with(flags: list[str], name: str, value: str) -> list[str]:
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+            continue
+        if f == name:
+            skip = True
+            continue
+        if not f.startswith(name + "="):
+            out.append(f)
+    return [*out, name, value]
+
+
+def runs(ranks: list[int], mode: str, flags: list[str]) -> list[tuple[int, list[str]]]:
+    """(ranks, train flags) for every run of the study."""
+    base = int(_flag(flags, "--global-batch") or TrainConfig().global_batch)
+    plan = []
+    for n in ranks:
+        run_flags = list(flags)
+        if mode == "weak":
+            run_flags = _with(run_flags, "--global-batch", str(base * n // ranks[0]))
+        plan.append((n, run_flags))
+    return plan
+
+
+def check_run(n: int, flags: list[str]) -> str:
+    """Validate one run's train flags for `n` ranks as train would (no launch, no MPI)."""
+    from mpipipe.cli import _train_parser
+    from mpipipe.config import build
+    from mpipipe.job import prepare
+
+    args = vars(_train_parser().parse_args(flags))
+    args.pop("dry_run")
+    job = prepare(build(args, args.pop("config")), n)
+    return f"{n} ranks -> pp={job.cfg.pp} x dp={job.cfg.dp}, schedule {job.plan.name}"
+
+
+def run_study(
+    ranks: list[int],
+    mode: str,
+    out: Path,
+    flags: list[str],
+    kind: str = "auto",
+    timeout: float = 3600.0,
+) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for n, run_flags in runs(ranks, mode, flags):
+        metrics, log = out / f"run_{n:04d}.jsonl", out / f"run_{n:04d}.log"
+        cmd = [
+            *launcher(kind, n),
+            sys.executable,
+            "-m",
+            "mpipipe",
+            "train",
+            *run_flags,
+            "--metrics-file",
+            str(metrics),
+            "--log-every",
+            "1000000",
+        ]
+        print(f"study: {' '.join(cmd)}", flush=True)
+        with open(log, "w") as fh:
+            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+        if rc:
+            tail = log.read_text()[-2000:]
+            raise ConfigError(f"study: the run on {n} ranks failed (exit {rc}); see {log}\n{tail}")
+        rows.append(summarize(n, run_flags, metrics))
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        row["efficiency"] = row["speedup"] / (row["ranks"] / rows[0]["ranks"])
+    write(rows, out, mode)
+    return rows
+
+
+def summarize(n: int, flags: list[str], metrics: Path) -> dict[str, Any]:
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    later = recs[1:] or recs  # the first step carries one-time costs
+    return {
+        "ranks": n,
+        "pp": later[-1]["pp"],
+        "dp": later[-1]["dp"],
+        "schedule": _flag(flags, "--schedule") or TrainConfig().schedule,
+        "microbatches": int(_flag(flags, "--microbatches") or TrainConfig().microbatches),
+        "global_batch": int(_flag(flags, "--global-batch") or TrainConfig().global_batch),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in later),
+        "step_time_s": statistics.median(r["step_time_s"] for r in later),
+        "bubble": statistics.median(r["bubble"] for r in later),
+        "emulated": _flag(flags, "--emulate") or "",
+    }
+
+
+def write(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.md").write_text(markdown(rows, mode))
+    try:
+        plot(rows, out, mode)
+    except ImportError:
+        print("study: matplotlib is not installed, no plots (pip install 'mpipipe[plot]')")
+
+
+def markdown(rows: list[dict[str, Any]], mode: str) -> str:
+    emulated = rows[0]["emulated"]
+    head = (
+        f"{mode} scaling"
+        + (f", EMULATED compute ({emulated} ms per layer and sample)" if emulated else "")
+        + "\n\n"
+    )
+    lines = [
+        "| ranks | pp | dp | schedule | micro-batches | global batch | tokens/s | "
+        "speed-up | efficiency | bubble |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ranks']} | {r['pp']} | {r['dp']} | {r['schedule']} | "
+            f"{r['microbatches']} | {r['global_batch']} | {r['tokens_per_s']:.0f} | "
+            f"{r['speedup']:.2f} | {r['efficiency']:.2f} | {r['bubble']:.3f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["ranks"] for r in rows]
+    tput = [r["tokens_per_s"] for r in rows]
+    ideal = [tput[0] * k / n[0] for k in n]
+    note = " (emulated compute)" if rows[0]["emulated"] else ""
+    for name, ys, ideal_ys, ylabel in (
+        ("throughput", tput, ideal, "tokens/s"),
+        ("efficiency", [r["efficiency"] for r in rows], [1.0] * len(n), "parallel efficiency"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(n, ideal_ys, "--", color="grey", label="ideal")
+        ax.plot(n, ys, "o-", label="measured")
+        ax.set_xscale("log", base=2)
+        if name == "throughput":
+            ax.set_yscale("log", base=2)
+        ax.set_xticks(n, [str(k) for k in n])
+        ax.set_xlabel("ranks")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{mode} scaling: {ylabel}{note}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mpipipe study",
+        description=__doc__.splitlines()[0],
+        epilog="Every other flag is passed to each train run.",
+    )
+    p.add_argument("--ranks", default="1,2,4,8", help="comma-separated rank counts")
+    p.add_argument("--mode", choices=("strong", "weak"), default="strong")
+    p.add_argument("--out", required=True, help="folder for logs, metrics, CSV, Markdown, PNGs")
+    p.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument("--dry-run", action="store_true", help="print the runs, launch nothing")
+    args, flags = p.parse_known_args(argv)
+    try:
+        ranks = [int(x) for x in args.ranks.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ranks {args.ranks}: give rank counts like 1,2,4,8") from None
+    if args.dry_run:
+        for n, run_flags in runs(ranks, args.mode, flags):
+            print(" ".join([*launcher(args.launcher, n), "python -m mpipipe train", *run_flags]))
+            print(f"  ok: {check_run(n, run_flags)}")
+        return 0
+    rows = run_study(ranks, args.mode, Path(args.out), flags, args.launcher, args.timeout)
+    print(markdown(rows, args.mode))
+    print(f"wrote {args.out}/results.csv, results.md and plots")
+    return 0

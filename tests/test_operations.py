@@ -1,0 +1,219 @@
+"""Running it like an HPC code: job scripts, dry runs, scaling studies, traces, the watchdog."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mpipipe import schedule
+from tests import mpirun
+
+JOBS = sorted((mpirun.ROOT / "jobs").glob("*.sbatch"))
+
+
+def commands(script: Path) -> list[list[str]]:
+    """The mpipipe command lines of a job script, continuation lines joined, shell variables
+    expanded against a test environment, '$@' and pipes dropped."""
+    text = script.read_text().replace("\\\n", " ")
+    env = {
+        "SLURM_JOB_ID": "123",
+        "CKPT": "/tmp/ckpt-test",
+        "SCRATCH": "/tmp",
+        "SLURM_CPUS_PER_TASK": "1",
+        "HOME": "/tmp",
+    }
+    out = []
+    for line in text.splitlines():
+        line = line.split("|")[0].strip()
+        if line.startswith("#") or "-m mpipipe" not in line:
+            continue
+        words = shlex.split(line)
+        words = words[words.index("-m") + 2 :]  # after "python -m mpipipe"
+        words = [
+            re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), w)
+            for w in words
+            if w != "$@"
+        ]
+        out.append(words)
+    return out
+
+
+def ntasks(script: Path) -> int:
+    text = script.read_text()
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    per = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", text).group(1))
+    return nodes * per
+
+
+@pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
+def test_job_script_syntax_and_command_lines(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "CHANGE" in script.read_text()  # the header says what to edit
+    cmds = commands(script)
+    assert cmds, "no mpipipe command line found"
+    for words in cmds:
+        if words[0] == "train":
+            res = mpirun.run(["-m", "mpipipe", *words, "--dry-run"], n=ntasks(script), timeout=180)
+            assert res.returncode == 0 and "dry run:" in res.stdout, res.output
+        else:
+            assert words[0] == "study"
+            res = mpirun.run(["-m", "mpipipe", *words, "--dry-run"], timeout=120)
+            assert res.returncode == 0 and res.stdout.count("ok:") == 4, res.output
+
+
+def test_dry_run_shows_placement_and_schedule():
+    r = mpirun.train(4, "--dry-run", "--pp", "2", "--microbatches", "2", timeout=60)
+    assert r.returncode == 0, r.output
+    rows = [
+        line.split() for line in r.stdout.splitlines() if re.match(r"^\s+\d+\s+\S+\s+\d", line)
+    ]
+    assert [(int(w[0]), int(w[2]), w[3], int(w[4]), int(w[5])) for w in rows] == [
+        (0, 0, "cpu", 0, 0),
+        (1, 1, "cpu", 0, 1),
+        (2, 2, "cpu", 1, 0),
+        (3, 3, "cpu", 1, 1),
+    ]
+    assert "rank  0 |F0 F1 .. B0 W0 .. B1 W1" in r.stdout
+    assert "step 1/" not in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["strong", "weak"])
+def test_scaling_study_with_emulated_compute(tmp_path, mode):
+    out = tmp_path / mode
+    r = mpirun.run(
+        [
+            "-m",
+            "mpipipe",
+            "study",
+            "--ranks",
+            "1,2,4,8",
+            "--mode",
+            mode,
+            "--out",
+            str(out),
+            "--layers",
+            "8",
+            "--steps",
+            "3",
+            "--microbatches",
+            "8",
+            "--global-batch",
+            "16",
+            "--emulate",
+            "F=0.5,B=0.5,W=0.5",
+            "--eval-batches",
+            "1",
+        ],
+        timeout=300,
+    )
+    assert r.returncode == 0, r.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [int(x["ranks"]) for x in rows] == [1, 2, 4, 8]
+    for row in rows:  # the table holds what the runs measured
+        n = int(row["ranks"])
+        recs = [json.loads(line) for line in (out / f"run_{n:04d}.jsonl").read_text().splitlines()]
+        later = [x["tokens_per_s"] for x in recs[1:]]
+        assert float(row["tokens_per_s"]) == pytest.approx(statistics.median(later))
+        assert int(row["pp"]) * int(row["dp"]) == n
+        want_batch = 16 * n if mode == "weak" else 16
+        assert int(row["global_batch"]) == want_batch
+        assert float(row["speedup"]) == pytest.approx(
+            float(row["tokens_per_s"]) / float(rows[0]["tokens_per_s"])
+        )
+    md = (out / "results.md").read_text()
+    assert "EMULATED" in md and md.count("\n| ") == 5
+    for png in ("throughput.png", "efficiency.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trace_spans_match_the_schedule(tmp_path):
+    trace = tmp_path / "t.json"
+    r = mpirun.train(
+        4,
+        "--layers",
+        "4",
+        "--d-model",
+        "32",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--global-batch",
+        "16",
+        "--microbatches",
+        "4",
+        "--pp",
+        "2",
+        "--steps",
+        "4",
+        "--eval-batches",
+        "1",
+        "--schedule",
+        "zb-h1",
+        "--trace",
+        str(trace),
+        "--trace-steps",
+        "2",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.output
+    events = json.loads(trace.read_text())["traceEvents"]
+    plan = schedule.build("zb-h1", 2, 4)
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert len(names) == 4 and "stage 1, replica 0" in names[2]
+    for rank in range(4):
+        stage = 0 if rank < 2 else 1  # dp contiguous
+        for step in (2, 3):
+            spans = sorted(
+                (
+                    e
+                    for e in events
+                    if e.get("pid") == rank
+                    and e.get("ph") == "X"
+                    and e["args"].get("step") == step
+                ),
+                key=lambda e: e["ts"],
+            )
+            compute = [
+                e["name"] for e in spans if e["cat"] == "compute" and e["name"] != "optimizer"
+            ]
+            assert compute == [str(a) for a in plan.actions[stage]], (rank, step)
+            assert "gradient all-reduce" in [e["name"] for e in spans]
+            assert spans[-1]["name"] == "optimizer"
+            assert all(e["dur"] >= 0 for e in spans)
+
+
+def test_watchdog_names_the_stalled_rank_and_ends_the_job():
+    r = mpirun.train(
+        2,
+        "--layers",
+        "4",
+        "--d-model",
+        "32",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--global-batch",
+        "8",
+        "--steps",
+        "50",
+        "--timeout-s",
+        "4",
+        timeout=60,
+        MPIPIPE_STALL="1:2",
+    )
+    assert r.returncode != 0
+    assert r.seconds < 30
+    lines = [ln for ln in r.stderr.splitlines() if "mpipipe: watchdog:" in ln]
+    assert lines, r.stderr
+    assert "rank 1" in lines[0] and "in step 3" in lines[0]  # the stalled rank is named
+    assert "(--timeout-s 4)" in lines[0]
