@@ -184,7 +184,7 @@ class Executor:
         clock = time.perf_counter
         self.started = clock()
         for i, action in enumerate(self.row):
-            self.watchdog.beat(f"{self.name} action {action} (rank {self.rank})")
+            self.watchdog.beat(f"{self.name} action {action}")
             if action.is_compute:
                 self.waited = 0.0
                 t0 = clock()
