@@ -78,8 +78,9 @@ def test_bad_input_fails_fast_with_one_clear_message(case, ranks, tiny_text):
     assert r.seconds < 30
 
 
-def test_a_rank_that_raises_ends_the_whole_job():
-    r = mpirun.train(4, *SMALL, "--steps", "50", timeout=60, MPIPIPE_FAULT="2:3")
+@pytest.mark.parametrize("grid", [["--pp", "4"], ["--pp", "2", "--dp", "2"]])
+def test_a_rank_that_raises_ends_the_whole_job(grid):
+    r = mpirun.train(4, *SMALL, *grid, "--steps", "50", timeout=60, MPIPIPE_FAULT="2:3")
     assert r.returncode != 0
     assert r.stderr.count("fault injected on rank 2 at step 3") == 1, r.stderr
     assert r.stderr.count("Traceback") == 1, r.stderr
