@@ -165,11 +165,11 @@ def cmd_train(argv: list[str]) -> int:
 def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     """Everything `train` checks, then where every rank would run and what it would do."""
     from mpipipe import schedule
-    from mpipipe.job import agree, describe, prepare
+    from mpipipe.job import agree, describe, finalize, prepare
     from mpipipe.parallel.grid import Grid
     from mpipipe.schedule.render import summary, timeline
 
-    job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
+    job = finalize(agree(comm, lambda: prepare(cfg, comm.Get_size())), comm)
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
         layout, placement = grid.layout(), grid.placement("cpu")

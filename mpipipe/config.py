@@ -53,6 +53,18 @@ class TrainConfig:
         "start each bucket's all-reduce during backward (off: after it)",
         choices=("on", "off"),
     )
+    partition: str = _opt(
+        "uniform",
+        "how to split layers into stages: uniform (blocks evenly), params (balance parameter "
+        "counts), time (balance F+B+W times measured at start, loss counted)",
+        choices=("uniform", "params", "time"),
+    )
+    recompute: str = _opt(
+        "none",
+        "activation recomputation: none, full (keep each stage's input, redo its forward in "
+        "backward), selective (recompute only the attention scores)",
+        choices=("none", "full", "selective"),
+    )
     schedule: str = _opt("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zbv")
     virtual_stages: int | None = _opt(
         None, "chunks of layers per rank (interleaved: 2 or more, default 2; zbv: 2)"

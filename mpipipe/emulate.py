@@ -52,11 +52,8 @@ class Emulation:
         )
 
 
-def body_per_stage(model: Model, n_stages: int, chunks: int) -> list[int]:
+def body_per_stage(model: Model, bounds: list[range]) -> list[int]:
     """Body layers in each virtual stage (the emulated work)."""
-    from mpipipe.partition import uniform
-
-    bounds = uniform([s.body for s in model.layers], n_stages, chunks)
     return [sum(model.layers[i].body for i in r) for r in bounds]
 
 

@@ -48,7 +48,7 @@ class _Pipeline:
         self.job, self.grid = job, Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
         rank = self.grid.stage_rank
         xp, dtype = get("numpy"), dtype_of(job.cfg.dtype)
-        self.stage = Stage(job.model, job.plan, rank, job.cfg.seed, dtype, xp)
+        self.stage = Stage(job.model, job.plan, rank, job.cfg.seed, dtype, xp, job.bounds)
         self.step = agree(
             self.grid.world, lambda: checkpoint.load(step_dir, self.stage, None, job.model)
         )

@@ -7,7 +7,7 @@ found on any rank stop every rank together with the same message.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +20,9 @@ from mpipipe.emulate import Emulation, body_per_stage
 from mpipipe.errors import ConfigError
 from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
-from mpipipe.partition import uniform
+from mpipipe.partition import split, uniform
+from mpipipe.profile import layer_times
+from mpipipe.xp import dtype_of
 
 T = TypeVar("T")
 
@@ -40,6 +42,8 @@ class Job:
     dataset: Any
     emulation: Emulation | None = None
     emulated: schedule.Costs | None = None  # seconds per action and virtual stage, if emulated
+    bounds: list[range] = field(default_factory=list)  # global layers of each virtual stage
+    layer_costs: list[float] | None = None  # what the partition balanced (params or seconds)
 
 
 def prepare(
@@ -63,12 +67,16 @@ def prepare(
     cfg = cfg.layout(world_size, max_pp=sum(body) // chunks)
     assert cfg.pp is not None
     plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
-    uniform(body, plan.n_stages, chunks)
+    costs = None
+    if cfg.partition == "params":
+        costs = [float(s.params) for s in model.layers]
+        if not all(costs):
+            raise ConfigError(
+                "--partition params needs every LayerSpec's params count "
+                "(built-in models have them; or use --partition uniform/time)"
+            )
+    bounds = split(body, plan.n_stages, chunks, cfg.partition, costs)  # time: see finalize()
     emulation = Emulation.parse(cfg.emulate) if cfg.emulate else None
-    emulated = None
-    if emulation:
-        emulated = emulation.costs(body_per_stage(model, plan.n_stages, chunks), cfg.micro_batch)
-    report = schedule.check(plan, emulated)
     top = max_tag(plan.n_stages, cfg.microbatches)
     if top > 32767:  # the least MPI.TAG_UB the standard guarantees
         raise ConfigError(
@@ -79,7 +87,38 @@ def prepare(
         dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
     if hasattr(dataset, "check"):
         dataset.check()
-    return Job(cfg, model, plan, report, dataset, emulation, emulated)
+    job = Job(cfg, model, plan, schedule.check(plan), dataset, emulation, None, bounds, costs)
+    _simulate(job)
+    return job
+
+
+def _simulate(job: Job) -> None:
+    """The checker's report for the job's plan, with the emulated costs of its partition."""
+    if job.emulation:
+        per_stage = body_per_stage(job.model, job.bounds)
+        job.emulated = job.emulation.costs(per_stage, job.cfg.micro_batch)
+    job.report = schedule.check(job.plan, job.emulated)
+
+
+def finalize(job: Job, comm: MPI.Comm) -> Job:
+    """--partition time: rank 0 times every layer on this machine and broadcasts the times, so
+    every rank splits the model alike. Other partitions are final already."""
+    if job.cfg.partition != "time":
+        return job
+    result: Any = None
+    if comm.Get_rank() == 0:
+        try:
+            result = layer_times(job.model, job.cfg.micro_batch, dtype_of(job.cfg.dtype))
+        except ValueError as e:
+            result = str(e)
+    result = comm.bcast(result, root=0)
+    if isinstance(result, str):
+        raise ConfigError(result)
+    body = [s.body for s in job.model.layers]
+    job.layer_costs = result
+    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), "time", result)
+    _simulate(job)
+    return job
 
 
 def _read_schedule_file(cfg: TrainConfig) -> schedule.Plan:
@@ -115,12 +154,19 @@ def agree(comm: MPI.Comm, work: Callable[[], T]) -> T:
 def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
     """What rank 0 prints at start: model, grid, schedule, stages and where every rank runs."""
     cfg, plan = job.cfg, job.plan
-    bounds = uniform([s.body for s in job.model.layers], plan.n_stages, len(plan.stages[0]))
     names = [s.name for s in job.model.layers]
-    parts = [
-        f"{k}:{names[r.start]}..{names[r.stop - 1]}" if len(r) > 1 else f"{k}:{names[r.start]}"
-        for k, r in enumerate(bounds)
-    ]
+    parts = []
+    for k, r in enumerate(job.bounds):
+        text = (
+            f"{k}:{names[r.start]}..{names[r.stop - 1]}" if len(r) > 1 else f"{k}:{names[r.start]}"
+        )
+        params = sum(job.model.layers[i].params for i in r)
+        if params:
+            text += f" ({params / 1e6:.2f}M"
+            if cfg.partition == "time" and job.layer_costs:
+                text += f", {sum(job.layer_costs[i] for i in r) * 1e3:.1f} ms"
+            text += ")"
+        parts.append(text)
     meta = job.model.meta
     what = (
         f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
@@ -133,8 +179,14 @@ def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
         f"contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
         f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
         f"{job.report.bubble:.2f} ({sim})",
-        f"stages: {' | '.join(parts)}",
+        f"stages ({cfg.partition} partition): {' | '.join(parts)}",
     ]
+    if cfg.partition == "time" and job.layer_costs:
+        t = [sum(job.layer_costs[i] for i in r) for r in job.bounds]
+        lines.append(
+            f"estimated stage time (F+B+W per micro-batch): max/mean "
+            f"{max(t) / (sum(t) / len(t)):.3f}"
+        )
     by_stage: dict[int, list[str]] = {}
     for rank, stage, _replica, host in sorted(layout, key=lambda t: (t[1], t[2])):
         by_stage.setdefault(stage, []).append(f"{rank}@{host}")

@@ -141,6 +141,13 @@ class Embedding(Base):
         embedding_backward_weight(dy, tokens, self.grads["wte"], self.grads["wpe"])
 
 
+def walk(layer: Any) -> Any:
+    """The layer and all its descendants."""
+    yield layer
+    for _, child in getattr(layer, "children", ()):
+        yield from walk(child)
+
+
 class Sequential(Base):
     """Children applied in order; backward in reverse order, weight work deferred per child."""
 
@@ -185,9 +192,10 @@ class _AttentionCore(Base):
     def __init__(self, n_head: int):
         super().__init__({})
         self.n_head = n_head
+        self.keep_scores = True  # False: selective recomputation of the attention scores
 
     def forward(self, x: Array) -> tuple[Array, Any]:
-        return attention_forward(x, self.n_head)
+        return attention_forward(x, self.n_head, self.keep_scores)
 
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
         return attention_backward_input(dy, ctx), None

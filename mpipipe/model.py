@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from mpipipe.layers import GELU, MLP, Block, Embedding, Head, Init, Layer, Linear, Sequential
 
 VOCAB = 256  # byte-level tokens
@@ -24,6 +26,7 @@ class LayerSpec:
     name: str
     factory: Callable[[Init], Layer]
     body: bool = True
+    params: int = 0  # parameter count, if known without building (for --partition params)
 
     def build(self, init: Init) -> Layer:
         return self.factory(init)
@@ -41,6 +44,7 @@ class Model:
     layers: Sequence[LayerSpec]
     act_shape: Callable[[int, int], tuple[int, ...]]
     meta: dict[str, Any] = field(default_factory=dict)
+    input_example: Callable[[int], Any] | None = None  # a micro-batch of inputs (profiling)
 
     @property
     def n_body(self) -> int:
@@ -49,18 +53,25 @@ class Model:
 
 def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB) -> Model:
     """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head."""
-    specs = [
-        LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)
-    ]
-    specs += [
-        LayerSpec(f"block{i}", partial(Block, c=d_model, n_head=n_head, n_layer=n_layer))
+    c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
+    specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
+    specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms
+        LayerSpec(
+            f"block{i}",
+            partial(Block, c=c, n_head=n_head, n_layer=n_layer),
+            True,
+            12 * c * c + 13 * c,
+        )
         for i in range(n_layer)
     ]
-    specs.append(LayerSpec("head", partial(Head, c=d_model, vocab=vocab), body=False))
+    specs.append(LayerSpec("head", partial(Head, c=c, vocab=vocab), False, 2 * c + c * vocab))
     last = len(specs) - 1
 
     def act_shape(i: int, b: int) -> tuple[int, ...]:
         return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
+
+    def example(b: int) -> Any:
+        return np.random.default_rng(0).integers(0, vocab, size=(b, seq_len))
 
     meta = {
         "kind": "gpt",
@@ -70,7 +81,7 @@ def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCA
         "seq_len": seq_len,
         "vocab": vocab,
     }
-    return Model(specs, act_shape, meta)
+    return Model(specs, act_shape, meta, example)
 
 
 def _mlp_block(init: Init, c: int) -> Layer:
@@ -80,20 +91,27 @@ def _mlp_block(init: Init, c: int) -> Layer:
 def mlp(n_layer: int, d_model: int, seq_len: int, vocab: int = VOCAB) -> Model:
     """Plain MLP classifier of each byte's successor: embedding, `n_layer` Linear+GELU layers,
     a Linear classifier over the vocabulary. No attention: it sees one byte of context."""
-    specs = [
-        LayerSpec("embed", partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len), body=False)
+    c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
+    specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
+    specs += [
+        LayerSpec(f"fc{i}", partial(_mlp_block, c=c), True, c * c + c) for i in range(n_layer)
     ]
-    specs += [LayerSpec(f"fc{i}", partial(_mlp_block, c=d_model)) for i in range(n_layer)]
-    specs.append(LayerSpec("classifier", partial(Linear, c_in=d_model, c_out=vocab), body=False))
+    specs.append(
+        LayerSpec("classifier", partial(Linear, c_in=c, c_out=vocab), False, c * vocab + vocab)
+    )
     last = len(specs) - 1
 
     def act_shape(i: int, b: int) -> tuple[int, ...]:
         return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
 
+    def example(b: int) -> Any:
+        return np.random.default_rng(0).integers(0, vocab, size=(b, seq_len))
+
     return Model(
         specs,
         act_shape,
         {"kind": "mlp", "n_layer": n_layer, "d_model": d_model, "seq_len": seq_len},
+        example,
     )
 
 

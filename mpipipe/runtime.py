@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from mpipipe.kernels.loss import cross_entropy_forward, cross_entropy_forward_backward
-from mpipipe.layers import Init, Layer
+from mpipipe.layers import Init, Layer, walk
 from mpipipe.model import Model
 from mpipipe.parallel.p2p import P2P, tag
 from mpipipe.partition import uniform
@@ -25,24 +25,59 @@ from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_pe
 from mpipipe.watchdog import NoWatchdog
 from mpipipe.xp import Array
 
+RECOMPUTE = ("none", "full", "selective")
+
+
+@dataclass
+class _Recompute:
+    """What full recomputation keeps of a micro-batch: the chunk's input only."""
+
+    x: Array
+
 
 class Chunk:
-    """A contiguous run of global layers forming one virtual stage."""
+    """A contiguous run of global layers forming one virtual stage.
 
-    def __init__(self, model: Model, layers: range, seed: int, dtype: Any, xp: ModuleType):
+    `recompute`: "none" keeps every layer's context from forward to backward; "full" keeps only
+    the chunk's input and runs the forward again at the start of backward_input; "selective"
+    keeps everything but the attention scores (B, H, T, T), recomputed from q and k. The same
+    operations run on the same inputs, so results are bitwise those of "none".
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        layers: range,
+        seed: int,
+        dtype: Any,
+        xp: ModuleType,
+        recompute: str = "none",
+    ):
         self.indices = layers
         self.layers: list[Layer] = [
             model.layers[i].build(Init.for_layer(seed, i, dtype, xp)) for i in layers
         ]
+        self.full = recompute == "full"
+        if recompute == "selective":
+            for layer in self.layers:
+                for sub in walk(layer):
+                    if hasattr(sub, "keep_scores"):
+                        sub.keep_scores = False
 
-    def forward(self, x: Array) -> tuple[Array, list[Any]]:
+    def _forward(self, x: Array) -> tuple[Array, list[Any]]:
         ctxs = []
         for layer in self.layers:
             x, ctx = layer.forward(x)
             ctxs.append(ctx)
         return x, ctxs
 
-    def backward_input(self, dy: Array, ctxs: list[Any]) -> tuple[Array | None, list[Any]]:
+    def forward(self, x: Array) -> tuple[Array, Any]:
+        y, ctxs = self._forward(x)
+        return (y, _Recompute(x)) if self.full else (y, ctxs)
+
+    def backward_input(self, dy: Array, ctxs: Any) -> tuple[Array | None, list[Any]]:
+        if isinstance(ctxs, _Recompute):
+            _, ctxs = self._forward(ctxs.x)
         wctxs: list[Any] = [None] * len(self.layers)
         for j in reversed(range(len(self.layers))):
             dy, wctxs[j] = self.layers[j].backward_input(dy, ctxs[j])
@@ -69,11 +104,23 @@ class CrossEntropyLoss:
 class Stage:
     """Everything one rank owns: a Chunk per virtual stage it runs, parameters by global name."""
 
-    def __init__(self, model: Model, plan: Plan, rank: int, seed: int, dtype: Any, xp: ModuleType):
-        bounds = uniform([s.body for s in model.layers], plan.n_stages)
+    def __init__(
+        self,
+        model: Model,
+        plan: Plan,
+        rank: int,
+        seed: int,
+        dtype: Any,
+        xp: ModuleType,
+        bounds: list[range] | None = None,
+        recompute: str = "none",
+    ):
+        """`bounds[k]` are the global layers of virtual stage k (default: uniform split)."""
+        if bounds is None:
+            bounds = uniform([s.body for s in model.layers], plan.n_stages, len(plan.stages[0]))
         self.ids = plan.stages[rank]
         self.loss: Any = CrossEntropyLoss()
-        self.chunks = [Chunk(model, bounds[k], seed, dtype, xp) for k in self.ids]
+        self.chunks = [Chunk(model, bounds[k], seed, dtype, xp, recompute) for k in self.ids]
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
         self.layer_params: dict[int, list[str]] = {}  # global layer index -> its param names
@@ -160,6 +207,8 @@ class Executor:
         self.spans: list[tuple[float, float, Action]] = []  # last run's compute, perf_counter
         self.waited = 0.0  # seconds the current action spent waiting for its input
         self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
+        self.stash_bytes: dict[tuple[int, int], int] = {}
+        self.peak_stash_bytes = 0  # most bytes held by saved contexts at once, over all runs
         self.dispatch: dict[str, Callable[[Action, int], None]] = {
             "F": self._forward,
             "B": self._backward_input,
@@ -244,18 +293,27 @@ class Executor:
         if self.training:
             self.ctx[(a.mb, a.chunk)] = ctx
             self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
+            self._account((a.mb, a.chunk), ctx)
 
     def _backward_input(self, a: Action, i: int) -> None:
         k = self.stage.ids[a.chunk]
         dy = self._take(("G", a.mb, k))
         dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
         self.wctx[(a.mb, a.chunk)] = wctx
+        self._account((a.mb, a.chunk), wctx)
         if k > 0:
             self.mail[("G", a.mb, k - 1)] = dx
 
     def _backward_weight(self, a: Action, i: int) -> None:
         done = self.on_layer_final if i == self.final_w.get(a.chunk) else None
         self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)), done)
+        self._account((a.mb, a.chunk), None)
+
+    def _account(self, key: tuple[int, int], saved: Any) -> None:
+        """Track the bytes that saved contexts hold (activation memory) and their peak."""
+        self.stash_bytes[key] = _nbytes(saved)
+        total = sum(self.stash_bytes.values())
+        self.peak_stash_bytes = max(self.peak_stash_bytes, total)
 
     # -- communication -------------------------------------------------------------------------
     def _key_and_peer(self, a: Action) -> tuple[tuple[str, int, int], int]:
@@ -298,6 +356,26 @@ class Executor:
             self.waits.append((t0, t1, f"wait {what} {key[1]} from {item.source}"))
             return item.buffer
         return item
+
+
+def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct arrays reachable from a saved context."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None:
+        return 0
+    seen.add(id(obj))
+    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
+        base = getattr(obj, "base", None)
+        if base is not None and hasattr(base, "nbytes"):  # a view: count its buffer once
+            return _nbytes(base, seen)
+        return int(obj.nbytes)
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o, seen) for o in obj.values())
+    if isinstance(obj, _Recompute):
+        return _nbytes(obj.x, seen)
+    return 0
 
 
 @dataclass

@@ -26,7 +26,7 @@ from mpi4py import MPI
 from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
 from mpipipe.emulate import emulated_stage
-from mpipipe.job import Job, agree, describe, prepare
+from mpipipe.job import Job, agree, describe, finalize, prepare
 from mpipipe.metrics import (
     MetricsFile,
     log_line,
@@ -73,6 +73,7 @@ def train(
     """Train `model` (default: built from `cfg`) through the pipeline; call on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
+    job = finalize(job, comm)
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
         return _Run(job, grid, out).loop()
@@ -87,7 +88,9 @@ class _Run:
         self.xp = get("numpy")
         self.dtype = dtype_of(self.cfg.dtype)
         plan, b, cfg = job.plan, self.cfg.micro_batch, self.cfg
-        self.stage = Stage(job.model, plan, self.rank, cfg.seed, self.dtype, self.xp)
+        self.stage = Stage(
+            job.model, plan, self.rank, cfg.seed, self.dtype, self.xp, job.bounds, cfg.recompute
+        )
         if job.emulated:
             emulated_stage(self.stage, job.model, job.emulated, b, self.dtype, self.xp)
         self.p2p = P2P(grid.pp_comm)
@@ -222,16 +225,17 @@ class _Run:
             i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
             for i, names in self.stage.layer_params.items()
         }
-        slots = np.zeros((5, n))  # one slot per rank, so the sum is a gather
-        slots[:, me] = ex.busy, ex.wall, exposed, self.preemption.signum, max_rss_mb()
+        slots = np.zeros((6, n))  # one slot per rank, so the sum is a gather
+        stash_mb = ex.peak_stash_bytes / 2**20
+        slots[:, me] = ex.busy, ex.wall, exposed, self.preemption.signum, max_rss_mb(), stash_mb
         extras = [sum(losses), *slots.ravel(), *self.action_costs()]
         wd.beat("the step's all-reduce")
         wd.waiting("waiting in the step's all-reduce (norms, loss, timings) for other ranks")
         t_sum = clock()
         per_layer, (loss_sum, *rest) = self.reduce(sq, extras)
         t_summed = clock()
-        busy, wall, hid, sig, rss = np.reshape(rest[: 5 * n], (5, n))
-        costs = rest[5 * n :]
+        busy, wall, hid, sig, rss, stash = np.reshape(rest[: 6 * n], (6, n))
+        costs = rest[6 * n :]
         signums = [int(x) for x in sig if x]
         if signums and not self.preemption.name:  # another rank was signalled
             self.preemption.name = signal.Signals(signums[0]).name
@@ -249,9 +253,10 @@ class _Run:
             self.trace_step(step, t_backward, t_reduced, t_sum, t_summed, t_end)
         dt = t_end - t0
         tokens = cfg.global_batch * self.job.model.meta.get("seq_len", 1)  # predictions
-        per_stage = [0.0] * self.grid.pp
+        per_stage, stash_per_stage = [0.0] * self.grid.pp, [0.0] * self.grid.pp
         for rank, stage, _, _ in self.layout:
             per_stage[stage] = max(per_stage[stage], rss[rank])
+            stash_per_stage[stage] = max(stash_per_stage[stage], stash[rank])
         rec: dict[str, Any] = {
             "step": step + 1,
             "pp": self.grid.pp,
@@ -266,6 +271,7 @@ class _Run:
             "allreduce_exposed_s": max(hid),  # the slowest rank's wait for its buckets
             "mfu": self.flops_per_step / dt / self.peak_flops,
             "max_rss_mb": per_stage,  # peak resident memory, the largest replica per stage
+            "stash_mb": stash_per_stage,  # peak bytes held by saved activations, per stage
             "preempt": bool(signums),  # a rank got SIGTERM/SIGUSR1: all stop after this step
         }
         if me == 0:  # only rank 0 reports; the simulation is cheap but not free
