@@ -81,8 +81,10 @@ def main() -> int:
     args = p.parse_args()
     dtype = np.dtype(args.dtype)
     peak, bw = matmul_peak(dtype), copy_bandwidth(dtype)
-    print(f"micro-batch {B} x seq {T}, {dtype}; matmul peak {peak / 1e9:.1f} GFLOP/s, "
-          f"copy {bw / 1e9:.1f} GB/s (same run)")
+    print(
+        f"micro-batch {B} x seq {T}, {dtype}; matmul peak {peak / 1e9:.1f} GFLOP/s, "
+        f"copy {bw / 1e9:.1f} GB/s (same run)"
+    )
     print("| layer | width | ms (fwd+bwd) | achieved | of reference |")
     print("|---|---|---|---|---|")
     rows = []
@@ -91,10 +93,14 @@ def main() -> int:
         x = np.random.default_rng(0).normal(size=(B, T, c)).astype(dtype)
         tokens = np.random.default_rng(1).integers(0, V, size=(B, T))
         layers = {
-            "linear": (Linear(init, c, c), x), "attention": (Attention(init, c, c // HEAD), x),
-            "mlp": (MLP(init, c), x), "block": (Block(init, c, c // HEAD, 4), x),
-            "head": (Head(init, c, V), x), "layernorm": (LayerNorm(init, c), x),
-            "gelu": (GELU(), x), "embedding": (Embedding(init, V, c, T), tokens),
+            "linear": (Linear(init, c, c), x),
+            "attention": (Attention(init, c, c // HEAD), x),
+            "mlp": (MLP(init, c), x),
+            "block": (Block(init, c, c // HEAD, 4), x),
+            "head": (Head(init, c, V), x),
+            "layernorm": (LayerNorm(init, c), x),
+            "gelu": (GELU(), x),
+            "embedding": (Embedding(init, V, c, T), tokens),
         }
         for name, (layer, inp) in layers.items():
             t = best_time(step(layer, inp), args.repeats)
@@ -105,11 +111,15 @@ def main() -> int:
                 rate, ref, unit = flops(name, c) / t, peak, "GFLOP/s"
             rows.append((name, c, rate / ref))
             print(f"| {name} | {c} | {t * 1e3:.2f} | {rate / 1e9:.1f} {unit} | {rate / ref:.2f} |")
-    flop_bound = [r for r in rows if r[0] not in ("layernorm", "gelu", "embedding") and r[1] >= 512]
+    flop_bound = [
+        r for r in rows if r[0] not in ("layernorm", "gelu", "embedding") and r[1] >= 512
+    ]
     worst = min(flop_bound, key=lambda r: r[2]) if flop_bound else None
     if worst:
-        print(f"goal (d >= 512, FLOP-bound layers >= 0.50 of peak): worst {worst[0]} "
-              f"{worst[2]:.2f}: {'met' if worst[2] >= 0.5 else 'NOT met'}")
+        print(
+            f"goal (d >= 512, FLOP-bound layers >= 0.50 of peak): worst {worst[0]} "
+            f"{worst[2]:.2f}: {'met' if worst[2] >= 0.5 else 'NOT met'}"
+        )
     return 0
 
 

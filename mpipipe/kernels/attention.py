@@ -7,20 +7,32 @@ holds no weights and its backward is input-only.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from mpipipe.xp import Array, namespace_of
 
+_MASKS: dict[tuple[Any, int, Any], Array] = {}
+
+
+def causal_mask(xp: Any, t: int, dtype: Any) -> Array:
+    """(T, T): 0 on and below the diagonal, -inf above; built once per (backend, T, dtype)."""
+    key = (xp.__name__, t, str(dtype))
+    if key not in _MASKS:
+        _MASKS[key] = xp.triu(xp.full((t, t), -xp.inf, dtype=dtype), k=1)
+    return _MASKS[key]
+
 
 def attention_scores(q: Array, k: Array) -> Array:
-    """Causal softmax(q k^T / sqrt(D)): (B, H, T, D) x 2 -> (B, H, T, T)."""
+    """Causal softmax(q k^T / sqrt(D)): (B, H, T, D) x 2 -> (B, H, T, T), in place after the
+    product (one (B, H, T, T) array; adding the mask's exact zeros changes no other entry)."""
     xp = namespace_of(q)
     t, d = q.shape[2], q.shape[3]
-    pre = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))  # (B, H, T, T)
-    future = xp.triu(xp.ones((t, t), dtype=bool), k=1)  # (T, T) True above the diagonal
-    pre[..., future] = -xp.inf
-    pre -= pre.max(axis=-1, keepdims=True)
-    att = xp.exp(pre)  # (B, H, T, T)
-    att /= att.sum(axis=-1, keepdims=True)
+    att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
+    att *= 1.0 / math.sqrt(d)
+    att += causal_mask(xp, t, att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= xp.einsum("bhij->bhi", att)[..., None]  # row sums without a temporary
     return att
 
 
@@ -49,10 +61,16 @@ def attention_backward_input(dout: Array, cache: tuple[Array, ...]) -> Array:
     dy = dout.reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dy  # (B, H, T, D)
-    # softmax backward; masked entries have att == 0, so their gradient is 0 too
-    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, H, T, T)
-    dpre *= 1.0 / math.sqrt(d)
-    dq = dpre @ k  # (B, H, T, D)
-    dk = dpre.transpose(0, 1, 3, 2) @ q  # (B, H, T, D)
-    dqkv = xp.stack([dq, dk, dv])  # (3, B, H, T, D)
-    return dqkv.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * h * d)  # (B, T, 3C)
+    # softmax backward, in place in datt: dpre = att * (datt - sum(datt * att)); masked
+    # entries have att == 0, so their gradient is 0 too
+    row = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]  # (B, H, T, 1), no temporary
+    datt -= row
+    datt *= att
+    datt *= 1.0 / math.sqrt(d)
+    dpre = datt  # (B, H, T, T)
+    dqkv = xp.empty((b, t, 3, h, d), dtype=dout.dtype)  # (B, T, 3, H, D), the qkv layout
+    heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: products land in place
+    xp.matmul(dpre, k, out=heads[0])  # dq (B, H, T, D)
+    xp.matmul(dpre.transpose(0, 1, 3, 2), q, out=heads[1])  # dk (B, H, T, D)
+    heads[2][...] = dv
+    return dqkv.reshape(b, t, 3 * h * d)  # (B, T, 3C)
