@@ -114,6 +114,10 @@ def main() -> int:
         label = {"load": "load (cold cache)", "load warm": "load (warm cache)"}.get(op, op)
         print(f"| {label} | {mb / best[op]:.0f} | {mb / best[ref_op]:.0f} | {ratio:.2f} |")
     print(f"goal: save and cold load >= 0.8 of numpy: {'met' if ok else 'NOT met'}")
+    for op in ("save", "load"):
+        ratio = best["np." + op] / best[op]
+        cold = " (cold cache)" if op == "load" else ""
+        print(f"summary: checkpoint | {op} vs numpy.{op}{cold} | {ratio:.2f} | >= 0.8")
     return 0
 
 

@@ -120,6 +120,10 @@ def main() -> int:
             f"goal (d >= 512, FLOP-bound layers >= 0.50 of peak): worst {worst[0]} "
             f"{worst[2]:.2f}: {'met' if worst[2] >= 0.5 else 'NOT met'}"
         )
+        print(
+            f"summary: kernels | worst FLOP-bound layer at d >= 512 ({worst[0]}) vs matmul "
+            f"peak | {worst[2]:.2f} | >= 0.50"
+        )
     return 0
 
 

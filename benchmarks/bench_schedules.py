@@ -68,6 +68,10 @@ def main() -> int:
                 f"{ratio:5.3f} | {bubble:12.3f} | {later[0]['bubble_predicted']:11.3f} |"
             )
     print(f"worst ratio {worst:.3f} (goal <= 1.10): {'met' if worst <= 1.10 else 'NOT met'}")
+    print(
+        f"summary: schedules | worst measured / simulated step, emulated, 8 ranks | "
+        f"{worst:.3f} | <= 1.10"
+    )
     return 0
 
 

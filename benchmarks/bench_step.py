@@ -78,6 +78,10 @@ def main() -> int:
     print("|---|---|---|---|")
     print(f"| {step * 1e3:.1f} | {floor * 1e3:.1f} | {step / floor:.2f} | {tokens:.0f} |")
     print(f"goal step / floor <= 1.3: {'met' if step / floor <= 1.3 else 'NOT met'}")
+    print(
+        f"summary: step | 1-rank GPT step / math floor ({tokens:.0f} tokens/s) | "
+        f"{step / floor:.2f} | <= 1.3"
+    )
     return 0
 
 

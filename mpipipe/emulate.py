@@ -65,18 +65,25 @@ class EmulatedChunk:
         self.f, self.b, self.w = costs.of("F", k), costs.of("B", k), costs.of("W", k)
 
     def forward(self, x: Array) -> tuple[Array, Any]:
-        time.sleep(self.f)
+        _sleep(self.f)
         return self.out, None
 
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array | None, Any]:
-        time.sleep(self.b)
+        _sleep(self.b)
         return self.dx, None
 
     def backward_weight(self, wctx: Any, done: Any = None) -> None:
         for i in reversed(self.indices):  # per layer, so gradient buckets can start early
-            time.sleep(self.w / len(self.indices))
+            _sleep(self.w / len(self.indices))
             if done is not None:
                 done(i)
+
+
+def _sleep(seconds: float) -> None:
+    """time.sleep, but nothing for zero: even sleep(0) is a system call that costs tens of
+    microseconds on some machines."""
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 class _EmulatedLoss:
