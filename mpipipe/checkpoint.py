@@ -3,7 +3,8 @@
     DIR/latest                      text: the name of the newest complete checkpoint
     DIR/step_000100/manifest.json   config, step, layout, versions, each shard's sha256
     DIR/step_000100/model.h5        external links to every tensor: one file view
-    DIR/step_000100/shard_000.h5    /layers/{i}/{name}, /optim/{slot}/{i}/{name} (+ fletcher32)
+    DIR/step_000100/shard_000.h5    /layers/{i}/{name}, /optim/{slot}/{i}/{name}, each with the
+                                    sha256 of its bytes as an attribute
 
 Tensors are named by GLOBAL layer index, so any layout loads any checkpoint. A save writes into
 a hidden temporary directory, fsyncs every file, renames the directory into place, fsyncs its
@@ -20,6 +21,7 @@ import platform
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,7 @@ import numpy as np
 from mpipipe.errors import ConfigError
 from mpipipe.xp import to_numpy
 
-MAGIC, VERSION = "mpipipe-checkpoint", 1
-CHUNK_BYTES = 8 * 2**20  # HDF5 chunk (and fletcher32 block) size cap
+MAGIC, VERSION = "mpipipe-checkpoint", 2
 
 
 class CheckpointError(ConfigError):
@@ -83,31 +84,34 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
-    if not shape:
-        return None
-    rows = max(1, CHUNK_BYTES // max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64))))
-    return (min(shape[0], rows), *shape[1:])
-
-
 def _dataset_path(name: str) -> str:
     """'layers.3.attn.qkv.w' -> 'layers/3/attn/qkv/w'."""
     return name.replace(".", "/")
 
 
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(a).cast("B")).hexdigest()  # releases the GIL
+
+
 def write_shard(path: Path, tensors: dict[str, Any], attrs: dict[str, Any]) -> tuple[str, int]:
-    """Write {dataset path: array} with fletcher32 checksums per chunk and checksummed
-    metadata (the 1.8+ object formats, still readable by HDF5 1.10 tools); fsync while hashing
-    the file (sha256, for the manifest); return (sha256, bytes)."""
-    with h5py.File(path, "w", libver=("v108", "v110")) as f:  # 1.10 tools read it
-        f.attrs["magic"] = MAGIC
-        f.attrs["version"] = VERSION
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        for name, value in tensors.items():
-            a = np.ascontiguousarray(to_numpy(value))
-            chunks = _chunks(a.shape, a.itemsize)
-            f.create_dataset(name, data=a, chunks=chunks, fletcher32=chunks is not None)
+    """Write {dataset path: array}, each dataset carrying the sha256 of its bytes, with
+    checksummed metadata (the 1.8+ object formats, still readable by HDF5 1.10 tools); fsync
+    while hashing the file (for the manifest); return (file sha256, bytes).
+
+    The datasets' digests are computed on a thread pool while h5py writes (hashlib releases the
+    GIL), so checksumming costs little wall time."""
+    arrays = {name: np.ascontiguousarray(to_numpy(v)) for name, v in tensors.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        digests = {name: pool.submit(_sha256, a) for name, a in arrays.items()}
+        with h5py.File(path, "w", libver=("v108", "v110")) as f:  # 1.10 tools read it
+            f.attrs["magic"] = MAGIC
+            f.attrs["version"] = VERSION
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            for name, a in arrays.items():
+                f.create_dataset(name, data=a)
+            for name, digest in digests.items():
+                f[name].attrs["sha256"] = digest.result()
     flush = threading.Thread(target=_fsync, args=(path,))  # the disk works while we hash
     flush.start()
     digest = _digest(path)
@@ -298,13 +302,15 @@ def verify_shard(step_dir: Path, entry: dict[str, Any]) -> str | None:
 
 
 def _bad_dataset(path: Path) -> str | None:
+    """The first dataset whose bytes do not match its sha256 attribute (or cannot be read)."""
     try:
         with h5py.File(path, "r") as f:
             names: list[str] = []
             f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
             for n in names:
                 try:
-                    f[n][...]
+                    if _sha256(np.ascontiguousarray(f[n][...])) != f[n].attrs.get("sha256"):
+                        return n
                 except OSError:
                     return n
     except OSError as e:
@@ -341,16 +347,27 @@ def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
                 "(truncated or replaced): use an older checkpoint, e.g. --resume DIR/step_N"
             )
     slots = opt.state_dict()[1] if opt is not None else {}
-    for file in needed:
-        with _open(step_dir / file) as f:
-            for i in stage.layer_params:
-                if owner[i]["file"] != file:
-                    continue
-                for name in stage.layer_params[i]:
-                    _read_into(f, _dataset_path(name), stage.params[name], step_dir / file)
-                    for slot, arrays in slots.items():
-                        path = f"optim/{slot}/" + _dataset_path(name)[len("layers/") :]
-                        _read_into(f, path, arrays[name], step_dir / file)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # hash each tensor while the next is read
+        checks = []
+        for file in needed:
+            with _open(step_dir / file) as f:
+                for i in stage.layer_params:
+                    if owner[i]["file"] != file:
+                        continue
+                    for name in stage.layer_params[i]:
+                        targets = [(_dataset_path(name), stage.params[name])]
+                        for slot, arrays in slots.items():
+                            path = f"optim/{slot}/" + _dataset_path(name)[len("layers/") :]
+                            targets.append((path, arrays[name]))
+                        for path, target in targets:
+                            expected, read = _read_into(f, path, target, step_dir / file)
+                            checks.append((file, path, expected, pool.submit(_sha256, read)))
+        for file, path, expected, digest in checks:
+            if digest.result() != expected:
+                raise CheckpointError(
+                    f"{step_dir / file}: dataset {path} does not match its sha256 (corrupted); "
+                    "use an older checkpoint, e.g. --resume DIR/step_N"
+                )
     if opt is not None:
         from mpipipe.optim import load_state
 
@@ -377,9 +394,9 @@ def _prefetch(path: Path) -> None:
             os.close(fd)
 
 
-def _read_into(f: h5py.File, path: str, target: Any, file: Path) -> None:
-    """Read one dataset into `target` in place; HDF5 checks each chunk's fletcher32 (and the
-    metadata's checksums) on the way, so damage is named here, by file and dataset."""
+def _read_into(f: h5py.File, path: str, target: Any, file: Path) -> tuple[str, np.ndarray]:
+    """Read one dataset into `target` in place (HDF5 checks the metadata's checksums on the
+    way); return its recorded sha256 and the host array that holds the bytes read."""
     try:
         if path not in f:
             raise CheckpointError(
@@ -391,18 +408,18 @@ def _read_into(f: h5py.File, path: str, target: Any, file: Path) -> None:
                 f"{file}: dataset {path} has shape {ds.shape}, the model needs {target.shape} "
                 "(pass the model flags the checkpoint was trained with)"
             )
-        if (
-            isinstance(target, np.ndarray)
-            and target.dtype == ds.dtype
-            and target.flags.c_contiguous
-        ):
+        expected = str(ds.attrs.get("sha256", ""))
+        direct = isinstance(target, np.ndarray) and target.dtype == ds.dtype
+        if direct and target.flags.c_contiguous:
             ds.read_direct(target)
-        else:
-            target[...] = ds[...]  # another dtype or device: cast and copy
+            return expected, target
+        value = ds[...]
+        target[...] = value  # another dtype or device: cast and copy
+        return expected, value
     except OSError as e:
         raise CheckpointError(
-            f"{file}: dataset {path} fails its checksum or cannot be read ({e}); the checkpoint "
-            "is damaged: use an older one, e.g. --resume DIR/step_N"
+            f"{file}: dataset {path} cannot be read ({e}); the checkpoint is damaged: use an "
+            "older one, e.g. --resume DIR/step_N"
         ) from None
 
 
