@@ -16,6 +16,9 @@ Checkpoints and resuming:
     mpiexec -n 2 python -m mpipipe eval --resume ckpt
     python -m mpipipe generate --resume ckpt --prompt "def " --tokens 200
 
+What the machine offers (MPI library, CUDA-aware verdict, GPUs per rank):
+    mpiexec -n 2 python -m mpipipe doctor
+
 Inspect a schedule (no MPI needed):
     python -m mpipipe schedule --schedule 1f1b --pp 4 --microbatches 8
     python -m mpipipe schedule --file my_schedule.txt
@@ -170,9 +173,12 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     from mpipipe.schedule.render import summary, timeline
 
     job = finalize(agree(comm, lambda: prepare(cfg, comm.Get_size())), comm)
+    from mpipipe.trainer import placement as place
+
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
-        layout, placement = grid.layout(), grid.placement("cpu")
+        device = agree(grid.world, lambda: place(job, grid))
+        layout, placement = grid.layout(), grid.placement(device)
     finally:
         grid.free()
     if comm.Get_rank() != 0:
@@ -245,6 +251,46 @@ def cmd_ckpt(argv: list[str]) -> int:
     return 0
 
 
+def cmd_doctor(argv: list[str]) -> int:
+    """python -m mpipipe doctor [--cuda-aware auto|yes|no]: the MPI library and version, the
+    CUDA-aware verdict and why, the backend, and the GPUs each rank sees and would use."""
+    from mpi4py import MPI
+
+    from mpipipe.parallel.cuda_aware import verdict
+    from mpipipe.parallel.grid import Grid
+    from mpipipe.xp import gpu_count, pick_device, resolve_backend
+
+    p = _Parser(prog="mpipipe doctor", description="What this machine and MPI offer mpipipe.")
+    p.add_argument("--cuda-aware", default="auto", choices=("auto", "yes", "no"))
+    p.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))
+    a = p.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    grid = Grid.create(comm)
+    backend, why_backend = resolve_backend(a.backend)
+    aware, why = verdict(a.cuda_aware)
+    n = gpu_count()
+    try:
+        device = f"cuda:{pick_device(grid.local_rank, grid.local_size, n, False)}" if n else "cpu"
+    except ValueError as e:
+        device = f"none ({e})"
+    rows = grid.world.gather(
+        (grid.world.Get_rank(), MPI.Get_processor_name(), grid.local_rank, n, device), root=0
+    )
+    grid.free()
+    if comm.Get_rank() == 0:
+        version = MPI.Get_library_version().strip().splitlines()[0]
+        print(
+            f"MPI library: {version} (standard {'.'.join(map(str, MPI.Get_version()))}, "
+            f"mpi4py thread level {MPI.Query_thread()})"
+        )
+        print(f"CUDA-aware: {'yes' if aware else 'no'}: {why}")
+        print(f"backend: {backend} ({why_backend})")
+        print("rank  host              local  GPUs  device")
+        for rank, host, local, gpus, dev in rows:
+            print(f"{rank:>4}  {host:<16}  {local:>5}  {gpus:>4}  {dev}")
+    return 0
+
+
 def cmd_study(argv: list[str]) -> int:
     from mpipipe.study import main as study
 
@@ -258,6 +304,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "ckpt": cmd_ckpt,
+    "doctor": cmd_doctor,
 }
 
 

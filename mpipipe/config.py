@@ -86,6 +86,19 @@ class TrainConfig:
     clip: float = _opt(1.0, "clip gradients to this global norm (0: off)")
     seed: int = _opt(1234, "seed for initialisation and data order")
     dtype: str = _opt("float32", "parameter and compute dtype", choices=DTYPES)
+    backend: str = _opt(
+        "auto",
+        "array backend: auto (CuPy when a GPU is visible), numpy, cupy",
+        choices=("auto", "numpy", "cupy"),
+    )
+    cuda_aware: str = _opt(
+        "auto",
+        "pass GPU buffers to MPI directly: auto (ask the MPI library), yes, no",
+        choices=("auto", "yes", "no"),
+    )
+    share_gpus: str = _opt(
+        "no", "allow more ranks than GPUs on a node (they share GPUs)", choices=("no", "yes")
+    )
     log_every: int = _opt(10, "print a log line every N steps")
     eval_every: int = _opt(100, "evaluate on held-out data every N steps (0: only at the end)")
     eval_batches: int = _opt(4, "held-out batches per evaluation")

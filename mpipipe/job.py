@@ -22,7 +22,7 @@ from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
 from mpipipe.partition import split, uniform
 from mpipipe.profile import layer_times
-from mpipipe.xp import dtype_of
+from mpipipe.xp import dtype_of, get, resolve_backend
 
 T = TypeVar("T")
 
@@ -43,6 +43,7 @@ class Job:
     emulation: Emulation | None = None
     emulated: schedule.Costs | None = None  # seconds per action and virtual stage, if emulated
     bounds: list[range] = field(default_factory=list)  # global layers of each virtual stage
+    backend: str = "numpy"  # resolved from --backend
     layer_costs: list[float] | None = None  # what the partition balanced (params or seconds)
 
 
@@ -87,7 +88,23 @@ def prepare(
         dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
     if hasattr(dataset, "check"):
         dataset.check()
-    job = Job(cfg, model, plan, schedule.check(plan), dataset, emulation, None, bounds, costs)
+    try:
+        backend, _ = resolve_backend(cfg.backend)
+        get(backend)  # CuPy importable, when asked for
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+    job = Job(
+        cfg,
+        model,
+        plan,
+        schedule.check(plan),
+        dataset,
+        emulation,
+        None,
+        bounds,
+        backend=backend,
+        layer_costs=costs,
+    )
     _simulate(job)
     return job
 

@@ -26,6 +26,7 @@ from mpi4py import MPI
 from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
 from mpipipe.emulate import emulated_stage
+from mpipipe.errors import ConfigError
 from mpipipe.job import Job, agree, describe, finalize, prepare
 from mpipipe.metrics import (
     MetricsFile,
@@ -41,7 +42,7 @@ from mpipipe.parallel.p2p import P2P
 from mpipipe.runtime import Executor, MicroBatches, Stage
 from mpipipe.trace import Tracer
 from mpipipe.watchdog import Watchdog
-from mpipipe.xp import dtype_of, get, to_numpy
+from mpipipe.xp import dtype_of, get, gpu_count, pick_device, to_numpy, use_device
 
 
 @dataclass
@@ -75,17 +76,44 @@ def train(
     job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
     job = finalize(job, comm)
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+    agree(grid.world, lambda: placement(job, grid))  # e.g. more ranks than GPUs on a node
     try:
         return _Run(job, grid, out).loop()
     finally:
         grid.free()
 
 
+def placement(job: Job, grid: Grid) -> str:
+    """Choose and select this rank's device from its node-local rank: 'cpu' or 'cuda:N'."""
+    if job.backend != "cupy":
+        return "cpu"
+    try:
+        index = pick_device(
+            grid.local_rank, grid.local_size, gpu_count(), job.cfg.share_gpus == "yes"
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    use_device(index)  # pragma: no cover - needs a GPU
+    return f"cuda:{index}"  # pragma: no cover
+
+
+def transport(job: Job, comm: MPI.Comm) -> P2P:
+    """Plain P2P for host arrays; for GPU arrays, direct when MPI is CUDA-aware, else staged
+    through pinned host buffers."""
+    if job.backend != "cupy":
+        return P2P(comm)
+    from mpipipe.parallel.cuda_aware import verdict  # pragma: no cover - needs a GPU
+    from mpipipe.parallel.staging import AwareP2P, CupyOps, StagedP2P
+
+    aware, _ = verdict(job.cfg.cuda_aware)
+    return (AwareP2P if aware else StagedP2P)(comm, CupyOps())
+
+
 class _Run:
     def __init__(self, job: Job, grid: Grid, out: Any) -> None:
         self.job, self.cfg, self.grid, self.out = job, job.cfg, grid, out
         self.rank = grid.stage_rank  # my rank within my pipeline
-        self.xp = get("numpy")
+        self.xp, self.device = get(job.backend), placement(job, grid)
         self.dtype = dtype_of(self.cfg.dtype)
         plan, b, cfg = job.plan, self.cfg.micro_batch, self.cfg
         self.stage = Stage(
@@ -93,7 +121,7 @@ class _Run:
         )
         if job.emulated:
             emulated_stage(self.stage, job.model, job.emulated, b, self.dtype, self.xp)
-        self.p2p = P2P(grid.pp_comm)
+        self.p2p = transport(job, grid.pp_comm)
         self.reducer = None
         if grid.dp > 1:
             self.reducer = GradReducer(

@@ -21,6 +21,48 @@ except Exception:  # ImportError, or a CUDA runtime that fails to load
 BACKENDS = ("numpy", "cupy")
 
 
+def gpu_count() -> int:
+    """GPUs CuPy can see (0 without CuPy or without a working CUDA runtime)."""
+    if _cupy is None:
+        return 0
+    try:  # pragma: no cover - needs a GPU
+        return int(_cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def resolve_backend(name: str) -> tuple[str, str]:
+    """('numpy' | 'cupy', why) for --backend auto|numpy|cupy."""
+    if name == "auto":
+        n = gpu_count()
+        if n:
+            return "cupy", f"auto: CuPy sees {n} GPU(s)"  # pragma: no cover
+        why = "CuPy is not installed" if _cupy is None else "CuPy sees no GPU"
+        return "numpy", f"auto: {why}"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (choose auto, numpy or cupy)")
+    return name, f"--backend {name}"
+
+
+def pick_device(local_rank: int, local_size: int, n_devices: int, shared: bool) -> int:
+    """The GPU of a rank: its node-local rank modulo the GPUs visible. More ranks than GPUs on a
+    node is an error unless sharing was asked for (--share-gpus yes)."""
+    if n_devices < 1:
+        raise ValueError("--backend cupy but no GPU is visible on this node")
+    if local_size > n_devices and not shared:
+        raise ValueError(
+            f"{local_size} ranks on this node but {n_devices} GPU(s): launch at most "
+            f"{n_devices} ranks per node, or pass --share-gpus yes to put several on one GPU"
+        )
+    return local_rank % n_devices
+
+
+def use_device(index: int) -> None:  # pragma: no cover - needs a GPU
+    """Make GPU `index` current for this process (CuPy allocations and kernels)."""
+    assert _cupy is not None
+    _cupy.cuda.Device(index).use()
+
+
 def get(backend: str = "numpy") -> ModuleType:
     """Return the array module for `backend` ('numpy' or 'cupy')."""
     if backend == "numpy":
