@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from mpipipe.study import find_mpiexec
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def mpiexec() -> str:
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
+    found = find_mpiexec()
     if not found:
         sys.exit("no mpiexec: pip install -e '.[mpi]'")
     return found

@@ -42,11 +42,16 @@ COLUMNS = [
 ]
 
 
+def find_mpiexec() -> str | None:
+    """The mpiexec beside this Python (the `mpich` wheel puts it there), else on PATH."""
+    local = Path(sys.executable).parent / "mpiexec"
+    return str(local) if local.exists() else shutil.which("mpiexec")
+
+
 def launcher(kind: str, n: int) -> list[str]:
     if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
         return ["srun", "-n", str(n)]
-    local = Path(sys.executable).parent / "mpiexec"
-    exe = str(local) if local.exists() else shutil.which("mpiexec")
+    exe = find_mpiexec()
     if not exe:
         raise ConfigError("study: no mpiexec found (pip install 'mpipipe[mpi]', or run in SLURM)")
     return [exe, "-n", str(n)]

@@ -8,7 +8,6 @@ launcher and all ranks, and the test fails with the output so far instead of fre
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from mpipipe.study import find_mpiexec
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# a model and batch small enough for many launches; later flags on a command line win
+TINY = (
+    "--layers 4 --d-model 32 --heads 2 --seq-len 16 --global-batch 8 --microbatches 4 "
+    "--eval-batches 1"
+).split()
 
 
 def mpiexec() -> str:
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
+    found = find_mpiexec()
     if not found:
         pytest.fail("no mpiexec: install the MPI runtime (pip install -e '.[mpi,test]')")
     return found

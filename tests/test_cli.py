@@ -11,22 +11,7 @@ import pytest
 
 from tests import mpirun
 
-SMALL = [
-    "--layers",
-    "4",
-    "--d-model",
-    "32",
-    "--heads",
-    "2",
-    "--seq-len",
-    "16",
-    "--global-batch",
-    "8",
-    "--microbatches",
-    "4",
-    "--eval-batches",
-    "1",
-]
+SMALL = mpirun.TINY
 
 
 @pytest.fixture(scope="module")

@@ -136,33 +136,9 @@ def test_scaling_study_with_emulated_compute(tmp_path, mode):
 
 def test_trace_spans_match_the_schedule(tmp_path):
     trace = tmp_path / "t.json"
+    flags = ["--global-batch", "16", "--pp", "2", "--steps", "4", "--schedule", "zb-h1"]
     r = mpirun.train(
-        4,
-        "--layers",
-        "4",
-        "--d-model",
-        "32",
-        "--heads",
-        "2",
-        "--seq-len",
-        "16",
-        "--global-batch",
-        "16",
-        "--microbatches",
-        "4",
-        "--pp",
-        "2",
-        "--steps",
-        "4",
-        "--eval-batches",
-        "1",
-        "--schedule",
-        "zb-h1",
-        "--trace",
-        str(trace),
-        "--trace-steps",
-        "2",
-        timeout=120,
+        4, *mpirun.TINY, *flags, "--trace", str(trace), "--trace-steps", "2", timeout=120
     )
     assert r.returncode == 0, r.output
     events = json.loads(trace.read_text())["traceEvents"]
@@ -192,25 +168,8 @@ def test_trace_spans_match_the_schedule(tmp_path):
 
 
 def test_watchdog_names_the_stalled_rank_and_ends_the_job():
-    r = mpirun.train(
-        2,
-        "--layers",
-        "4",
-        "--d-model",
-        "32",
-        "--heads",
-        "2",
-        "--seq-len",
-        "16",
-        "--global-batch",
-        "8",
-        "--steps",
-        "50",
-        "--timeout-s",
-        "4",
-        timeout=60,
-        MPIPIPE_STALL="1:2",
-    )
+    flags = [*mpirun.TINY, "--steps", "50", "--timeout-s", "4"]
+    r = mpirun.train(2, *flags, timeout=60, MPIPIPE_STALL="1:2")
     assert r.returncode != 0
     assert r.seconds < 30
     lines = [ln for ln in r.stderr.splitlines() if "mpipipe: watchdog:" in ln]
