@@ -27,8 +27,7 @@ def attention_scores(q: Array, k: Array) -> Array:
     product (one (B, H, T, T) array; adding the mask's exact zeros changes no other entry)."""
     xp = namespace_of(q)
     t, d = q.shape[2], q.shape[3]
-    att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
-    att *= 1.0 / math.sqrt(d)
+    att = (q * (1.0 / math.sqrt(d))) @ k.transpose(0, 1, 3, 2)  # (B, H, T, T), scale on q
     att += causal_mask(xp, t, att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
@@ -66,11 +65,12 @@ def attention_backward_input(dout: Array, cache: tuple[Array, ...]) -> Array:
     row = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]  # (B, H, T, 1), no temporary
     datt -= row
     datt *= att
-    datt *= 1.0 / math.sqrt(d)
-    dpre = datt  # (B, H, T, T)
+    dpre = datt  # (B, H, T, T), gradient of the scaled scores (q / sqrt(D)) k^T
+    scale = 1.0 / math.sqrt(d)
     dqkv = xp.empty((b, t, 3, h, d), dtype=dout.dtype)  # (B, T, 3, H, D), the qkv layout
     heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: products land in place
-    xp.matmul(dpre, k, out=heads[0])  # dq (B, H, T, D)
-    xp.matmul(dpre.transpose(0, 1, 3, 2), q, out=heads[1])  # dk (B, H, T, D)
+    xp.matmul(dpre, k, out=heads[0])  # dq (B, H, T, D), before the scale
+    heads[0] *= scale  # on (B, H, T, D), not on the (B, H, T, T) scores
+    xp.matmul(dpre.transpose(0, 1, 3, 2), q * scale, out=heads[1])  # dk (B, H, T, D)
     heads[2][...] = dv
     return dqkv.reshape(b, t, 3 * h * d)  # (B, T, 3C)
