@@ -152,7 +152,9 @@ def save(
             tmp / name, tensors, {"pipeline_rank": grid.stage_rank, "step": step}
         )
         layers = sorted(stage.layer_params)
+        scalars = opt.scalars() if hasattr(opt, "scalars") else {}
         entry = {
+            "scalars": scalars,
             "file": name,
             "sha256": sha,
             "bytes": size,
@@ -220,7 +222,11 @@ def _write_manifest(tmp: Path, step: int, shards: list[dict], job: Any, grid: An
             "note": "batches are a pure function of (seed, split, step)",
         },
         "rng": {"init": "default_rng([seed, global layer index])", "state": "none needed"},
-        "optimizer": {"name": cfg.optimizer, "t": max(s["t"] for s in shards)},
+        "optimizer": {
+            "name": cfg.optimizer,
+            "t": max(s["t"] for s in shards),
+            "scalars": shards[0]["scalars"],
+        },
         "versions": {
             "mpipipe": __version__,
             "python": platform.python_version(),
@@ -371,7 +377,7 @@ def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
     if opt is not None:
         from mpipipe.optim import load_state
 
-        load_state(opt, int(m["optimizer"]["t"]))
+        load_state(opt, int(m["optimizer"]["t"]), m["optimizer"].get("scalars"))
     return int(m["step"])
 
 

@@ -21,7 +21,7 @@ else:  # pragma: no cover
 
 MODELS = ("gpt", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "fp32", "fp16", "bf16")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's word
@@ -85,7 +85,13 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum")
     clip: float = _opt(1.0, "clip gradients to this global norm (0: off)")
     seed: int = _opt(1234, "seed for initialisation and data order")
-    dtype: str = _opt("float32", "parameter and compute dtype", choices=DTYPES)
+    dtype: str = _opt(
+        "float32",
+        "compute dtype: float32 (= fp32), float64, fp16 (fp32 master weights and optimizer "
+        "state, dynamic loss scaling, activations sent in fp16)",
+        choices=DTYPES,
+    )
+    loss_scale: float = _opt(2.0**15, "fp16: the initial loss scale (dynamic)")
     backend: str = _opt(
         "auto",
         "array backend: auto (CuPy when a GPU is visible), numpy, cupy",
@@ -153,7 +159,16 @@ class TrainConfig:
                 f"unknown optimizer {self.optimizer!r} (choose one of: {', '.join(OPTIMIZERS)})"
             )
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype} is not supported (choose float32 or float64)")
+            raise ConfigError(
+                f"--dtype {self.dtype} is not supported (choose one of {', '.join(DTYPES)})"
+            )
+        if self.dtype == "bf16":
+            raise ConfigError(
+                "--dtype bf16: neither NumPy nor CuPy has a bfloat16 array type "
+                "(use --dtype fp16, or float32)"
+            )
+        if self.dtype == "fp32":
+            return self.replace(dtype="float32").validate()
         if self.global_batch % self.microbatches:
             divisors = [d for d in range(1, self.global_batch + 1) if self.global_batch % d == 0]
             near = min(divisors, key=lambda d: abs(d - self.microbatches))

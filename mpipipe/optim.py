@@ -79,14 +79,78 @@ class AdamW:
             p -= (lr / c1) * m / ((v / c2) ** 0.5 + self.eps)
 
 
-def load_state(opt: SGD | AdamW, t: int) -> None:
-    """Restore the step count (the slot arrays are filled in place by the caller)."""
-    if isinstance(opt, AdamW):
+class MixedPrecision:
+    """fp16 training: the stage computes in fp16, this keeps fp32 master weights and runs the
+    optimizer on them, with dynamic loss scaling.
+
+    The loss gradient is multiplied by `scale` so small fp16 gradients do not flush to zero;
+    a step whose gradients overflowed (a non-finite norm) is skipped and the scale halved; after
+    `interval` good steps in a row the scale doubles. The fp16 weights are refreshed from the
+    masters after every step."""
+
+    def __init__(
+        self,
+        params: dict[str, Array],
+        make_inner: Any,
+        scale: float = 2.0**15,
+        interval: int = 1000,
+    ) -> None:
+        self.params = params
+        self.master = {k: v.astype("float32") for k, v in params.items()}
+        self.grads32 = {k: v * 0 for k, v in self.master.items()}
+        self.inner = make_inner(self.master)
+        self.scale, self.interval = scale, interval
+        self.good, self.skipped = 0, 0
+
+    def update_scale(self, finite: bool) -> None:
+        if not finite:
+            self.scale /= 2.0
+            self.good = 0
+            self.skipped += 1
+            return
+        self.good += 1
+        if self.good >= self.interval:
+            self.scale *= 2.0
+            self.good = 0
+
+    def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
+        """Step the masters with grads * factor / scale (factor: gradient clipping)."""
+        for k, g in grads.items():
+            g32 = self.grads32[k]
+            g32[...] = g  # fp16 -> fp32
+            g32 *= factor / self.scale
+        self.inner.step(self.grads32, lr)
+        for k, p in self.params.items():
+            p[...] = self.master[k]  # fp32 -> fp16
+
+    def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
+        t, slots = self.inner.state_dict()
+        return t, {"master": self.master, **slots}
+
+    def scalars(self) -> dict[str, float]:
+        return {"loss_scale": self.scale, "good_steps": self.good, "skipped": self.skipped}
+
+
+def load_state(opt: Any, t: int, scalars: dict[str, float] | None = None) -> None:
+    """Restore the step count and scalars (the slot arrays are filled in place by the caller)."""
+    if isinstance(opt, MixedPrecision):
+        load_state(opt.inner, t)
+        for k, p in opt.params.items():
+            p[...] = opt.master[k]
+        if scalars:
+            opt.scale = float(scalars.get("loss_scale", opt.scale))
+            opt.good = int(scalars.get("good_steps", 0))
+            opt.skipped = int(scalars.get("skipped", 0))
+    elif isinstance(opt, AdamW):
         opt.t = t
 
 
-def make(name: str, params: dict[str, Array], cfg: Any) -> SGD | AdamW:
+def make(name: str, params: dict[str, Array], cfg: Any) -> Any:
+    if cfg.dtype == "fp16":  # fp32 masters and loss scaling around the same optimizer
+        inner = cfg.replace(dtype="float32")
+        return MixedPrecision(params, lambda master: make(name, master, inner), cfg.loss_scale)
     if name == "adamw":
+        return AdamW(params, weight_decay=cfg.weight_decay)
         return AdamW(params, weight_decay=cfg.weight_decay)
     if name == "sgd":
         return SGD(params, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

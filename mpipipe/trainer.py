@@ -127,7 +127,8 @@ class _Run:
             self.reducer = GradReducer(
                 self.stage, grid.dp_comm, int(cfg.bucket_mb * 2**20), cfg.overlap == "on"
             )
-        scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
+        self.loss_scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
+        scale = self.loss_scale
         self.train_exec = Executor(
             schedule.lower(plan), self.rank, self.stage, job.model, self.p2p, b, self.dtype,
             self.xp, scale,
@@ -241,6 +242,9 @@ class _Run:
         batch = self.micro_batches(step, "train")
         self.stage.zero_grad()
         ex = self.train_exec
+        mixed = isinstance(self.opt, optim.MixedPrecision)
+        scale = self.opt.scale if mixed else 1.0  # fp16: the dynamic loss scale
+        ex.loss_scale = self.loss_scale * scale
         losses = ex.run(batch)
         t_backward = clock()
         if self.reducer is not None:
@@ -268,14 +272,19 @@ class _Run:
         if signums and not self.preemption.name:  # another rank was signalled
             self.preemption.name = signal.Signals(signums[0]).name
         span = max(wall)  # the pipeline's step: the slowest rank's run
-        norm = math.sqrt(math.fsum(per_layer))
+        norm = math.sqrt(math.fsum(per_layer)) / scale
         factor = optim.clip_factor(norm, cfg.clip)
-        if factor < 1.0:
-            for g in self.stage.grads.values():
-                g *= factor
         lr = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         wd.beat("the optimizer step")
-        self.opt.step(self.stage.grads, lr)
+        if mixed:  # fp32 masters; an overflowed step is skipped and the scale halved
+            if math.isfinite(norm):
+                self.opt.step(self.stage.grads, lr, factor)
+            self.opt.update_scale(math.isfinite(norm))
+        else:
+            if factor < 1.0:
+                for g in self.stage.grads.values():
+                    g *= factor
+            self.opt.step(self.stage.grads, lr)
         t_end = clock()
         if self.tracer.wants(step):
             self.trace_step(step, t_backward, t_reduced, t_sum, t_summed, t_end)
@@ -302,6 +311,8 @@ class _Run:
             "stash_mb": stash_per_stage,  # peak bytes held by saved activations, per stage
             "preempt": bool(signums),  # a rank got SIGTERM/SIGUSR1: all stop after this step
         }
+        if mixed:
+            rec["loss_scale"], rec["skipped_steps"] = scale, self.opt.skipped
         if me == 0:  # only rank 0 reports; the simulation is cheap but not free
             report = self.predicted(costs)
             rec["bubble_predicted"] = report.bubble

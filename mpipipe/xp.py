@@ -100,7 +100,8 @@ def scatter_add(target: Array, index: Array, values: Array) -> None:
 
 
 def dtype_of(name: str) -> numpy.dtype:
-    """NumPy dtype for a config name: 'float32' | 'float64'."""
-    if name not in ("float32", "float64"):
-        raise ValueError(f"--dtype {name} is not supported (choose float32 or float64)")
-    return numpy.dtype(name)
+    """The compute dtype for a config name: float32 | float64 | fp16 (computes in float16)."""
+    names = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp16": "float16"}
+    if name not in names:
+        raise ValueError(f"--dtype {name} is not supported (choose float32, float64 or fp16)")
+    return numpy.dtype(names[name])

@@ -15,6 +15,8 @@ def cross_entropy_forward_backward(
     xp = namespace_of(logits)
     v = logits.shape[-1]
     z = logits.reshape(-1, v)  # (N, V)
+    if z.dtype.itemsize < 4:  # half precision: the softmax and the loss in fp32
+        z = z.astype("float32")
     y = targets.reshape(-1)  # (N,)
     n = z.shape[0]
     shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
@@ -25,14 +27,14 @@ def cross_entropy_forward_backward(
     probs /= sums  # softmax, in place
     probs[rows, y] -= 1.0
     probs *= scale / n
-    return loss, probs.reshape(logits.shape)
+    return loss, probs.reshape(logits.shape).astype(logits.dtype, copy=False)
 
 
 def cross_entropy_forward(logits: Array, targets: Array) -> float:
     """Mean loss only (evaluation)."""
     xp = namespace_of(logits)
     v = logits.shape[-1]
-    z = logits.reshape(-1, v)  # (N, V)
+    z = logits.reshape(-1, v).astype("float32" if logits.dtype.itemsize < 4 else logits.dtype)
     y = targets.reshape(-1)  # (N,)
     shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
     lse = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
