@@ -173,7 +173,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     from mpipipe.schedule.render import summary, timeline
 
     job = finalize(agree(comm, lambda: prepare(cfg, comm.Get_size())), comm)
-    from mpipipe.trainer import placement as place
+    from mpipipe.devices import placement as place
 
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:

@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +24,8 @@ from mpi4py import MPI
 
 from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
+from mpipipe.devices import placement, transport
 from mpipipe.emulate import emulated_stage
-from mpipipe.errors import ConfigError
 from mpipipe.job import Job, agree, describe, finalize, prepare
 from mpipipe.metrics import (
     MetricsFile,
@@ -38,11 +37,11 @@ from mpipipe.metrics import (
 from mpipipe.model import Model
 from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
-from mpipipe.parallel.p2p import P2P
+from mpipipe.preemption import Preemption
 from mpipipe.runtime import Executor, MicroBatches, Stage
 from mpipipe.trace import Tracer
 from mpipipe.watchdog import Watchdog
-from mpipipe.xp import dtype_of, get, gpu_count, pick_device, to_numpy, use_device
+from mpipipe.xp import dtype_of, get, to_numpy
 
 
 @dataclass
@@ -83,32 +82,6 @@ def train(
         grid.free()
 
 
-def placement(job: Job, grid: Grid) -> str:
-    """Choose and select this rank's device from its node-local rank: 'cpu' or 'cuda:N'."""
-    if job.backend != "cupy":
-        return "cpu"
-    try:
-        index = pick_device(
-            grid.local_rank, grid.local_size, gpu_count(), job.cfg.share_gpus == "yes"
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    use_device(index)  # pragma: no cover - needs a GPU
-    return f"cuda:{index}"  # pragma: no cover
-
-
-def transport(job: Job, comm: MPI.Comm) -> P2P:
-    """Plain P2P for host arrays; for GPU arrays, direct when MPI is CUDA-aware, else staged
-    through pinned host buffers."""
-    if job.backend != "cupy":
-        return P2P(comm)
-    from mpipipe.parallel.cuda_aware import verdict  # pragma: no cover - needs a GPU
-    from mpipipe.parallel.staging import AwareP2P, CupyOps, StagedP2P
-
-    aware, _ = verdict(job.cfg.cuda_aware)
-    return (AwareP2P if aware else StagedP2P)(comm, CupyOps())
-
-
 class _Run:
     def __init__(self, job: Job, grid: Grid, out: Any) -> None:
         self.job, self.cfg, self.grid, self.out = job, job.cfg, grid, out
@@ -146,7 +119,7 @@ class _Run:
         self.last = plan.n_stages - 1 in self.stage.ids
         self.fault = _rank_step_from_env("MPIPIPE_FAULT")
         self.stall = _rank_step_from_env("MPIPIPE_STALL")
-        self.preemption = _Preemption()
+        self.preemption = Preemption()
         world = grid.world
         self.layout = grid.layout()
         self.watchdog = Watchdog(cfg.timeout_s, world.Get_rank(), world.Abort)
@@ -367,7 +340,7 @@ class _Run:
         result = TrainResult(cfg)
         t_start = time.perf_counter()
         saved = start if cfg.resume else -1
-        with _Preemption() as preemption:
+        with Preemption() as preemption:
             self.preemption = preemption
             try:
                 for step in range(start, cfg.steps):
@@ -412,32 +385,6 @@ class _Run:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
         result.params = {k: to_numpy(v).copy() for k, v in self.stage.params.items()}
         return result
-
-
-class _Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM sends before the time limit) set a flag; the step's grid-
-    wide all-reduce spreads it, so every rank finishes the same step, saves and stops."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.signum = 0
-        self.previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.signum, self.name = signum, signal.Signals(signum).name
-
-    def __enter__(self) -> _Preemption:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name)
-                self.previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def summary_line(result: TrainResult, wall: float) -> str:
