@@ -100,10 +100,11 @@ def test_any_layout_loads_any_checkpoint(tmp_path):
         assert_same(tensors(d / "step_000006"), want, rel)
 
 
-def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, ranks):
     d, ref = tmp_path / "ck", tmp_path / "ref"
     r = mpirun.train(
-        2,
+        ranks,
         *SMALL,
         "--steps",
         "6",
@@ -119,9 +120,9 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert not (d / "step_000004").exists() and list(d.glob(".tmp-step_000004-*"))
     v = mpirun.run(["-m", "mpipipe", "ckpt", "verify", str(d)], timeout=60)
     assert v.returncode == 0 and "step_000002: OK" in v.stdout, v.output
-    run(2, "--steps", "6", "--save-every", "2", "--checkpoint-dir", str(d), "--resume", "auto")
+    run(ranks, "--steps", "6", "--save-every", "2", "--checkpoint-dir", str(d), "--resume", "auto")
     assert not list(d.glob(".tmp-step_*"))  # the next complete save cleaned up the leftover
-    run(2, "--steps", "6", "--checkpoint-dir", str(ref))
+    run(ranks, "--steps", "6", "--checkpoint-dir", str(ref))
     assert_same(tensors(d / "step_000006"), tensors(ref / "step_000006"))
 
 
@@ -288,13 +289,13 @@ def _ranks_of(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
-def test_preemption_saves_and_exits_zero(tmp_path, sig):
+@pytest.mark.parametrize("sig, ranks", [("SIGTERM", 2), ("SIGUSR1", 4)])
+def test_preemption_saves_and_exits_zero(tmp_path, sig, ranks):
     d = tmp_path / f"ck-{sig}"
     cmd = [
         mpirun.mpiexec(),
         "-n",
-        "2",
+        str(ranks),
         *mpirun.python(),
         "-m",
         "mpipipe",
@@ -318,11 +319,11 @@ def test_preemption_saves_and_exits_zero(tmp_path, sig):
     )
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and len(_ranks_of(str(d))) < 2:
+        while time.time() < deadline and len(_ranks_of(str(d))) < ranks:
             time.sleep(0.2)
         time.sleep(2.0)  # let it train a few steps
         pids = _ranks_of(str(d))
-        assert len(pids) == 2
+        assert len(pids) == ranks
         os.kill(max(pids), getattr(signal, sig))  # one rank only: the others learn of it
         out, err = proc.communicate(timeout=60)
     finally:
@@ -334,7 +335,7 @@ def test_preemption_saves_and_exits_zero(tmp_path, sig):
     step = int(stopped.split("_")[1])
     assert 0 < step < 100000
     r = mpirun.train(
-        2,
+        ranks,
         *SMALL,
         "--steps",
         str(step + 2),
