@@ -121,6 +121,8 @@ class _Run:
         self.stall = _rank_step_from_env("MPIPIPE_STALL")
         self.preemption = Preemption()
         world = grid.world
+        if (self.first or self.last) and hasattr(job.dataset, "tokens"):
+            _ = job.dataset.tokens  # read the data now: a long first read is not a hang
         self.layout = grid.layout()
         self.watchdog = Watchdog(cfg.timeout_s, world.Get_rank(), world.Abort)
         self.train_exec.watchdog = self.eval_exec.watchdog = self.watchdog
@@ -317,13 +319,19 @@ class _Run:
             path = found
         else:
             path = checkpoint.resolve(cfg.resume)
-        step = agree(
-            self.grid.world, lambda: checkpoint.load(path, self.stage, self.opt, self.job.model)
-        )
+        with self.watchdog.paused("loading a checkpoint"):
+            step = agree(
+                self.grid.world,
+                lambda: checkpoint.load(path, self.stage, self.opt, self.job.model),
+            )
         self.say(f"resumed from {path} (step {step})")
         return step
 
     def save(self, step: int) -> None:
+        with self.watchdog.paused("saving a checkpoint"):
+            self._save(step)
+
+    def _save(self, step: int) -> None:
         path = checkpoint.save(
             str(self.cfg.checkpoint_dir), step, self.stage, self.opt, self.job, self.grid,
             self.cfg.keep_last,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class Watchdog:
@@ -23,6 +24,7 @@ class Watchdog:
         self.where = "starting up"
         self.detail = ""
         self.step = -1
+        self.paused_for: str | None = None
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         if timeout_s > 0:
@@ -38,11 +40,22 @@ class Watchdog:
         """The rank is about to block for `detail` (a message, a collective)."""
         self.detail = detail
 
+    @contextmanager
+    def paused(self, where: str) -> Iterator[None]:
+        """Long work with no beats of its own (a checkpoint save or load): not a hang."""
+        self.beat(where)
+        self.paused_for = where
+        try:
+            yield
+        finally:
+            self.paused_for = None
+            self.beat(f"after {where}")
+
     def _watch(self) -> None:
         poll = min(1.0, self.timeout_s / 10)
         while not self.stopped.wait(poll):
             idle = time.monotonic() - self.last
-            if idle > self.timeout_s:
+            if idle > self.timeout_s and self.paused_for is None:
                 what = self.detail or "not waiting for any message (stuck in its own work?)"
                 print(
                     f"mpipipe: watchdog: rank {self.rank} made no progress for {idle:.0f} s "
@@ -71,6 +84,10 @@ class NoWatchdog:
 
     def waiting(self, detail: str) -> None:
         return None
+
+    @contextmanager
+    def paused(self, where: str) -> Iterator[None]:
+        yield
 
     def close(self) -> None:
         return None

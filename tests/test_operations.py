@@ -176,3 +176,20 @@ def test_watchdog_names_the_stalled_rank_and_ends_the_job():
     assert lines, r.stderr
     assert "rank 1" in lines[0] and "in step 3" in lines[0]  # the stalled rank is named
     assert "(--timeout-s 4)" in lines[0]
+
+
+def test_watchdog_pauses_for_long_work_without_beats():
+    """A checkpoint save longer than --timeout-s is work, not a hang."""
+    import time as _time
+
+    from mpipipe.watchdog import Watchdog
+
+    fired = []
+    wd = Watchdog(0.3, 0, fired.append)
+    with wd.paused("saving a checkpoint"):
+        _time.sleep(0.8)
+    _time.sleep(0.1)
+    assert not fired
+    _time.sleep(0.6)  # and it watches again afterwards
+    wd.close()
+    assert fired == [3]
