@@ -77,7 +77,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", default="256,512")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     dtype = np.dtype(args.dtype)
     peak, bw = matmul_peak(dtype), copy_bandwidth(dtype)
