@@ -57,6 +57,13 @@ def pick_device(local_rank: int, local_size: int, n_devices: int, shared: bool) 
     return local_rank % n_devices
 
 
+def pinned_empty(shape: tuple[int, ...], dtype: Any) -> numpy.ndarray:  # pragma: no cover
+    """A host array in page-locked memory (fast, asynchronous copies to and from the GPU)."""
+    import cupyx  # noqa: PLC0415 - only reachable with CuPy present
+
+    return cupyx.empty_pinned(shape, dtype=dtype)
+
+
 def use_device(index: int) -> None:  # pragma: no cover - needs a GPU
     """Make GPU `index` current for this process (CuPy allocations and kernels)."""
     assert _cupy is not None

@@ -109,17 +109,18 @@ class CupyOps:  # pragma: no cover - needs a GPU
     """Copies on a non-blocking side stream; pinned host buffers."""
 
     def __init__(self) -> None:
-        import cupy
-        import cupyx
+        from mpipipe.xp import get  # the one module that imports CuPy
 
-        self.cupy, self.cupyx = cupy, cupyx
-        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.cupy = get("cupy")
+        self.stream = self.cupy.cuda.Stream(non_blocking=True)
 
     def is_device(self, a: Any) -> bool:
         return isinstance(a, self.cupy.ndarray)
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return self.cupyx.empty_pinned(shape, dtype=dtype)
+        from mpipipe.xp import pinned_empty
+
+        return pinned_empty(shape, dtype)
 
     def sync_producer(self) -> None:
         self.cupy.cuda.get_current_stream().synchronize()
