@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mpipipe.study import find_mpiexec
+from mpipipe.study import find_mpiexec, train_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,18 +25,7 @@ def train(ranks: int, *flags: str, timeout: float = 600) -> list[dict]:
     """Run `mpipipe train` on `ranks` ranks; return its per-step metrics records."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
-        cmd = [
-            mpiexec(),
-            "-n",
-            str(ranks),
-            sys.executable,
-            "-m",
-            "mpipipe",
-            "train",
-            *flags,
-            "--metrics-file",
-            str(metrics),
-        ]
+        cmd = train_command([mpiexec(), "-n", str(ranks)], list(flags), metrics)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if r.returncode:

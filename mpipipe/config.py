@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mpipipe.errors import ConfigError
+from mpipipe.partition import METHODS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,7 +58,7 @@ class TrainConfig:
         "uniform",
         "how to split layers into stages: uniform (blocks evenly), params (balance parameter "
         "counts), time (balance F+B+W times measured at start, loss counted)",
-        choices=("uniform", "params", "time"),
+        choices=METHODS,
     )
     recompute: str = _opt(
         "none",

@@ -151,7 +151,6 @@ def make(name: str, params: dict[str, Array], cfg: Any) -> Any:
         return MixedPrecision(params, lambda master: make(name, master, inner), cfg.loss_scale)
     if name == "adamw":
         return AdamW(params, weight_decay=cfg.weight_decay)
-        return AdamW(params, weight_decay=cfg.weight_decay)
     if name == "sgd":
         return SGD(params, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")

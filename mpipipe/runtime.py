@@ -25,8 +25,6 @@ from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_pe
 from mpipipe.watchdog import NoWatchdog
 from mpipipe.xp import Array
 
-RECOMPUTE = ("none", "full", "selective")
-
 
 @dataclass
 class _Recompute:

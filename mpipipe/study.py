@@ -48,6 +48,20 @@ def find_mpiexec() -> str | None:
     return str(local) if local.exists() else shutil.which("mpiexec")
 
 
+def train_command(launch: list[str], flags: list[str], metrics: Path) -> list[str]:
+    """`launch python -m mpipipe train FLAGS --metrics-file METRICS`."""
+    return [
+        *launch,
+        sys.executable,
+        "-m",
+        "mpipipe",
+        "train",
+        *flags,
+        "--metrics-file",
+        str(metrics),
+    ]
+
+
 def launcher(kind: str, n: int) -> list[str]:
     if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
         return ["srun", "-n", str(n)]
@@ -116,18 +130,7 @@ def run_study(
     rows: list[dict[str, Any]] = []
     for n, run_flags in runs(ranks, mode, flags):
         metrics, log = out / f"run_{n:04d}.jsonl", out / f"run_{n:04d}.log"
-        cmd = [
-            *launcher(kind, n),
-            sys.executable,
-            "-m",
-            "mpipipe",
-            "train",
-            *run_flags,
-            "--metrics-file",
-            str(metrics),
-            "--log-every",
-            "1000000",
-        ]
+        cmd = train_command(launcher(kind, n), [*run_flags, "--log-every", "1000000"], metrics)
         print(f"study: {' '.join(cmd)}", flush=True)
         with open(log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)

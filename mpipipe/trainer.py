@@ -193,7 +193,7 @@ class _Run:
         if self.job.emulation:
             return self.job.report
         per = np.asarray(costs).reshape(3, self.n_stages)
-        return schedule.check(self.job.plan, schedule.Costs(*(list(row) for row in per)))
+        return schedule.simulate(self.job.plan, schedule.Costs(*(list(row) for row in per)))
 
     def evaluate(self) -> float:
         total = 0.0

@@ -239,39 +239,21 @@ def test_eval_and_generate(saved):
         ["-m", "mpipipe", "eval", "--resume", str(saved), "--batches", "2"], n=2, timeout=60
     )
     assert r.returncode == 0 and "bits per byte" in r.stdout, r.output
-    r = mpirun.run(
-        [
-            "-m",
-            "mpipipe",
-            "generate",
-            "--resume",
-            str(saved),
-            "--prompt",
-            "def ",
-            "--tokens",
-            "20",
-            "--temperature",
-            "0",
-        ],
-        n=2,
-        timeout=60,
-    )
-    one = mpirun.run(
-        [
-            "-m",
-            "mpipipe",
-            "generate",
-            "--resume",
-            str(saved),
-            "--prompt",
-            "def ",
-            "--tokens",
-            "20",
-            "--temperature",
-            "0",
-        ],
-        timeout=60,
-    )
+    greedy = [
+        "-m",
+        "mpipipe",
+        "generate",
+        "--resume",
+        str(saved),
+        "--prompt",
+        "def ",
+        "--tokens",
+        "20",
+        "--temperature",
+        "0",
+    ]
+    r = mpirun.run(greedy, n=2, timeout=60)
+    one = mpirun.run(greedy, timeout=60)
     assert r.returncode == 0 and one.returncode == 0, r.output + one.output
     assert r.stdout.startswith("def ") and r.stdout == one.stdout  # greedy: same on any layout
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-ORDERS = ("dp", "pp")
-
 
 def coords(rank: int, pp: int, dp: int, order: str) -> tuple[int, int]:
     """(stage, replica) of world rank `rank`."""

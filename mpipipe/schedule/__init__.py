@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mpipipe.errors import ConfigError
 from mpipipe.schedule.actions import Action, Plan, from_text, parse
-from mpipipe.schedule.check import Costs, Report, check, render
+from mpipipe.schedule.check import Costs, Report, check, render, simulate
 from mpipipe.schedule.gpipe import forward_only, gpipe
 from mpipipe.schedule.interleaved import interleaved
 from mpipipe.schedule.lower import buffer_releases, lower, peer, recv_buffer_peaks
@@ -82,4 +82,5 @@ __all__ = [
     "peer",
     "recv_buffer_peaks",
     "render",
+    "simulate",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 COMPUTE = ("F", "B", "W")
 COMM = ("SA", "RA", "SG", "RG")
-_PATTERN = re.compile(r"^(F|B|W|SA|RA|SG|RG)(\d+)(?:\.(\d+))?$")
+_PATTERN = re.compile(rf"^({'|'.join(COMPUTE + COMM)})(\d+)(?:\.(\d+))?$")
 
 
 @dataclass(frozen=True, order=True)

@@ -160,6 +160,11 @@ def _needs(plan: Plan, rank: int, a: Action) -> tuple[str, int, int] | None:
 def check(plan: Plan, costs: Costs | None = None) -> Report:
     """Validate `plan` and simulate it; raise ScheduleError on any flaw, else return a Report."""
     _validate_structure(plan)
+    return simulate(plan, costs)
+
+
+def simulate(plan: Plan, costs: Costs | None = None) -> Report:
+    """The dry run alone, for a plan `check` has accepted already (the per-step prediction)."""
     costs = costs or Costs()
     done: dict[tuple[str, int, int], tuple[float, int]] = {}  # event -> (finish, rank)
     cursor = [0] * plan.pp
