@@ -13,7 +13,7 @@ from mpipipe.schedule.actions import Action, Plan, from_text, parse
 from mpipipe.schedule.check import Costs, Report, check, render, simulate
 from mpipipe.schedule.gpipe import forward_only, gpipe
 from mpipipe.schedule.interleaved import interleaved
-from mpipipe.schedule.lower import buffer_releases, lower, peer, recv_buffer_peaks
+from mpipipe.schedule.lower import buffer_releases, lower, message, recv_buffer_peaks
 from mpipipe.schedule.one_f_one_b import one_f_one_b
 from mpipipe.schedule.zero_bubble import zb_h1, zbv
 
@@ -79,7 +79,7 @@ __all__ = [
     "lower",
     "one_f_one_b",
     "parse",
-    "peer",
+    "message",
     "recv_buffer_peaks",
     "render",
     "simulate",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from mpipipe.errors import ScheduleError
 from mpipipe.schedule.actions import COMPUTE, Action, Plan
+from mpipipe.schedule.deps import message_input
 
 
 @dataclass(frozen=True)
@@ -148,13 +149,9 @@ def _validate_structure(plan: Plan) -> None:
 
 
 def _needs(plan: Plan, rank: int, a: Action) -> tuple[str, int, int] | None:
-    """The remote-or-local event (kind, mb, stage) that action `a` on `rank` waits for."""
-    k = plan.stages[rank][a.chunk]
-    if a.kind == "F" and k > 0:
-        return ("F", a.mb, k - 1)
-    if a.kind == "B" and k < plan.n_stages - 1:
-        return ("B", a.mb, k + 1)
-    return None  # local order (F before B before W) is checked structurally
+    """The remote-or-local event (kind, mb, stage) that action `a` on `rank` waits for; the
+    local order (F before B before W) is checked structurally."""
+    return message_input(a.kind, a.mb, plan.stages[rank][a.chunk], plan.n_stages)
 
 
 def check(plan: Plan, costs: Costs | None = None) -> Report:

@@ -9,20 +9,29 @@ with several chunks) hand over locally and get no messages.
 from __future__ import annotations
 
 from mpipipe.schedule.actions import Action, Plan
+from mpipipe.schedule.deps import input_stage, output_stage
+
+RECV = {"F": "RA", "B": "RG"}  # the receive that brings a compute action its input
+SEND = {"F": "SA", "B": "SG"}  # the send that ships a compute action's output
+PAYLOAD = {"SA": ("F", "A"), "RA": ("F", "A"), "SG": ("B", "G"), "RG": ("B", "G")}
 
 
-def peer(plan: Plan, rank: int, chunk: int, direction: int) -> int | None:
-    """Rank running the stage `direction` (+1 next, -1 previous) from (rank, chunk); None at the
-    ends of the pipeline."""
-    stage = plan.stages[rank][chunk] + direction
-    if not 0 <= stage < plan.n_stages:
-        return None
-    return plan.owner(stage)[0]
+def _other_rank(plan: Plan, rank: int, stage: int | None) -> bool:
+    return stage is not None and plan.owner(stage)[0] != rank
 
 
-def _remote(plan: Plan, rank: int, chunk: int, direction: int) -> bool:
-    p = peer(plan, rank, chunk, direction)
-    return p is not None and p != rank
+def message(plan: Plan, rank: int, a: Action) -> tuple[tuple[str, int, int], int]:
+    """A communication action's mailbox key (payload 'A' or 'G', micro-batch, the virtual stage
+    that consumes it) and the rank at the other end, from the dependency rule."""
+    compute, payload = PAYLOAD[a.kind]
+    k, n = plan.stages[rank][a.chunk], plan.n_stages
+    if a.kind in ("RA", "RG"):
+        src = input_stage(compute, k, n)
+        assert src is not None, f"{a} at the end of the pipeline"
+        return (payload, a.mb, k), plan.owner(src)[0]
+    dst = output_stage(compute, k, n)
+    assert dst is not None, f"{a} at the end of the pipeline"
+    return (payload, a.mb, dst), plan.owner(dst)[0]
 
 
 def lower(plan: Plan) -> Plan:
@@ -33,21 +42,17 @@ def lower(plan: Plan) -> Plan:
         post_at: dict[int, list[Action]] = {}
         for j, i in enumerate(heavy):
             a = acts[i]
-            if a.kind == "F" and _remote(plan, r, a.chunk, -1):
-                recv = Action("RA", a.mb, a.chunk)
-            elif a.kind == "B" and _remote(plan, r, a.chunk, +1):
-                recv = Action("RG", a.mb, a.chunk)
-            else:
-                continue
-            post_at.setdefault(heavy[j - 1] if j else 0, []).append(recv)
+            k = plan.stages[r][a.chunk]
+            if _other_rank(plan, r, input_stage(a.kind, k, plan.n_stages)):
+                recv = Action(RECV[a.kind], a.mb, a.chunk)
+                post_at.setdefault(heavy[j - 1] if j else 0, []).append(recv)
         row: list[Action] = []
         for i, a in enumerate(acts):
             row += post_at.get(i, [])
             row.append(a)
-            if a.kind == "F" and _remote(plan, r, a.chunk, +1):
-                row.append(Action("SA", a.mb, a.chunk))
-            elif a.kind == "B" and _remote(plan, r, a.chunk, -1):
-                row.append(Action("SG", a.mb, a.chunk))
+            k = plan.stages[r][a.chunk]
+            if _other_rank(plan, r, output_stage(a.kind, k, plan.n_stages)):
+                row.append(Action(SEND[a.kind], a.mb, a.chunk))
         rows.append(row)
     return plan.with_actions(rows)
 

@@ -21,6 +21,7 @@ order as in every other schedule (bitwise-equal results).
 from __future__ import annotations
 
 from mpipipe.schedule.actions import Action, B, F, Plan, W, linear_stages
+from mpipipe.schedule.deps import needs
 
 _PRIORITY = {"B": 0, "F": 1, "W": 2}
 
@@ -71,7 +72,7 @@ def greedy(name: str, m: int, stages: tuple[tuple[int, ...], ...], limit: int) -
                 if mb >= m or (kind == "F" and live[r] >= limit):
                     continue
                 k = stages[r][c]
-                deps = _deps(kind, mb, k, n)
+                deps = needs(kind, mb, k, n)
                 if any(d not in finish for d in deps):
                     continue
                 start = max([clock[r]] + [finish[d] for d in deps])
@@ -86,11 +87,3 @@ def greedy(name: str, m: int, stages: tuple[tuple[int, ...], ...], limit: int) -
         nxt[r][(kind, c)] += 1
         rows[r].append(Action(kind, mb, c))
     return Plan(name, m, stages, tuple(tuple(row) for row in rows))
-
-
-def _deps(kind: str, mb: int, k: int, n: int) -> list[tuple[str, int, int]]:
-    if kind == "F":
-        return [("F", mb, k - 1)] if k > 0 else []
-    if kind == "B":
-        return [("F", mb, k)] + ([("B", mb, k + 1)] if k < n - 1 else [])
-    return [("B", mb, k)]

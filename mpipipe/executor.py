@@ -1,0 +1,255 @@
+"""The executor: runs exactly the lowered action list of one rank, nothing else.
+
+    for i, action in enumerate(row): dispatch[action.kind](action, i)
+
+It holds no schedule logic. Data moves through one mailbox keyed by (kind, micro-batch, receiving
+stage): a producer puts its output there; a send takes it out and ships it; a receive puts a
+pending request there; a consumer takes the value, waiting only if the message is still in
+flight. Stages that share a rank (several chunks) thus hand over locally with no special case.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from mpipipe.model import Model
+from mpipipe.parallel.p2p import tag
+from mpipipe.parallel.transport import Link
+from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_peaks
+from mpipipe.stage import SavedInput, Stage
+from mpipipe.watchdog import NoWatchdog
+from mpipipe.xp import Array, to_host
+
+
+@dataclass
+class MicroBatches:
+    """A step's data as the first and last stages need it, already split into micro-batches."""
+
+    inputs: Sequence[Array] | None  # per micro-batch, for the first stage
+    targets: Sequence[Array] | None  # per micro-batch, for the last stage
+
+
+class Executor:
+    """Runs one lowered plan row on one stage. Buffers are allocated once, at construction."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        rank: int,
+        stage: Stage,
+        model: Model,
+        p2p: Link,
+        micro_batch: int,
+        dtype: Any,
+        xp: ModuleType,
+        loss_scale: float | None = None,
+        on_layer_final: Callable[[int], None] | None = None,
+    ) -> None:
+        """`loss_scale` multiplies each micro-batch's loss gradient (default 1 / micro-batches);
+        `on_layer_final(i)` is called once global layer i's weight gradients are final for the
+        step (to start its gradient bucket's all-reduce)."""
+        self.plan, self.rank, self.stage, self.p2p = plan, rank, stage, p2p
+        self.name = (
+            "forward-only"
+            if all(a.kind == "F" for a in plan.actions[rank] if a.is_compute)
+            else "pipeline"
+        )
+        self.loss_scale = 1.0 / plan.microbatches if loss_scale is None else loss_scale
+        self.on_layer_final = on_layer_final
+        self.watchdog: Any = NoWatchdog()
+        self.waits: list[tuple[float, float, str]] = []  # last run's blocking waits
+        self.final_w = {a.chunk: i for i, a in enumerate(plan.actions[rank]) if a.kind == "W"}
+        self.row = plan.actions[rank]
+        self.last_stage = plan.n_stages - 1
+        self.training = any(a.kind == "B" for a in self.row)
+        self.releases = buffer_releases(self.row)
+        self.pools: dict[tuple[str, int], list[Array]] = {}
+        for (kind, c), n in recv_buffer_peaks(self.row).items():
+            layers = stage.chunks[c].indices
+            boundary = layers.start - 1 if kind == "RA" else layers.stop - 1
+            shape = model.act_shape(boundary, micro_batch)
+            self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
+        self.spans: list[tuple[float, float, Action]] = []  # last run's compute, perf_counter
+        self.waited = 0.0  # seconds the current action spent waiting for its input
+        self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
+        self.stash_bytes: dict[tuple[int, int], int] = {}
+        self.peak_stash_bytes = 0  # most bytes held by saved contexts at once, over all runs
+        self.dispatch: dict[str, Callable[[Action, int], None]] = {
+            "F": self._forward,
+            "B": self._backward_input,
+            "W": self._backward_weight,
+            "SA": self._send,
+            "SG": self._send,
+            "RA": self._recv,
+            "RG": self._recv,
+        }
+
+    def run(self, batch: MicroBatches) -> list[float]:
+        """Run the row once; return the last stage's per-micro-batch losses (else []), brought
+        to the host in one transfer."""
+        self.batch = batch
+        self.mail: dict[tuple[str, int, int], Any] = {}
+        self.ctx: dict[tuple[int, int], Any] = {}
+        self.wctx: dict[tuple[int, int], Any] = {}
+        self.losses: dict[int, Array] = {}  # 0-d device arrays until the end of the run
+        self.outputs: dict[int, Array] = {}  # last stage, when the batch has no targets
+        self.sends: list[tuple[Any, Array]] = []
+        self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
+        self.spans, self.waits = [], []
+        clock = time.perf_counter
+        self.started = clock()
+        for i, action in enumerate(self.row):
+            self.watchdog.beat(f"{self.name} action {action}")
+            if action.is_compute:
+                self.waited = 0.0
+                t0 = clock()
+                self.dispatch[action.kind](action, i)
+                # an action first waits for its input (in _take), then computes
+                self.spans.append((t0 + self.waited, clock(), action))
+            else:
+                self.dispatch[action.kind](action, i)
+            self.p2p.progress()  # staged and deferred messages move on between actions
+            for j in self.releases.get(i, ()):
+                pool, buf = self.taken.pop(j)
+                self.pools[pool].append(buf)
+        self.watchdog.beat(f"{self.name}: completing sends")
+        self.watchdog.waiting("waiting for sends to complete (a neighbour not receiving?)")
+        t0 = clock()
+        self.p2p.waitall([req for req, _ in self.sends])
+        self.finished = clock()
+        self.waits.append((t0, self.finished, "wait sends"))
+        self.sends.clear()
+        if self.mail or self.ctx or self.wctx:  # a checked plan never gets here
+            raise RuntimeError(
+                f"rank {self.rank}: the plan left work undone: "
+                f"{sorted(self.mail)} {sorted(self.ctx)} {sorted(self.wctx)}"
+            )
+        return to_host([self.losses[mb] for mb in sorted(self.losses)])
+
+    @property
+    def busy(self) -> float:
+        """Seconds of compute in the last run."""
+        return sum(e - b for b, e, _ in self.spans)
+
+    @property
+    def wall(self) -> float:
+        """Seconds from the start of the last run to its last send completing."""
+        return self.finished - self.started
+
+    # -- compute -------------------------------------------------------------------------------
+    def _forward(self, a: Action, i: int) -> None:
+        k = self.stage.ids[a.chunk]
+        x = self.batch.inputs[a.mb] if k == 0 else self._take(("A", a.mb, k))
+        y, ctx = self.stage.chunks[a.chunk].forward(x)
+        if k == self.last_stage:
+            if self.batch.targets is None:  # inference: keep the model's output
+                self.outputs[a.mb] = y
+                return
+            targets = self.batch.targets[a.mb]
+            if self.training:
+                self.losses[a.mb], dy = self.stage.loss.forward_backward(
+                    y, targets, self.loss_scale
+                )
+                self.mail[("G", a.mb, k)] = dy
+            else:
+                self.losses[a.mb] = self.stage.loss.forward(y, targets)
+        else:
+            self.mail[("A", a.mb, k + 1)] = y
+        if self.training:
+            self.ctx[(a.mb, a.chunk)] = ctx
+            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
+            self._account((a.mb, a.chunk), ctx)
+
+    def _backward_input(self, a: Action, i: int) -> None:
+        k = self.stage.ids[a.chunk]
+        dy = self._take(("G", a.mb, k))
+        dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
+        self.wctx[(a.mb, a.chunk)] = wctx
+        self._account((a.mb, a.chunk), wctx)
+        if k > 0:
+            self.mail[("G", a.mb, k - 1)] = dx
+
+    def _backward_weight(self, a: Action, i: int) -> None:
+        done = self.on_layer_final if i == self.final_w.get(a.chunk) else None
+        self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)), done)
+        self._account((a.mb, a.chunk), None)
+
+    def _account(self, key: tuple[int, int], saved: Any) -> None:
+        """Track the bytes that saved contexts hold (activation memory) and their peak."""
+        self.stash_bytes[key] = _nbytes(saved)
+        total = sum(self.stash_bytes.values())
+        self.peak_stash_bytes = max(self.peak_stash_bytes, total)
+
+    # -- communication -------------------------------------------------------------------------
+    def _key_and_peer(self, a: Action) -> tuple[tuple[str, int, int], int]:
+        k = self.stage.ids[a.chunk]
+        kind = "A" if a.kind in ("SA", "RA") else "G"
+        step = {"SA": 1, "RA": 0, "SG": -1, "RG": 0}[a.kind]  # which stage the message feeds
+        toward = {"SA": 1, "RA": -1, "SG": -1, "RG": 1}[a.kind]
+        other = peer(self.plan, self.rank, a.chunk, toward)
+        assert other is not None, f"{a} at the end of the pipeline"
+        return (kind, a.mb, k + step), other
+
+    def _send(self, a: Action, i: int) -> None:
+        key, dest = self._key_and_peer(a)
+        buf = self.mail.pop(key)
+        if not buf.flags.c_contiguous:
+            buf = buf.copy()
+        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
+        self.sends.append((self.p2p.isend(buf, dest, t), buf))
+
+    def _recv(self, a: Action, i: int) -> None:
+        key, source = self._key_and_peer(a)
+        pool = (a.kind, a.chunk)
+        buf = self.pools[pool].pop()
+        self.taken[i] = (pool, buf)
+        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
+        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), source, t)
+
+    def _take(self, key: tuple[str, int, int]) -> Array:
+        item = self.mail.pop(key)
+        if isinstance(item, _Pending):
+            what = "activation" if key[0] == "A" else "gradient"
+            self.watchdog.waiting(
+                f"waiting for the {what} of micro-batch {key[1]} from rank {item.source} "
+                f"(tag {item.tag}, {item.buffer.nbytes} bytes)"
+            )
+            t0 = time.perf_counter()
+            self.p2p.wait(item.request)
+            t1 = time.perf_counter()
+            self.waited += t1 - t0
+            self.waits.append((t0, t1, f"wait {what} {key[1]} from {item.source}"))
+            return item.buffer
+        return item
+
+
+def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct arrays reachable from a saved context."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None:
+        return 0
+    seen.add(id(obj))
+    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
+        base = getattr(obj, "base", None)
+        if base is not None and hasattr(base, "nbytes"):  # a view: count its buffer once
+            return _nbytes(base, seen)
+        return int(obj.nbytes)
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o, seen) for o in obj.values())
+    if isinstance(obj, SavedInput):
+        return _nbytes(obj.x, seen)
+    return 0
+
+
+@dataclass
+class _Pending:
+    buffer: Array
+    request: Any
+    source: int
+    tag: int
