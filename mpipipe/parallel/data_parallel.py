@@ -6,11 +6,16 @@ first), up to `bucket_bytes` each. When the last weight-gradient work of the ste
 bucket's layers, its in-place `Iallreduce` starts at once and overlaps the remaining backward
 work; `finish()` waits for all before the optimizer step.
 
+Buckets travel through the rank's one transport (parallel/transport.py), like the pipeline's
+messages: on a GPU, directly to a CUDA-aware MPI once the gradient kernels have finished, else
+staged through pinned host memory. 16-bit gradients are summed in a float32 copy of the bucket
+(MPI before 4.1 has no 16-bit float type, and float32 sums lose less).
+
 MPI libraries progress a non-blocking collective only inside MPI calls, and the compute between
-them makes none. So while reductions are open, a helper thread tests them with a short back-off
-sleep (MPI_THREAD_MULTIPLE, which mpi4py asks for by default); NumPy and sleeps release the GIL,
-so it runs alongside the backward work. Where the MPI library lacks thread support, the runtime's
-`poke()` between actions and layers is the fallback.
+them makes none. So while reductions are open, a helper thread advances them with a short
+back-off sleep (MPI_THREAD_MULTIPLE, which mpi4py asks for by default); NumPy and sleeps release
+the GIL, so it runs alongside the backward work. Where the MPI library lacks thread support, the
+executor's progress call between actions is the fallback.
 
 The loss is already scaled by 1 / (micro-batches x replicas), so the SUM over replicas is the
 gradient of the mean loss over the global batch, as in the single-process run.
@@ -24,16 +29,24 @@ from typing import Any
 
 from mpi4py import MPI
 
+from mpipipe.parallel.transport import Transport
 from mpipipe.xp import Array, namespace_of
 
 
 class GradReducer:
-    def __init__(self, stage: Any, comm: MPI.Comm, bucket_bytes: int, overlap: bool = True):
-        self.comm, self.overlap = comm, overlap
-        self.lock = threading.Lock()  # guards the requests between the two threads
+    def __init__(
+        self,
+        stage: Any,
+        comm: MPI.Comm,
+        transport: Transport,
+        bucket_bytes: int,
+        overlap: bool = True,
+    ) -> None:
+        self.comm, self.transport, self.overlap = comm, transport, overlap
         self.active = threading.Event()  # set while this step's reductions are open
         self.closed = False
         self.buckets: list[Array] = []
+        self.sums: list[Array] = []  # what is reduced: the bucket, or its float32 copy
         self.members: list[set[int]] = []  # global layer indices per bucket
         layers = sorted(stage.layer_params, reverse=True)  # backward order
         groups: list[list[int]] = [[]]
@@ -62,6 +75,8 @@ class GradReducer:
                 offset += g.size
             self.buckets.append(flat)
             self.members.append(set(group))
+            wide = flat.dtype.kind == "f" and flat.dtype.itemsize < 4
+            self.sums.append(xp.zeros(flat.size, dtype="float32") if wide else flat)
         stage.rebind_grads(remap)
         self.reset()
         self.thread: threading.Thread | None = None
@@ -87,43 +102,33 @@ class GradReducer:
                 return
 
     def _start(self, b: int) -> None:
-        with self.lock:
-            if self.requests[b] is None:
-                self.requests[b] = self.comm.Iallreduce(MPI.IN_PLACE, self.buckets[b], op=MPI.SUM)
-                self.active.set()
+        if self.requests[b] is None:
+            if self.sums[b] is not self.buckets[b]:
+                self.sums[b][...] = self.buckets[b]  # 16-bit -> float32, on the compute stream
+            self.requests[b] = self.transport.iallreduce(self.comm, self.sums[b])
+            self.active.set()
 
     def _progress(self) -> None:
-        """The helper thread: while reductions are open, test them with a short back-off."""
+        """The helper thread: while reductions are open, advance them with a short back-off."""
         while True:
             self.active.wait()
             if self.closed:
                 return
             sleep = 2e-5
             while self.active.is_set():
-                with self.lock:
-                    if self.active.is_set():
-                        self._test()
+                self.transport.progress()
                 time.sleep(sleep)
                 sleep = min(2 * sleep, 2e-4)
 
-    def _test(self) -> None:
-        live = [r for r in self.requests if r is not None]
-        if live:
-            MPI.Request.Testall(live)
-
-    def poke(self) -> None:
-        """Let MPI progress the open reductions (non-blocking); the fallback without threads."""
-        with self.lock:
-            self._test()
-
-    def finish(self, wait: Any) -> None:
+    def finish(self) -> None:
         """Start what has not started (all of it, without overlap), then wait for everything."""
         for b in range(len(self.buckets)):
             self._start(b)
-        with self.lock:  # from here on only this thread touches the requests
-            self.active.clear()
-        for r in self.requests:
-            wait(r)
+        self.transport.waitall(self.requests)
+        self.active.clear()
+        for bucket, total in zip(self.buckets, self.sums, strict=True):
+            if total is not bucket:
+                bucket[...] = total  # float32 -> 16-bit
         self.reset()
 
     def close(self) -> None:

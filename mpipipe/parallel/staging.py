@@ -1,118 +1,107 @@
-"""Device buffers over an MPI library that is not CUDA-aware: staged through host memory.
+"""The device work behind the transport: events, copies on a side stream, pinned host buffers.
 
-A send copies the device array into a pinned host buffer on a side stream and issues the
-`Isend` once the copy is done; a receive lands in a pinned host buffer and is copied to the
-device buffer once MPI completes it. Both return request-like objects with `Test()`, so the
-runtime's waits (and its progress polling) drive the copies and the messages alike, and the
-copies overlap the compute on the default stream. Host buffers come from a free list per
-(shape, dtype): allocated during the first step, reused after.
-
-The copy engine is behind `DeviceOps`: `CupyOps` on GPUs, `FakeOps` in the CPU tests.
+`DeviceOps` is the interface the transport (parallel/transport.py) drives; it never blocks the
+host. `CupyOps` is the GPU's (the only one that touches CUDA streams), `HostOps` stands for "no
+device" (NumPy), and tests drive the same transport with a fake device on CPUs. Host buffers come
+from a free list per (shape, dtype): allocated during the first step, reused after.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from mpi4py import MPI
 
-from mpipipe.parallel.p2p import P2P
+Event = Any
+
+
+class DeviceOps(Protocol):
+    """What the transport needs of a device. Events are opaque; none of these blocks."""
+
+    has_device: bool
+
+    def is_device(self, a: Any) -> bool: ...
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray: ...
+
+    def mark(self) -> Event:
+        """An event on the compute stream after all the work queued so far."""
+        ...
+
+    def to_host(self, dev: Any, host: np.ndarray, after: Event) -> Event:
+        """Copy dev -> host on a side stream once `after` has completed; the copy's event."""
+        ...
+
+    def to_device(self, host: np.ndarray, dev: Any, after: Event) -> Event:
+        """Copy host -> dev on a side stream once `after` has completed; the copy's event."""
+        ...
+
+    def done(self, event: Event) -> bool:
+        """Has the work before `event` completed? (a query, not a wait)"""
+        ...
+
+    def join(self, event: Event) -> None:
+        """Make the compute stream wait for `event` before its next kernel (no host wait)."""
+        ...
+
+
+class HostOps:
+    """No device: every array is a host array and goes to MPI as it is."""
+
+    has_device = False
+
+    def is_device(self, a: Any) -> bool:
+        return False
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def mark(self) -> Event:
+        raise RuntimeError("HostOps has no device")
+
+    def to_host(self, dev: Any, host: np.ndarray, after: Event) -> Event:
+        raise RuntimeError("HostOps has no device")
+
+    def to_device(self, host: np.ndarray, dev: Any, after: Event) -> Event:
+        raise RuntimeError("HostOps has no device")
+
+    def done(self, event: Event) -> bool:
+        raise RuntimeError("HostOps has no device")
+
+    def join(self, event: Event) -> None:
+        raise RuntimeError("HostOps has no device")
 
 
 class HostPool:
-    def __init__(self, ops: Any) -> None:
-        self.ops, self.free = ops, {}
+    """Staging buffers by (shape, dtype), reused from the second step on."""
+
+    def __init__(self, ops: DeviceOps) -> None:
+        self.ops = ops
+        self.free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
 
     def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         bucket = self.free.setdefault((tuple(shape), np.dtype(dtype).str), [])
-        return bucket.pop() if bucket else self.ops.host_buffer(shape, dtype)
+        return bucket.pop() if bucket else self.ops.host_buffer(tuple(shape), dtype)
 
     def give(self, buf: np.ndarray) -> None:
         self.free.setdefault((buf.shape, buf.dtype.str), []).append(buf)
 
 
-class _StagedSend:
-    def __init__(self, p2p: StagedP2P, event: Any, host: np.ndarray, dest: int, tag: int):
-        self.p2p, self.event, self.host, self.dest, self.tag = p2p, event, host, dest, tag
-        self.req: MPI.Request | None = None
-        self.done = False
+class CupyOps:
+    """Copies on a non-blocking side stream of this rank's GPU, pinned host buffers. The compute
+    stream is the one current when the runtime was built; every call names the device, so the
+    data-parallel progress thread may drive copies too."""
 
-    def Test(self) -> bool:  # noqa: N802 - the MPI name, so waits treat both alike
-        if self.done:
-            return True
-        if self.req is None:
-            if not self.p2p.ops.done(self.event):
-                return False
-            self.req = self.p2p.comm.Isend(self.host, dest=self.dest, tag=self.tag)
-        if self.req.Test():
-            self.done = True
-            self.p2p.pool.give(self.host)
-        return self.done
-
-
-class _StagedRecv:
-    def __init__(self, p2p: StagedP2P, req: MPI.Request, host: np.ndarray, dev: Any):
-        self.p2p, self.req, self.host, self.dev = p2p, req, host, dev
-        self.event: Any = None
-        self.done = False
-
-    def Test(self) -> bool:  # noqa: N802
-        if self.done:
-            return True
-        if self.event is None:
-            if not self.req.Test():
-                return False
-            self.event = self.p2p.ops.to_device(self.host, self.dev)
-        if self.p2p.ops.done(self.event):
-            self.p2p.ops.sync(self.event)  # the device buffer is ready for the next kernel
-            self.done = True
-            self.p2p.pool.give(self.host)
-        return self.done
-
-
-class StagedP2P(P2P):
-    """P2P for device arrays through host memory (host arrays pass straight through)."""
-
-    def __init__(self, comm: MPI.Comm, ops: Any, **kw: Any) -> None:
-        super().__init__(comm, **kw)
-        self.ops, self.pool = ops, HostPool(ops)
-
-    def isend(self, buf: Any, dest: int, tag: int) -> Any:
-        if not self.ops.is_device(buf):
-            return super().isend(buf, dest, tag)
-        host = self.pool.take(buf.shape, buf.dtype)
-        return _StagedSend(self, self.ops.to_host(buf, host), host, dest, tag)
-
-    def irecv(self, buf: Any, source: int, tag: int) -> Any:
-        if not self.ops.is_device(buf):
-            return super().irecv(buf, source, tag)
-        host = self.pool.take(buf.shape, buf.dtype)
-        return _StagedRecv(self, self.comm.Irecv(host, source=source, tag=tag), host, buf)
-
-
-class AwareP2P(P2P):
-    """P2P for a CUDA-aware MPI: device arrays go to MPI directly, after the stream that
-    produced them has finished (MPI knows nothing of CUDA streams)."""
-
-    def __init__(self, comm: MPI.Comm, ops: Any, **kw: Any) -> None:
-        super().__init__(comm, **kw)
-        self.ops = ops
-
-    def isend(self, buf: Any, dest: int, tag: int) -> Any:
-        if self.ops.is_device(buf):
-            self.ops.sync_producer()
-        return super().isend(buf, dest, tag)
-
-
-class CupyOps:  # pragma: no cover - needs a GPU
-    """Copies on a non-blocking side stream; pinned host buffers."""
+    has_device = True
 
     def __init__(self) -> None:
         from mpipipe.xp import get  # the one module that imports CuPy
 
         self.cupy = get("cupy")
-        self.stream = self.cupy.cuda.Stream(non_blocking=True)
+        self.device = self.cupy.cuda.Device()
+        self.compute = self.cupy.cuda.get_current_stream()
+        with self.device:
+            self.stream = self.cupy.cuda.Stream(non_blocking=True)
 
     def is_device(self, a: Any) -> bool:
         return isinstance(a, self.cupy.ndarray)
@@ -122,21 +111,26 @@ class CupyOps:  # pragma: no cover - needs a GPU
 
         return pinned_empty(shape, dtype)
 
-    def sync_producer(self) -> None:
-        self.cupy.cuda.get_current_stream().synchronize()
+    def mark(self) -> Event:
+        with self.device:
+            return self.compute.record()
 
-    def to_host(self, dev: Any, host: np.ndarray) -> Any:
-        ready = self.cupy.cuda.get_current_stream().record()  # after the producing kernels
-        self.stream.wait_event(ready)
-        dev.get(stream=self.stream, out=host, blocking=False)
-        return self.stream.record()
+    def to_host(self, dev: Any, host: np.ndarray, after: Event) -> Event:
+        with self.device:
+            self.stream.wait_event(after)
+            dev.get(stream=self.stream, out=host, blocking=False)
+            return self.stream.record()
 
-    def to_device(self, host: np.ndarray, dev: Any) -> Any:
-        dev.set(host, stream=self.stream)
-        return self.stream.record()
+    def to_device(self, host: np.ndarray, dev: Any, after: Event) -> Event:
+        with self.device:
+            self.stream.wait_event(after)
+            dev.set(host, stream=self.stream)
+            return self.stream.record()
 
-    def done(self, event: Any) -> bool:
-        return bool(event.done)
+    def done(self, event: Event) -> bool:
+        with self.device:
+            return bool(event.done)
 
-    def sync(self, event: Any) -> None:
-        self.cupy.cuda.get_current_stream().wait_event(event)
+    def join(self, event: Event) -> None:
+        with self.device:
+            self.compute.wait_event(event)

@@ -1,14 +1,19 @@
-"""Two ranks exchange fake device buffers through StagedP2P; rank 1 checks the bytes."""
+"""Two ranks exchange fake device buffers through the staged transport; rank 1 checks the bytes.
+
+Also the pattern that hung before the transport advanced staged sends while waiting: rank 0
+sends an activation and then waits for the gradient that rank 1 sends only after receiving it.
+"""
 
 import numpy as np
 from mpi4py import MPI
 
-from mpipipe.parallel.staging import StagedP2P
+from mpipipe.parallel.transport import Transport
 from tests.fake_device import FakeDeviceArray, FakeOps
 
 comm = MPI.COMM_WORLD
 ops = FakeOps(delay=3)
-p2p = StagedP2P(comm, ops)
+transport = Transport(ops, aware=False)
+p2p = transport.link(comm)
 shapes = [(4, 5), (1000,), (3, 64, 64)]
 for step in range(3):  # host buffers are reused from the second step on
     reqs = []
@@ -26,12 +31,26 @@ for step in range(3):  # host buffers are reused from the second step on
             p2p.wait(req)
             want = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + step + i
             assert np.array_equal(out.data, want), (step, i)
-    host = sum(len(v) for v in p2p.pool.free.values())
+    host = sum(len(v) for v in transport.pool.free.values())
     assert host == len(shapes), host  # every staging buffer came back to the pool
+    assert transport.idle
+# ping-pong: a staged send must be posted while its sender waits for something else
+act = FakeDeviceArray(np.full((8, 8), 3.0))
+grad = FakeDeviceArray(np.zeros((8, 8)))
+if comm.rank == 0:
+    send = p2p.isend(act, 1, tag=50)
+    p2p.wait(p2p.irecv(grad, 1, tag=51))  # hangs if the send above is never posted
+    assert np.array_equal(grad.data, np.full((8, 8), 6.0))
+    p2p.wait(send)
+else:
+    p2p.wait(p2p.irecv(grad, 0, tag=50))
+    p2p.wait(p2p.isend(FakeDeviceArray(grad.data * 2), 0, tag=51))
 plain = np.zeros(3)
 if comm.rank == 0:
     p2p.wait(p2p.isend(np.ones(3), 1, tag=99))  # host arrays pass straight through
 else:
     p2p.wait(p2p.irecv(plain, 0, tag=99))
     assert plain.tolist() == [1, 1, 1]
-print("ok", comm.rank, "copies", ops.copies)
+copies = comm.gather(ops.copies)
+if comm.rank == 0:
+    print(f"ok copies {copies}", flush=True)

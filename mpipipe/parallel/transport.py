@@ -1,0 +1,257 @@
+"""One transport policy for every message that leaves a rank: point-to-point and collectives.
+
+Host (NumPy) buffers go to MPI as they are. Device (CuPy) buffers go
+
+- to a CUDA-aware MPI directly, but only once the work queued before the hand-off has finished
+  (MPI knows nothing of CUDA streams): the request records an event on the compute stream and
+  is posted when that event has completed;
+- through pinned host buffers otherwise: a side stream copies device -> host after the compute
+  stream's work, MPI moves the host buffer, a side stream copies host -> device once the compute
+  stream no longer uses the target, and the compute stream waits for that copy (an event wait,
+  no host synchronisation) before its next kernel.
+
+Nothing here blocks to move a device request along: `progress()` (called between the
+executor's actions and inside every wait) advances each request in flight as far as it can.
+Collectives on one communicator are posted in the order they were asked for, the same order on
+every rank, whatever order their copies finish in. Point-to-point messages travel as raw bytes
+(MPI.BYTE), so every dtype works on every MPI (float16 and bfloat16 have no MPI datatype before
+MPI 4.1). Which path a buffer takes is decided here and nowhere else; the device work behind it
+(events, copies, pinned memory) is the `DeviceOps` of parallel/staging.py, so the policy is
+tested on CPUs with a fake device.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from mpi4py import MPI
+
+from mpipipe.parallel.staging import DeviceOps, HostOps, HostPool
+from mpipipe.xp import Array
+
+Event = Any
+
+
+class Request:
+    """A message or collective in flight: one MPI request, perhaps with device copies before and
+    after it. `Test()` (MPI's name, so waits treat both alike) never blocks."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        ready: Event | None,
+        post: Callable[[], MPI.Request],
+        land: Callable[[], Event] | None = None,
+        release: Callable[[], None] | None = None,
+        queue: deque[Request] | None = None,
+    ) -> None:
+        self.transport, self.ready, self.post = transport, ready, post
+        self.land, self.release, self.queue = land, release, queue
+        self.mpi: MPI.Request | None = None
+        self.landing: Event | None = None
+        self.done = False
+        if queue is not None:
+            queue.append(self)
+
+    def advance(self) -> bool:
+        """One non-blocking step: post once ready (and first in its queue), then complete."""
+        if self.done:
+            return True
+        ops = self.transport.ops
+        if self.mpi is None:
+            if self.ready is not None and not ops.done(self.ready):
+                return False
+            if self.queue is not None:
+                if self.queue[0] is not self:
+                    return False
+                self.queue.popleft()
+            self.mpi = self.post()
+        if self.landing is None:
+            if not self.mpi.Test():
+                return False
+            if self.land is not None:
+                self.landing = self.land()
+        if self.landing is not None:
+            if not ops.done(self.landing):
+                return False
+            ops.join(self.landing)  # the compute stream waits for the copy: no host sync
+        if self.release is not None:
+            self.release()
+        self.done = True
+        return True
+
+    def Test(self) -> bool:  # noqa: N802 - the MPI name
+        return self.transport.test(self)
+
+
+class Transport:
+    """Decides, once, how each buffer travels (see the module docstring)."""
+
+    def __init__(
+        self,
+        ops: DeviceOps | None = None,
+        aware: bool = False,
+        max_sleep_s: float = 2e-4,
+        spin_s: float = 5e-5,
+    ) -> None:
+        self.ops: DeviceOps = ops if ops is not None else HostOps()
+        self.aware = aware
+        self.pool = HostPool(self.ops)
+        self.max_sleep_s, self.spin_s = max_sleep_s, spin_s
+        self.lock = threading.RLock()  # the executor and the reducer's progress thread
+        self.inflight: list[Request] = []
+        self.queues: dict[int, deque[Request]] = {}  # collectives per communicator, in order
+
+    @property
+    def policy(self) -> str:
+        """What device buffers do: 'host' (no device), 'direct' (CUDA-aware) or 'staged'."""
+        if not self.ops.has_device:
+            return "host"
+        return "direct" if self.aware else "staged"
+
+    def link(self, comm: MPI.Comm) -> Link:
+        """Point-to-point messages on `comm` under this policy."""
+        return Link(self, comm)
+
+    # -- point to point ------------------------------------------------------------------------
+    def isend(self, comm: MPI.Comm, buf: Array, dest: int, tag: int) -> Any:
+        if not self.ops.is_device(buf):
+            return comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag)
+        if self.aware:
+            ready = self.ops.mark()
+            return self._track(
+                Request(self, ready, lambda: comm.Isend([buf, MPI.BYTE], dest, tag))
+            )
+        host = self.pool.take(buf.shape, buf.dtype)
+        copied = self.ops.to_host(buf, host, self.ops.mark())
+        return self._track(
+            Request(
+                self,
+                copied,
+                lambda: comm.Isend([host, MPI.BYTE], dest, tag),
+                release=lambda: self.pool.give(host),
+            )
+        )
+
+    def irecv(self, comm: MPI.Comm, buf: Array, source: int, tag: int) -> Any:
+        if not self.ops.is_device(buf):
+            return comm.Irecv([buf, MPI.BYTE], source=source, tag=tag)
+        free = self.ops.mark()  # queued kernels may still read the buffer we receive into
+        if self.aware:
+            return self._track(
+                Request(self, free, lambda: comm.Irecv([buf, MPI.BYTE], source, tag))
+            )
+        host = self.pool.take(buf.shape, buf.dtype)
+        return self._track(
+            Request(
+                self,
+                None,
+                lambda: comm.Irecv([host, MPI.BYTE], source, tag),
+                land=lambda: self.ops.to_device(host, buf, free),
+                release=lambda: self.pool.give(host),
+            )
+        )
+
+    # -- collectives ---------------------------------------------------------------------------
+    def iallreduce(self, comm: MPI.Comm, buf: Array) -> Request:
+        """In-place SUM of `buf` over `comm`, started in call order on every rank."""
+        if buf.dtype.itemsize < 4 and buf.dtype.kind == "f":
+            raise TypeError(
+                f"all-reduce of {buf.dtype}: reduce 16-bit floats in a float32 copy (MPI "
+                "before 4.1 has no 16-bit float type, and float32 sums are more accurate)"
+            )
+        queue = self.queues.setdefault(id(comm), deque())
+
+        def post(target: Array) -> Callable[[], MPI.Request]:
+            return lambda: comm.Iallreduce(MPI.IN_PLACE, target, op=MPI.SUM)
+
+        if not self.ops.is_device(buf):
+            return self._track(Request(self, None, post(buf), queue=queue))
+        ready = self.ops.mark()
+        if self.aware:
+            return self._track(Request(self, ready, post(buf), queue=queue))
+        host = self.pool.take(buf.shape, buf.dtype)
+        return self._track(
+            Request(
+                self,
+                self.ops.to_host(buf, host, ready),
+                post(host),
+                land=lambda: self.ops.to_device(host, buf, ready),
+                release=lambda: self.pool.give(host),
+                queue=queue,
+            )
+        )
+
+    def allreduce(self, comm: MPI.Comm, host: Any, op: MPI.Op = MPI.SUM) -> None:
+        """A blocking in-place reduction of a small host array (the step's statistics)."""
+        comm.Allreduce(MPI.IN_PLACE, host, op=op)
+
+    # -- progress and waiting ------------------------------------------------------------------
+    def _track(self, req: Request) -> Request:
+        with self.lock:
+            self.inflight.append(req)
+            req.advance()
+        return req
+
+    def progress(self) -> None:
+        """Advance every request in flight as far as it goes without blocking."""
+        if not self.inflight:
+            return
+        with self.lock:
+            self.inflight = [r for r in self.inflight if not r.advance()]
+
+    def test(self, req: Any) -> bool:
+        if isinstance(req, Request):
+            self.progress()
+            return req.done
+        return bool(req.Test())
+
+    def wait(self, req: Any) -> None:
+        """Spin on `test` for `spin_s`, then poll with a back-off sleep: MPICH busy-spins in a
+        blocking wait, which on an oversubscribed node steals the cores that computing ranks
+        need; the back-off caps the added latency at `max_sleep_s`."""
+        if self.test(req):
+            return
+        deadline = time.perf_counter() + self.spin_s
+        while time.perf_counter() < deadline:
+            if self.test(req):
+                return
+        sleep = 1e-5
+        while not self.test(req):
+            time.sleep(sleep)
+            sleep = min(2 * sleep, self.max_sleep_s)
+
+    def waitall(self, reqs: list[Any]) -> None:
+        for r in reqs:
+            self.wait(r)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and every staging buffer back in its pool."""
+        return not self.inflight and not any(q for q in self.queues.values())
+
+
+class Link:
+    """The point-to-point half of a transport, bound to one communicator (the pipeline's)."""
+
+    def __init__(self, transport: Transport, comm: MPI.Comm) -> None:
+        self.transport, self.comm = transport, comm
+
+    def isend(self, buf: Array, dest: int, tag: int) -> Any:
+        return self.transport.isend(self.comm, buf, dest, tag)
+
+    def irecv(self, buf: Array, source: int, tag: int) -> Any:
+        return self.transport.irecv(self.comm, buf, source, tag)
+
+    def wait(self, req: Any) -> None:
+        self.transport.wait(req)
+
+    def waitall(self, reqs: list[Any]) -> None:
+        self.transport.waitall(reqs)
+
+    def progress(self) -> None:
+        self.transport.progress()
