@@ -38,12 +38,12 @@ def main() -> int:
     from mpipipe.job import prepare
     from mpipipe.optim import AdamW
     from mpipipe.parallel.grid import Grid
-    from mpipipe.runtime import Stage
+    from mpipipe.stage import Compute, Stage
 
     cfg = TrainConfig(layers=args.layers, d_model=args.d_model, heads=args.d_model // 64)
     job = prepare(cfg, 1)
     grid = Grid.create(MPI.COMM_WORLD, 1)
-    stage = Stage(job.model, job.plan, 0, 0, np.float32, np)
+    stage = Stage.of_rank(job.model, job.plan, 0, Compute(0, np.float32, np))
     opt = AdamW(stage.params)
     for g in stage.grads.values():
         g[...] = 1e-3

@@ -24,22 +24,21 @@ def measure(args: argparse.Namespace) -> None:
 
     from mpipipe.model import gpt
     from mpipipe.parallel.data_parallel import GradReducer
-    from mpipipe.runtime import Stage
+    from mpipipe.parallel.transport import Transport
     from mpipipe.schedule import one_f_one_b
+    from mpipipe.stage import Compute, Stage
 
     comm = MPI.COMM_WORLD
     model = gpt(args.layers, args.d_model, max(1, args.d_model // 64), 128)
-    stage = Stage(model, one_f_one_b(1, 1), 0, 0, np.float32, np)
-    reducer = GradReducer(stage, comm, int(args.bucket_mb * 2**20), overlap=args.overlap == "on")
+    stage = Stage.of_rank(model, one_f_one_b(1, 1), 0, Compute(0, np.float32, np))
+    overlap = args.overlap == "on"
+    reducer = GradReducer(stage, comm, Transport(), int(args.bucket_mb * 2**20), overlap)
     flat = np.ones(reducer.nbytes // 4, dtype=np.float32)
-
-    def wait(req: MPI.Request) -> None:
-        req.Wait()
 
     def bucketed() -> None:
         for i in sorted(stage.layer_params, reverse=True):
             reducer.layer_ready(i)
-        reducer.finish(wait)
+        reducer.finish()
 
     def plain() -> None:
         comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)

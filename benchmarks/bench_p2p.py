@@ -23,16 +23,17 @@ def measure(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from mpipipe.emulate import emulated_stage
+    from mpipipe.emulate import EmulatedCompute
+    from mpipipe.executor import Executor, MicroBatches
     from mpipipe.layers import GELU
     from mpipipe.model import LayerSpec, Model
-    from mpipipe.parallel.p2p import P2P
-    from mpipipe.runtime import Executor, MicroBatches, Stage
+    from mpipipe.parallel.transport import Transport
     from mpipipe.schedule import Costs, forward_only, lower, one_f_one_b
+    from mpipipe.stage import Compute, Stage
 
     comm = MPI.COMM_WORLD.Dup()
     rank = comm.Get_rank()
-    p2p = P2P(comm)
+    p2p = Transport().link(comm)
     zero = Costs(0.0, 0.0, 0.0)
 
     def executor(floats: int, m: int, train: bool) -> tuple[Executor, MicroBatches]:
@@ -41,8 +42,8 @@ def measure(args: argparse.Namespace) -> None:
             act_shape=lambda i, b: (b, floats),
         )
         plan = one_f_one_b(2, m)
-        stage = Stage(model, plan, rank, 0, np.float32, np)
-        emulated_stage(stage, model, zero, 1, np.float32, np)
+        compute = EmulatedCompute(Compute(0, np.float32, np), zero, 1)
+        stage = Stage.of_rank(model, plan, rank, compute)
         row_plan = plan if train else forward_only(plan)
         ex = Executor(lower(row_plan), rank, stage, model, p2p, 1, np.float32, np)
         x = [np.zeros((1, floats), np.float32)] * m

@@ -8,32 +8,9 @@ Python API (call on every rank; a single process works too):
 
 from __future__ import annotations
 
-import os as _os
-
-
-def _one_blas_thread_per_rank() -> None:
-    """Ranks that share a node share its cores: unless the user chose, give each rank
-    cores // local ranks BLAS threads (1 when oversubscribed). Must run before NumPy loads."""
-    local = next(
-        (
-            _os.environ[k]
-            for k in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
-            if k in _os.environ
-        ),
-        None,
-    )
-    if local is None or not local.isdigit() or int(local) <= 1:
-        return
-    threads = str(max(1, (_os.cpu_count() or 1) // int(local)))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        _os.environ.setdefault(var, threads)
-
-
-_one_blas_thread_per_rank()
-
-from mpipipe.config import TrainConfig  # noqa: E402
-from mpipipe.errors import ConfigError, ScheduleError  # noqa: E402
-from mpipipe.layers import (  # noqa: E402
+from mpipipe.config import TrainConfig
+from mpipipe.errors import ConfigError, ScheduleError
+from mpipipe.layers import (
     GELU,
     MLP,
     Attention,
@@ -45,7 +22,7 @@ from mpipipe.layers import (  # noqa: E402
     Linear,
     Sequential,
 )
-from mpipipe.model import LayerSpec, Model, gpt, mlp  # noqa: E402
+from mpipipe.model import LayerSpec, Model, gpt, mlp
 
 __version__ = "0.1.0"
 

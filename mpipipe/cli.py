@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mpipipe import config as config_mod
-from mpipipe.errors import ConfigError, ScheduleError
+from mpipipe.errors import ConfigError, NonFiniteError, ScheduleError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,6 +144,10 @@ def _on_all_ranks(parse: Any, run: Any) -> int:
         if comm.Get_rank() == 0:
             print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteError as e:  # found by every rank at once (after the step's reduction)
+        if comm.Get_rank() == 0:
+            print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 
@@ -166,32 +170,31 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
-    """Everything `train` checks, then where every rank would run and what it would do."""
-    from mpipipe import schedule
+    """Everything `train` checks, then where every rank would run and what it would do. The
+    device and transport come from the rank runtime's own functions; no model is built."""
     from mpipipe.job import agree, describe, finalize, prepare
     from mpipipe.parallel.grid import Grid
+    from mpipipe.runtime import make_transport, place
     from mpipipe.schedule.render import summary, timeline
 
-    job = finalize(agree(comm, lambda: prepare(cfg, comm.Get_size())), comm)
-    from mpipipe.devices import placement as place
-
+    job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
         device = agree(grid.world, lambda: place(job, grid))
-        layout, placement = grid.layout(), grid.placement(device)
+        job = finalize(job, grid.world, device.xp)
+        _, policy = make_transport(job, device)
+        layout, placement = grid.layout(), grid.placement(device.name)
     finally:
         grid.free()
     if comm.Get_rank() != 0:
         return
     print(describe(job, layout))
+    print(f"transport: {policy}")
     print("rank  host              local  device  stage  replica")
-    for rank, host, local, device, stage, replica in placement:
-        print(f"{rank:>4}  {host:<16}  {local:>5}  {device:<6}  {stage:>5}  {replica:>7}")
-    report = schedule.check(
-        job.plan, job.emulation.costs(len(job.plan.stages[0])) if job.emulation else None
-    )
-    print(timeline(report))
-    print(summary(report))
+    for rank, host, local, dev, stage, replica in placement:
+        print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}")
+    print(timeline(job.report))  # the checker's report, with the emulated costs if any
+    print(summary(job.report))
     print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 
@@ -277,7 +280,7 @@ def cmd_doctor(argv: list[str]) -> int:
         (grid.world.Get_rank(), MPI.Get_processor_name(), grid.local_rank, n, device), root=0
     )
     grid.free()
-    if comm.Get_rank() == 0:
+    if rows is not None:  # rank 0
         version = MPI.Get_library_version().strip().splitlines()[0]
         print(
             f"MPI library: {version} (standard {'.'.join(map(str, MPI.Get_version()))}, "

@@ -124,6 +124,9 @@ class TrainConfig:
     resume: str | None = _opt(
         None, "resume from a checkpoint DIR, or 'auto': the latest in --checkpoint-dir if any"
     )
+    inject_fault: str | None = _opt(
+        None, "tests and drills: KIND@RANK:STEP[,...], kinds raise, stall, kill-in-save"
+    )
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -193,7 +196,10 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
         if self.bucket_mb <= 0:
             raise ConfigError(f"--bucket-mb {self.bucket_mb} must be positive")
-        from mpipipe.schedule import chunks_for  # noqa: PLC0415 - avoid an import cycle
+        from mpipipe.faults import Faults  # noqa: PLC0415 - avoid an import cycle
+        from mpipipe.schedule import chunks_for  # noqa: PLC0415
+
+        Faults.parse(self.inject_fault)
 
         if self.schedule_file is None:
             chunks_for(self.schedule, self.virtual_stages)  # unknown name, bad chunk count

@@ -17,8 +17,8 @@ from typing import Any
 
 from mpipipe.errors import ConfigError
 from mpipipe.model import Model
-from mpipipe.runtime import Stage
 from mpipipe.schedule import Costs
+from mpipipe.stage import Compute
 from mpipipe.xp import Array
 
 
@@ -58,9 +58,11 @@ def body_per_stage(model: Model, bounds: list[range]) -> list[int]:
 
 
 class EmulatedChunk:
-    def __init__(self, real: Any, out: Array, dx: Array | None, costs: Costs, k: int) -> None:
-        self.indices, self.real_layers = real.indices, real.layers
-        self.layers: list[Any] = []
+    """Sleeps instead of computing; holds the real layers only for their parameters."""
+
+    def __init__(self, layers: list[Any], indices: range, out: Array, dx: Array | None,
+                 costs: Costs, k: int) -> None:  # fmt: skip
+        self.indices, self.layers = indices, layers
         self.out, self.dx = out, dx
         self.f, self.b, self.w = costs.of("F", k), costs.of("B", k), costs.of("W", k)
 
@@ -87,29 +89,33 @@ def _sleep(seconds: float) -> None:
 
 
 class _EmulatedLoss:
-    def __init__(self, dy: Array) -> None:
-        self.dy = dy
+    def __init__(self, dy: Array, zero: Array) -> None:
+        self.dy, self.zero = dy, zero
 
-    def forward_backward(self, y: Array, targets: Array, scale: float) -> tuple[float, Array]:
-        return 0.0, self.dy
+    def forward_backward(self, y: Array, targets: Array, scale: float) -> tuple[Array, Array]:
+        return self.zero, self.dy
 
-    def forward(self, y: Array, targets: Array) -> float:
-        return 0.0
+    def forward(self, y: Array, targets: Array) -> Array:
+        return self.zero
 
 
-def emulated_stage(
-    stage: Stage, model: Model, costs: Costs, micro_batch: int, dtype: Any, xp: Any
-) -> Stage:
-    """Turn a real stage into an emulated one: the same parameters and gradient buffers (so
-    gradient reductions and the optimizer move real bytes), chunks that sleep their virtual
-    stage's `costs` (seconds) instead of computing, and outputs of the real shapes."""
-    chunks = []
-    for k, real in zip(stage.ids, stage.chunks, strict=True):
-        r = real.indices
-        out = xp.zeros(model.act_shape(r.stop - 1, micro_batch), dtype=dtype)
-        dx = xp.zeros(model.act_shape(r.start - 1, micro_batch), dtype=dtype) if k else None
-        chunks.append(EmulatedChunk(real, out, dx, costs, k))
-    stage.chunks = chunks
-    last = len(model.layers) - 1
-    stage.loss = _EmulatedLoss(xp.zeros(model.act_shape(last, micro_batch), dtype=dtype))
-    return stage
+@dataclass(frozen=True)
+class EmulatedCompute:
+    """Chunks that sleep their virtual stage's `costs` (seconds) instead of computing, with the
+    real parameters and gradient buffers (so gradient reductions and the optimizer move real
+    bytes) and outputs of the real shapes: the `Compute` of stage.py, emulated."""
+
+    real: Compute
+    costs: Costs
+    micro_batch: int
+
+    def chunk(self, model: Model, indices: range, k: int) -> EmulatedChunk:
+        xp, dtype, b = self.real.xp, self.real.dtype, self.micro_batch
+        out = xp.zeros(model.act_shape(indices.stop - 1, b), dtype=dtype)
+        dx = xp.zeros(model.act_shape(indices.start - 1, b), dtype=dtype) if k else None
+        return EmulatedChunk(self.real.layers(model, indices), indices, out, dx, self.costs, k)
+
+    def loss(self, model: Model) -> _EmulatedLoss:
+        xp, dtype, last = self.real.xp, self.real.dtype, len(model.layers) - 1
+        dy = xp.zeros(model.act_shape(last, self.micro_batch), dtype=dtype)
+        return _EmulatedLoss(dy, xp.zeros((), dtype="float32"))

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class ScheduleError(ValueError):
     """A schedule that is malformed or would deadlock; the message shows the grid."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: the run stops before the update."""

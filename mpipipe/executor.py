@@ -19,7 +19,8 @@ from typing import Any
 from mpipipe.model import Model
 from mpipipe.parallel.p2p import tag
 from mpipipe.parallel.transport import Link
-from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_peaks
+from mpipipe.schedule import Action, Plan, buffer_releases, message, recv_buffer_peaks
+from mpipipe.schedule.deps import input_stage, output_stage
 from mpipipe.stage import SavedInput, Stage
 from mpipipe.watchdog import NoWatchdog
 from mpipipe.xp import Array, to_host
@@ -64,7 +65,6 @@ class Executor:
         self.waits: list[tuple[float, float, str]] = []  # last run's blocking waits
         self.final_w = {a.chunk: i for i, a in enumerate(plan.actions[rank]) if a.kind == "W"}
         self.row = plan.actions[rank]
-        self.last_stage = plan.n_stages - 1
         self.training = any(a.kind == "B" for a in self.row)
         self.releases = buffer_releases(self.row)
         self.pools: dict[tuple[str, int], list[Array]] = {}
@@ -142,10 +142,15 @@ class Executor:
 
     # -- compute -------------------------------------------------------------------------------
     def _forward(self, a: Action, i: int) -> None:
-        k = self.stage.ids[a.chunk]
-        x = self.batch.inputs[a.mb] if k == 0 else self._take(("A", a.mb, k))
+        k, n = self.stage.ids[a.chunk], self.plan.n_stages
+        inputs = self.batch.inputs
+        if input_stage("F", k, n) is None and inputs is not None:  # the pipeline's input
+            x = inputs[a.mb]
+        else:
+            x = self._take(("A", a.mb, k))
         y, ctx = self.stage.chunks[a.chunk].forward(x)
-        if k == self.last_stage:
+        after = output_stage("F", k, n)
+        if after is None:  # the last stage: the loss
             if self.batch.targets is None:  # inference: keep the model's output
                 self.outputs[a.mb] = y
                 return
@@ -158,7 +163,7 @@ class Executor:
             else:
                 self.losses[a.mb] = self.stage.loss.forward(y, targets)
         else:
-            self.mail[("A", a.mb, k + 1)] = y
+            self.mail[("A", a.mb, after)] = y
         if self.training:
             self.ctx[(a.mb, a.chunk)] = ctx
             self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
@@ -170,8 +175,9 @@ class Executor:
         dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
         self.wctx[(a.mb, a.chunk)] = wctx
         self._account((a.mb, a.chunk), wctx)
-        if k > 0:
-            self.mail[("G", a.mb, k - 1)] = dx
+        before = output_stage("B", k, self.plan.n_stages)
+        if before is not None:
+            self.mail[("G", a.mb, before)] = dx
 
     def _backward_weight(self, a: Action, i: int) -> None:
         done = self.on_layer_final if i == self.final_w.get(a.chunk) else None
@@ -185,17 +191,8 @@ class Executor:
         self.peak_stash_bytes = max(self.peak_stash_bytes, total)
 
     # -- communication -------------------------------------------------------------------------
-    def _key_and_peer(self, a: Action) -> tuple[tuple[str, int, int], int]:
-        k = self.stage.ids[a.chunk]
-        kind = "A" if a.kind in ("SA", "RA") else "G"
-        step = {"SA": 1, "RA": 0, "SG": -1, "RG": 0}[a.kind]  # which stage the message feeds
-        toward = {"SA": 1, "RA": -1, "SG": -1, "RG": 1}[a.kind]
-        other = peer(self.plan, self.rank, a.chunk, toward)
-        assert other is not None, f"{a} at the end of the pipeline"
-        return (kind, a.mb, k + step), other
-
     def _send(self, a: Action, i: int) -> None:
-        key, dest = self._key_and_peer(a)
+        key, dest = message(self.plan, self.rank, a)
         buf = self.mail.pop(key)
         if not buf.flags.c_contiguous:
             buf = buf.copy()
@@ -203,7 +200,7 @@ class Executor:
         self.sends.append((self.p2p.isend(buf, dest, t), buf))
 
     def _recv(self, a: Action, i: int) -> None:
-        key, source = self._key_and_peer(a)
+        key, source = message(self.plan, self.rank, a)
         pool = (a.kind, a.chunk)
         buf = self.pools[pool].pop()
         self.taken[i] = (pool, buf)

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from mpipipe import checkpoint, schedule
+from mpipipe import checkpoint
 from mpipipe.config import TrainConfig
 from mpipipe.errors import ConfigError
+from mpipipe.executor import MicroBatches
 from mpipipe.job import Job, agree, prepare
 from mpipipe.parallel.grid import Grid
-from mpipipe.parallel.p2p import P2P
-from mpipipe.runtime import Executor, MicroBatches, Stage
-from mpipipe.xp import dtype_of, get, to_numpy
+from mpipipe.runtime import Runtime, place
+from mpipipe.xp import to_numpy
 
 
 def config_of(path: str) -> tuple[Any, TrainConfig]:
@@ -42,37 +42,24 @@ def config_of(path: str) -> tuple[Any, TrainConfig]:
 
 
 class _Pipeline:
-    """A loaded model on this launch's pipeline, running forward-only plans."""
+    """A loaded model on this launch's pipeline, on the backend the training used (the rank
+    runtime decides the device and the transport, as for training), running forward-only."""
 
-    def __init__(self, job: Job, step_dir: Any, comm: MPI.Comm, micro_batch: int, m: int):
+    def __init__(self, job: Job, step_dir: Any, comm: MPI.Comm):
         self.job, self.grid = job, Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
-        rank = self.grid.stage_rank
-        xp, dtype = get("numpy"), dtype_of(job.cfg.dtype)
-        self.stage = Stage(job.model, job.plan, rank, job.cfg.seed, dtype, xp, job.bounds)
+        device = agree(self.grid.world, lambda: place(job, self.grid))
+        self.rt = Runtime(job, self.grid, device, training=False)
         self.step = agree(
-            self.grid.world, lambda: checkpoint.load(step_dir, self.stage, None, job.model)
+            self.grid.world, lambda: checkpoint.load(step_dir, self.rt.stage, None, job.model)
         )
-        plan = schedule.forward_only(schedule.one_f_one_b(job.plan.pp, m))
-        self.exec = Executor(
-            schedule.lower(plan),
-            rank,
-            self.stage,
-            job.model,
-            P2P(self.grid.pp_comm),
-            micro_batch,
-            dtype,
-            xp,
-        )
-        self.xp = xp
-        self.first = 0 in self.stage.ids
-        self.last = plan.n_stages - 1 in self.stage.ids
-        self.last_rank = plan.owner(plan.n_stages - 1)[0]
+        self.exec = self.rt.eval_exec
 
     def say(self, text: str) -> None:
         if self.grid.world.Get_rank() == 0:
             print(text, flush=True)
 
     def close(self) -> None:
+        self.rt.close()
         self.grid.free()
 
 
@@ -82,18 +69,12 @@ def evaluate(path: str, batches: int, comm: MPI.Comm | None = None) -> float:
     step_dir, cfg = config_of(path)
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     cfg = job.cfg  # with this launch's layout: each replica takes its slice of each batch
-    m, b = cfg.microbatches * (cfg.dp or 1), cfg.micro_batch
-    pipe = _Pipeline(job, step_dir, comm, b, cfg.microbatches)
+    m = cfg.microbatches * (cfg.dp or 1)
+    pipe = _Pipeline(job, step_dir, comm)
     total = 0.0
     for i in range(batches):
         x, y = job.dataset.batch(i, "eval", cfg.global_batch)
-        lo = pipe.grid.replica * cfg.microbatches * b
-        split = [slice(lo + j * b, lo + (j + 1) * b) for j in range(cfg.microbatches)]
-        mb = MicroBatches(
-            [x[s] for s in split] if pipe.first else None,
-            [y[s] for s in split] if pipe.last else None,
-        )
-        losses = pipe.exec.run(mb)
+        losses = pipe.exec.run(pipe.rt.micro_batches(x, y))
         total += pipe.grid.world.allreduce(sum(losses), op=MPI.SUM) / m
     loss = total / batches
     pipe.say(
@@ -124,7 +105,7 @@ def generate(
         raise ConfigError(f"generate needs a gpt checkpoint; {step_dir} holds a {cfg.model}")
     cfg = cfg.replace(global_batch=1, microbatches=1)
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
-    pipe = _Pipeline(job, step_dir, comm, 1, 1)
+    pipe = _Pipeline(job, step_dir, comm)
     rng = np.random.default_rng(seed)
     text = list(prompt.encode())
     if not text:
@@ -134,12 +115,12 @@ def generate(
         context = text[-t:]
         x = np.zeros((1, t), dtype=np.int64)  # right padding: causal attention never sees it
         x[0, : len(context)] = context
-        pipe.exec.run(MicroBatches([x] if pipe.first else None, None))
+        pipe.exec.run(MicroBatches([pipe.rt.xp.asarray(x)] if pipe.rt.first else None, None))
         token = 0
-        if pipe.last:
+        if pipe.rt.last:
             logits = to_numpy(pipe.exec.outputs[0])[0, len(context) - 1].astype(np.float64)
             token = _sample(logits, temperature, top_k, rng)
-        text.append(pipe.grid.pp_comm.bcast(token, root=pipe.last_rank))
+        text.append(pipe.grid.pp_comm.bcast(token, root=pipe.rt.last_rank))
     result = bytes(text)
     if pipe.grid.world.Get_rank() == 0:
         print(result.decode("utf-8", errors="replace"), file=out, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 from mpi4py import MPI
@@ -117,15 +118,18 @@ def _simulate(job: Job) -> None:
     job.report = schedule.check(job.plan, job.emulated)
 
 
-def finalize(job: Job, comm: MPI.Comm) -> Job:
-    """--partition time: rank 0 times every layer on this machine and broadcasts the times, so
-    every rank splits the model alike. Other partitions are final already."""
+def finalize(job: Job, comm: MPI.Comm, xp: ModuleType | None = None) -> Job:
+    """--partition time: rank 0 times every layer on its device (`xp`: the array module of the
+    rank's device, NumPy by default) and broadcasts the times, so every rank splits the model
+    alike. Other partitions are final already."""
     if job.cfg.partition != "time":
         return job
     result: Any = None
     if comm.Get_rank() == 0:
         try:
-            result = layer_times(job.model, job.cfg.micro_batch, dtype_of(job.cfg.dtype))
+            result = layer_times(
+                job.model, job.cfg.micro_batch, dtype_of(job.cfg.dtype), xp or get("numpy")
+            )
         except ValueError as e:
             result = str(e)
     result = comm.bcast(result, root=0)

@@ -59,6 +59,11 @@ class Layer(Protocol):
     def forward(self, x: Array) -> tuple[Array, Any]: ...
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array | None, Any]: ...
     def backward_weight(self, wctx: Any) -> None: ...
+    def recompute_selectively(self) -> None:
+        """From now on, drop from saved contexts what backward can cheaply recompute."""
+
+    def rebind_grads(self, remap: dict[int, Array]) -> None:
+        """Use other gradient arrays (views into flat buckets), here and in every child."""
 
 
 class Base:
@@ -67,6 +72,14 @@ class Base:
     def __init__(self, params: dict[str, Array]) -> None:
         self.params = params
         self.grads = {k: v * 0 for k, v in params.items()}
+
+    def recompute_selectively(self) -> None:
+        """Nothing is cheap to recompute in most layers; attention overrides this."""
+
+    def rebind_grads(self, remap: dict[int, Array]) -> None:
+        """Replace gradient arrays by others (views into flat buckets): `remap` maps
+        id(old array) -> new array."""
+        self.grads = {k: remap.get(id(g), g) for k, g in self.grads.items()}
 
     def adopt(self, prefix: str, child: Base) -> None:
         """Expose a child's parameters (same arrays) under `prefix.`."""
@@ -174,6 +187,15 @@ class Sequential(Base):
         for (_, child), w in zip(self.children, wctx, strict=True):
             child.backward_weight(w)
 
+    def recompute_selectively(self) -> None:
+        for _, child in self.children:
+            child.recompute_selectively()
+
+    def rebind_grads(self, remap: dict[int, Array]) -> None:
+        super().rebind_grads(remap)
+        for _, child in self.children:
+            child.rebind_grads(remap)
+
 
 class Attention(Sequential):
     """Causal multi-head self-attention: qkv projection, attention core, output projection."""
@@ -193,6 +215,9 @@ class _AttentionCore(Base):
         super().__init__({})
         self.n_head = n_head
         self.keep_scores = True  # False: selective recomputation of the attention scores
+
+    def recompute_selectively(self) -> None:
+        self.keep_scores = False  # the (B, H, T, T) scores are recomputed from q and k
 
     def forward(self, x: Array) -> tuple[Array, Any]:
         return attention_forward(x, self.n_head, self.keep_scores)

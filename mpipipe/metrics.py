@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,17 +28,15 @@ class MetricsFile:
             self.fh = None
 
 
-def measure_peak_flops(dtype: Any, n: int = 768, repeats: int = 3) -> float:
-    """FLOP/s of a plain n x n matrix product on this rank (best of `repeats`): the reference for
-    MFU when no --peak-tflops is given. Ranks sharing cores measure their share."""
-    import numpy as np
+def measure_peak_flops(xp: Any, dtype: Any, n: int = 768, repeats: int = 3) -> float:
+    """FLOP/s of a plain n x n matrix product on this rank's device (best of `repeats`, on the
+    backend's own clock): the reference for MFU when no --peak-tflops is given. Ranks sharing
+    cores measure their share; on a GPU, n grows to 4096 so the product can fill the device."""
+    from mpipipe.xp import best_seconds
 
-    a = np.ones((n, n), dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
+    n = n if xp.__name__ == "numpy" else max(n, 4096)
+    a = xp.ones((n, n), dtype=dtype)
+    best, _ = best_seconds(xp, lambda: a @ a, repeats)
     return 2.0 * n**3 / best
 
 

@@ -1,15 +1,66 @@
-"""Optimizers (SGD with momentum, AdamW), the learning-rate schedule, and clipping.
+"""Optimizers (SGD with momentum, AdamW), fp16 mixed precision around either, the learning-rate
+schedule, and clipping.
 
 Every update is element-wise on one tensor, so a parameter's new value depends only on its own
-gradient and state: the results are the same whichever stage holds it.
+gradient and state: the results are the same whichever stage holds it. All optimizers follow one
+protocol (`Optimizer`), so the trainer and the checkpoints never ask which one they hold.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 from mpipipe.xp import Array
+
+
+class Optimizer(Protocol):
+    """What the trainer and the checkpoints use of an optimizer."""
+
+    loss_scale: float  # multiplies the loss gradient (1.0 but with dynamic loss scaling)
+
+    def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
+        """Update with grads * factor (factor: gradient clipping)."""
+        ...
+
+    def overflowed(self) -> bool:
+        """The gradients are not finite: True if this optimizer handles that by skipping the
+        step (dynamic loss scaling), False if the run must stop."""
+        ...
+
+    def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
+        """(step count, {slot: {param name: array}}): what a checkpoint stores."""
+        ...
+
+    def scalars(self) -> dict[str, float]:
+        """Small numbers a checkpoint stores besides the slots (may be empty)."""
+        ...
+
+    def load_state(self, t: int, scalars: dict[str, float] | None) -> None:
+        """Restore the step count and scalars (the slot arrays are filled in place)."""
+        ...
+
+
+class _Plain:
+    """What SGD and AdamW share: no loss scaling, clipping applied to the gradients."""
+
+    loss_scale = 1.0
+    t = 0
+
+    def overflowed(self) -> bool:
+        return False
+
+    def scalars(self) -> dict[str, float]:
+        return {}
+
+    def load_state(self, t: int, scalars: dict[str, float] | None) -> None:
+        self.t = t
+
+    @staticmethod
+    def _clip(grads: dict[str, Array], factor: float) -> None:
+        if factor < 1.0:
+            for g in grads.values():
+                g *= factor
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -25,7 +76,7 @@ def decays(name: str, p: Array) -> bool:
     return bool(p.ndim >= 2)
 
 
-class SGD:
+class SGD(_Plain):
     def __init__(
         self, params: dict[str, Array], momentum: float = 0.9, weight_decay: float = 0.0
     ) -> None:
@@ -36,7 +87,8 @@ class SGD:
         """(step count, {slot: {param name: array}}): what a checkpoint stores."""
         return 0, {"momentum": self.state}
 
-    def step(self, grads: dict[str, Array], lr: float) -> None:
+    def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
+        self._clip(grads, factor)
         for k, p in self.params.items():
             buf = self.state[k]
             buf *= self.momentum
@@ -46,7 +98,7 @@ class SGD:
             p -= lr * buf
 
 
-class AdamW:
+class AdamW(_Plain):
     """Adam with decoupled weight decay (Loshchilov & Hutter)."""
 
     def __init__(
@@ -64,7 +116,8 @@ class AdamW:
     def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
         return self.t, {"m": self.m, "v": self.v}
 
-    def step(self, grads: dict[str, Array], lr: float) -> None:
+    def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
+        self._clip(grads, factor)
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
@@ -98,54 +151,55 @@ class MixedPrecision:
         self.params = params
         self.master = {k: v.astype("float32") for k, v in params.items()}
         self.grads32 = {k: v * 0 for k, v in self.master.items()}
-        self.inner = make_inner(self.master)
-        self.scale, self.interval = scale, interval
+        self.inner: Optimizer = make_inner(self.master)
+        self.loss_scale, self.interval = scale, interval
         self.good, self.skipped = 0, 0
 
-    def update_scale(self, finite: bool) -> None:
-        if not finite:
-            self.scale /= 2.0
-            self.good = 0
-            self.skipped += 1
-            return
-        self.good += 1
-        if self.good >= self.interval:
-            self.scale *= 2.0
-            self.good = 0
+    def overflowed(self) -> bool:
+        """Skip this step and halve the scale."""
+        self.loss_scale /= 2.0
+        self.good = 0
+        self.skipped += 1
+        return True
 
     def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
-        """Step the masters with grads * factor / scale (factor: gradient clipping)."""
+        """Step the masters with grads * factor / scale (factor: gradient clipping); after
+        `interval` good steps in a row the scale doubles."""
         for k, g in grads.items():
             g32 = self.grads32[k]
             g32[...] = g  # fp16 -> fp32
-            g32 *= factor / self.scale
+            g32 *= factor / self.loss_scale
         self.inner.step(self.grads32, lr)
         for k, p in self.params.items():
             p[...] = self.master[k]  # fp32 -> fp16
+        self.good += 1
+        if self.good >= self.interval:
+            self.loss_scale *= 2.0
+            self.good = 0
 
     def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
         t, slots = self.inner.state_dict()
         return t, {"master": self.master, **slots}
 
     def scalars(self) -> dict[str, float]:
-        return {"loss_scale": self.scale, "good_steps": self.good, "skipped": self.skipped}
+        return {"loss_scale": self.loss_scale, "good_steps": self.good, "skipped": self.skipped}
 
-
-def load_state(opt: Any, t: int, scalars: dict[str, float] | None = None) -> None:
-    """Restore the step count and scalars (the slot arrays are filled in place by the caller)."""
-    if isinstance(opt, MixedPrecision):
-        load_state(opt.inner, t)
-        for k, p in opt.params.items():
-            p[...] = opt.master[k]
+    def load_state(self, t: int, scalars: dict[str, float] | None) -> None:
+        self.inner.load_state(t, None)
+        for k, p in self.params.items():
+            p[...] = self.master[k]
         if scalars:
-            opt.scale = float(scalars.get("loss_scale", opt.scale))
-            opt.good = int(scalars.get("good_steps", 0))
-            opt.skipped = int(scalars.get("skipped", 0))
-    elif isinstance(opt, AdamW):
-        opt.t = t
+            self.loss_scale = float(scalars.get("loss_scale", self.loss_scale))
+            self.good = int(scalars.get("good_steps", 0))
+            self.skipped = int(scalars.get("skipped", 0))
 
 
-def make(name: str, params: dict[str, Array], cfg: Any) -> Any:
+def load_state(opt: Optimizer, t: int, scalars: dict[str, float] | None = None) -> None:
+    """Restore the step count and scalars (the slot arrays are filled in place by the caller)."""
+    opt.load_state(t, scalars)
+
+
+def make(name: str, params: dict[str, Array], cfg: Any) -> Optimizer:
     if cfg.dtype == "fp16":  # fp32 masters and loss scaling around the same optimizer
         inner = cfg.replace(dtype="float32")
         return MixedPrecision(params, lambda master: make(name, master, inner), cfg.loss_scale)

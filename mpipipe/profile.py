@@ -2,13 +2,14 @@
 
 Layers built from the same recipe (the transformer blocks) cost the same, so each distinct
 recipe is built and timed once (forward, backward_input, backward_weight on one micro-batch;
-the last layer's time includes the loss), then the layers are thrown away. Rank 0 measures and
-broadcasts, so every rank splits the model the same way.
+the last layer's time includes the loss), then the layers are thrown away. Rank 0 measures on
+its own device, with the backend's clock (CUDA events on a GPU), and broadcasts, so every rank
+splits the model the same way.
 """
 
 from __future__ import annotations
 
-import time
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from mpipipe.kernels.loss import cross_entropy_forward_backward
 from mpipipe.layers import Init
 from mpipipe.model import Model
+from mpipipe.xp import best_seconds
 
 
 def _recipe(spec: Any) -> Any:
@@ -25,7 +27,9 @@ def _recipe(spec: Any) -> Any:
     return id(spec)
 
 
-def layer_times(model: Model, micro_batch: int, dtype: Any, repeats: int = 3) -> list[float]:
+def layer_times(
+    model: Model, micro_batch: int, dtype: Any, xp: ModuleType = np, repeats: int = 3
+) -> list[float]:
     """Seconds of F + B + W per global layer for one micro-batch (best of `repeats`)."""
     if model.input_example is None:
         raise ValueError(
@@ -39,23 +43,25 @@ def layer_times(model: Model, micro_batch: int, dtype: Any, repeats: int = 3) ->
     for i, spec in enumerate(model.layers):
         key = (_recipe(spec), i == 0, i == last)
         if key not in known:
-            layer = spec.build(Init.for_layer(0, i, dtype, np))
+            layer = spec.build(Init.for_layer(0, i, dtype, xp))
             if i == 0:
-                x = model.input_example(micro_batch)
+                x = xp.asarray(model.input_example(micro_batch))
             else:
-                x = rng.normal(size=model.act_shape(i - 1, micro_batch)).astype(dtype)
-            best = float("inf")
-            for _ in range(repeats + 1):  # the first round warms up
-                t0 = time.perf_counter()
+                x = xp.asarray(rng.normal(size=model.act_shape(i - 1, micro_batch)).astype(dtype))
+            targets = None
+            if i == last:
+                shape = model.act_shape(i, micro_batch)
+                targets = xp.asarray(rng.integers(0, shape[-1], size=shape[:-1]))
+
+            def work(layer: Any = layer, x: Any = x, targets: Any = targets) -> None:
                 y, ctx = layer.forward(x)
-                if i == last:
-                    targets = rng.integers(0, y.shape[-1], size=y.shape[:-1])
+                if targets is not None:
                     _, dy = cross_entropy_forward_backward(y, targets, 1.0)
                 else:
-                    dy = np.ones_like(y)
+                    dy = xp.ones_like(y)
                 _, wctx = layer.backward_input(dy, ctx)
                 layer.backward_weight(wctx)
-                best = min(best, time.perf_counter() - t0)
-            known[key] = best
+
+            known[key], _ = best_seconds(xp, work, repeats)
         times.append(known[key])
     return times

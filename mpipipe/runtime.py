@@ -1,384 +1,149 @@
-"""The executor: runs exactly the lowered action list of one rank, nothing else.
+"""The rank runtime: everything one rank needs to run steps, built once from (job, grid).
 
-    for i, action in enumerate(row): dispatch[action.kind](action, i)
+    Device      where my arrays live (NumPy or my GPU), chosen from my node-local rank
+    Transport   the ONE policy for messages and collectives (parallel/transport.py)
+    Stage       my chunks, the loss, parameters by global name (stage.py)
+    Executors   the lowered training plan and its forward-only twin (executor.py)
+    GradReducer my stage's gradient buckets over my replicas (parallel/data_parallel.py)
 
-It holds no schedule logic. Data moves through one mailbox keyed by (kind, micro-batch, receiving
-stage): a producer puts its output there; a send takes it out and ships it; a receive puts a
-pending request there; a consumer takes the value, waiting only if the message is still in
-flight. Stages that share a rank (several chunks) thus hand over locally with no special case.
+train, `--dry-run` (placement and policy only: it builds no model), eval, generate and the
+`--partition time` profiler all start here; nothing else decides backends or transports.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from mpipipe.kernels.loss import cross_entropy_forward, cross_entropy_forward_backward
-from mpipipe.layers import Init, Layer, walk
-from mpipipe.model import Model
-from mpipipe.parallel.p2p import P2P, tag
-from mpipipe.partition import uniform
-from mpipipe.schedule import Action, Plan, buffer_releases, peer, recv_buffer_peaks
-from mpipipe.watchdog import NoWatchdog
-from mpipipe.xp import Array
+from threadpoolctl import threadpool_limits
+
+from mpipipe import schedule
+from mpipipe.emulate import EmulatedCompute
+from mpipipe.errors import ConfigError
+from mpipipe.executor import Executor, MicroBatches
+from mpipipe.job import Job
+from mpipipe.parallel.cuda_aware import verdict
+from mpipipe.parallel.data_parallel import GradReducer
+from mpipipe.parallel.grid import Grid
+from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
+from mpipipe.parallel.transport import Transport
+from mpipipe.stage import Compute, Stage
+from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
 
 
-@dataclass
-class _Recompute:
-    """What full recomputation keeps of a micro-batch: the chunk's input only."""
+@dataclass(frozen=True)
+class Device:
+    """Where this rank computes: the array module, the compute dtype and a name for people."""
 
-    x: Array
-
-
-class Chunk:
-    """A contiguous run of global layers forming one virtual stage.
-
-    `recompute`: "none" keeps every layer's context from forward to backward; "full" keeps only
-    the chunk's input and runs the forward again at the start of backward_input; "selective"
-    keeps everything but the attention scores (B, H, T, T), recomputed from q and k. The same
-    operations run on the same inputs, so results are bitwise those of "none".
-    """
-
-    def __init__(
-        self,
-        model: Model,
-        layers: range,
-        seed: int,
-        dtype: Any,
-        xp: ModuleType,
-        recompute: str = "none",
-    ):
-        self.indices = layers
-        self.layers: list[Layer] = [
-            model.layers[i].build(Init.for_layer(seed, i, dtype, xp)) for i in layers
-        ]
-        self.full = recompute == "full"
-        if recompute == "selective":
-            for layer in self.layers:
-                for sub in walk(layer):
-                    if hasattr(sub, "keep_scores"):
-                        sub.keep_scores = False
-
-    def _forward(self, x: Array) -> tuple[Array, list[Any]]:
-        ctxs = []
-        for layer in self.layers:
-            x, ctx = layer.forward(x)
-            ctxs.append(ctx)
-        return x, ctxs
-
-    def forward(self, x: Array) -> tuple[Array, Any]:
-        y, ctxs = self._forward(x)
-        return (y, _Recompute(x)) if self.full else (y, ctxs)
-
-    def backward_input(self, dy: Array, ctxs: Any) -> tuple[Array | None, list[Any]]:
-        if isinstance(ctxs, _Recompute):
-            _, ctxs = self._forward(ctxs.x)
-        wctxs: list[Any] = [None] * len(self.layers)
-        for j in reversed(range(len(self.layers))):
-            dy, wctxs[j] = self.layers[j].backward_input(dy, ctxs[j])
-        return dy, wctxs
-
-    def backward_weight(self, wctxs: list[Any], done: Callable[[int], None] | None = None) -> None:
-        """Accumulate weight gradients, last layer first; `done(i)` after global layer i."""
-        for j in reversed(range(len(self.layers))):
-            self.layers[j].backward_weight(wctxs[j])
-            if done is not None:
-                done(self.indices[j])
+    backend: str  # numpy | cupy
+    xp: ModuleType
+    dtype: Any
+    name: str  # cpu | cuda:N
 
 
-class CrossEntropyLoss:
-    """The loss the last stage applies to the model's output."""
-
-    def forward_backward(self, y: Array, targets: Array, scale: float) -> tuple[float, Array]:
-        return cross_entropy_forward_backward(y, targets, scale)
-
-    def forward(self, y: Array, targets: Array) -> float:
-        return cross_entropy_forward(y, targets)
-
-
-class Stage:
-    """Everything one rank owns: a Chunk per virtual stage it runs, parameters by global name."""
-
-    def __init__(
-        self,
-        model: Model,
-        plan: Plan,
-        rank: int,
-        seed: int,
-        dtype: Any,
-        xp: ModuleType,
-        bounds: list[range] | None = None,
-        recompute: str = "none",
-    ):
-        """`bounds[k]` are the global layers of virtual stage k (default: uniform split)."""
-        if bounds is None:
-            bounds = uniform([s.body for s in model.layers], plan.n_stages, len(plan.stages[0]))
-        self.ids = plan.stages[rank]
-        self.loss: Any = CrossEntropyLoss()
-        self.chunks = [Chunk(model, bounds[k], seed, dtype, xp, recompute) for k in self.ids]
-        self.params: dict[str, Array] = {}
-        self.grads: dict[str, Array] = {}
-        self.layer_params: dict[int, list[str]] = {}  # global layer index -> its param names
-        for chunk in self.chunks:
-            for i, layer in zip(chunk.indices, chunk.layers, strict=True):
-                names = []
-                for k in sorted(layer.params):
-                    name = f"layers.{i}.{k}"
-                    self.params[name] = layer.params[k]
-                    self.grads[name] = layer.grads[k]
-                    names.append(name)
-                self.layer_params[i] = names
-
-    def zero_grad(self) -> None:
-        for g in self.grads.values():
-            g.fill(0)
-
-    def rebind_grads(self, remap: dict[int, Array]) -> None:
-        """Replace gradient arrays by others (views into flat buckets), wherever a layer or its
-        children refer to them; `remap` maps id(old array) -> new array."""
-
-        def visit(layer: Any) -> None:
-            for k, g in layer.grads.items():
-                if id(g) in remap:
-                    layer.grads[k] = remap[id(g)]
-            for _, child in getattr(layer, "children", ()):
-                visit(child)
-
-        for chunk in self.chunks:
-            for layer in getattr(chunk, "real_layers", chunk.layers):
-                visit(layer)
-        self.grads = {k: remap.get(id(g), g) for k, g in self.grads.items()}
+def share_cores(local_size: int, env: Mapping[str, str] = os.environ) -> int | None:
+    """BLAS threads for one of `local_size` ranks on a node: the cores the launcher bound this
+    rank to, or the node's cores divided among its ranks when it bound none (1 when
+    oversubscribed). Returns None, changing nothing, when the user chose (OMP_NUM_THREADS and
+    friends). Done at run time with threadpoolctl, so importing mpipipe changes no setting."""
+    if any(v in env for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
+        return None
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = os.cpu_count() or 1
+    threads = mine if mine and mine < cores else max(1, cores // max(1, local_size))
+    threadpool_limits(threads, user_api="blas")
+    return threads
 
 
-@dataclass
-class MicroBatches:
-    """A step's data as the first and last stages need it, already split into micro-batches."""
-
-    inputs: Sequence[Array] | None  # per micro-batch, for the first stage
-    targets: Sequence[Array] | None  # per micro-batch, for the last stage
-
-
-class Executor:
-    """Runs one lowered plan row on one stage. Buffers are allocated once, at construction."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        rank: int,
-        stage: Stage,
-        model: Model,
-        p2p: P2P,
-        micro_batch: int,
-        dtype: Any,
-        xp: ModuleType,
-        loss_scale: float | None = None,
-        on_layer_final: Callable[[int], None] | None = None,
-        between: Callable[[], None] | None = None,
-    ) -> None:
-        """`loss_scale` multiplies each micro-batch's loss gradient (default 1 / micro-batches);
-        `on_layer_final(i)` is called once global layer i's weight gradients are final for the
-        step; `between()` runs after every action (to progress other communication)."""
-        self.plan, self.rank, self.stage, self.p2p = plan, rank, stage, p2p
-        self.name = (
-            "forward-only"
-            if all(a.kind == "F" for a in plan.actions[rank] if a.is_compute)
-            else "pipeline"
+def place(job: Job, grid: Grid) -> Device:
+    """Choose and select this rank's device from its node-local rank; raises ConfigError (e.g.
+    more ranks than GPUs on a node) so that `agree` can stop every rank together. Ranks that
+    share a node's cores share them out (see `share_cores`)."""
+    share_cores(grid.local_size)
+    xp, dtype = get(job.backend), dtype_of(job.cfg.dtype)
+    if job.backend != "cupy":
+        return Device("numpy", xp, dtype, "cpu")
+    try:
+        index = pick_device(
+            grid.local_rank, grid.local_size, gpu_count(), job.cfg.share_gpus == "yes"
         )
-        self.loss_scale = 1.0 / plan.microbatches if loss_scale is None else loss_scale
-        self.on_layer_final, self.between = on_layer_final, between
-        self.watchdog: Any = NoWatchdog()
-        self.waits: list[tuple[float, float, str]] = []  # last run's blocking waits
-        self.final_w = {a.chunk: i for i, a in enumerate(plan.actions[rank]) if a.kind == "W"}
-        self.row = plan.actions[rank]
-        self.last_stage = plan.n_stages - 1
-        self.training = any(a.kind == "B" for a in self.row)
-        self.releases = buffer_releases(self.row)
-        self.pools: dict[tuple[str, int], list[Array]] = {}
-        for (kind, c), n in recv_buffer_peaks(self.row).items():
-            layers = stage.chunks[c].indices
-            boundary = layers.start - 1 if kind == "RA" else layers.stop - 1
-            shape = model.act_shape(boundary, micro_batch)
-            self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
-        self.spans: list[tuple[float, float, Action]] = []  # last run's compute, perf_counter
-        self.waited = 0.0  # seconds the current action spent waiting for its input
-        self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
-        self.stash_bytes: dict[tuple[int, int], int] = {}
-        self.peak_stash_bytes = 0  # most bytes held by saved contexts at once, over all runs
-        self.dispatch: dict[str, Callable[[Action, int], None]] = {
-            "F": self._forward,
-            "B": self._backward_input,
-            "W": self._backward_weight,
-            "SA": self._send,
-            "SG": self._send,
-            "RA": self._recv,
-            "RG": self._recv,
-        }
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    use_device(index)
+    return Device("cupy", xp, dtype, f"cuda:{index}")
 
-    def run(self, batch: MicroBatches) -> list[float]:
-        """Run the row once; return the last stage's per-micro-batch losses (else [])."""
-        self.batch = batch
-        self.mail: dict[tuple[str, int, int], Any] = {}
-        self.ctx: dict[tuple[int, int], Any] = {}
-        self.wctx: dict[tuple[int, int], Any] = {}
-        self.losses: dict[int, float] = {}
-        self.outputs: dict[int, Array] = {}  # last stage, when the batch has no targets
-        self.sends: list[tuple[Any, Array]] = []
-        self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
-        self.spans, self.waits = [], []
-        clock = time.perf_counter
-        self.started = clock()
-        for i, action in enumerate(self.row):
-            self.watchdog.beat(f"{self.name} action {action}")
-            if action.is_compute:
-                self.waited = 0.0
-                t0 = clock()
-                self.dispatch[action.kind](action, i)
-                # an action first waits for its input (in _take), then computes
-                self.spans.append((t0 + self.waited, clock(), action))
-            else:
-                self.dispatch[action.kind](action, i)
-            if self.between is not None:
-                self.between()
-            for j in self.releases.get(i, ()):
-                pool, buf = self.taken.pop(j)
-                self.pools[pool].append(buf)
-        self.watchdog.beat(f"{self.name}: completing sends")
-        self.watchdog.waiting("waiting for sends to complete (a neighbour not receiving?)")
-        t0 = clock()
-        self.p2p.waitall([req for req, _ in self.sends])
-        self.finished = clock()
-        self.waits.append((t0, self.finished, "wait sends"))
-        self.sends.clear()
-        if self.mail or self.ctx or self.wctx:  # a checked plan never gets here
-            raise RuntimeError(
-                f"rank {self.rank}: the plan left work undone: "
-                f"{sorted(self.mail)} {sorted(self.ctx)} {sorted(self.wctx)}"
+
+def make_transport(job: Job, device: Device) -> tuple[Transport, str]:
+    """The transport for this device and MPI library, and why: host arrays go as they are;
+    device arrays directly when MPI is CUDA-aware, else staged through pinned host memory."""
+    if device.backend != "cupy":
+        return Transport(HostOps()), "host arrays: plain MPI"
+    aware, why = verdict(job.cfg.cuda_aware)
+    ops: DeviceOps = CupyOps()
+    transport = Transport(ops, aware)
+    return transport, f"device buffers {transport.policy} ({why})"
+
+
+class Runtime:
+    """One rank's device, transport, stage, executors and gradient reducer."""
+
+    def __init__(self, job: Job, grid: Grid, device: Device, training: bool = True) -> None:
+        cfg, plan = job.cfg, job.plan
+        self.job, self.grid, self.device = job, grid, device
+        self.xp, self.dtype = device.xp, device.dtype
+        self.rank = grid.stage_rank  # my rank within my pipeline
+        self.transport, self.policy = make_transport(job, device)
+        compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute)
+        if job.emulated is not None:
+            compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)
+        self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute)
+        self.reducer: GradReducer | None = None
+        if training and grid.dp > 1:
+            self.reducer = GradReducer(
+                self.stage,
+                grid.dp_comm,
+                self.transport,
+                int(cfg.bucket_mb * 2**20),
+                cfg.overlap == "on",
             )
-        return [self.losses[mb] for mb in sorted(self.losses)]
+        self.p2p = self.transport.link(grid.pp_comm)
+        self.loss_scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
+        self.train_exec = self._executor(plan, self.loss_scale, self.reducer) if training else None
+        self.eval_exec = self._executor(schedule.forward_only(plan), None, None)
+        self.first = 0 in self.stage.ids
+        self.last = plan.n_stages - 1 in self.stage.ids
+        self.last_rank = plan.owner(plan.n_stages - 1)[0]  # my pipeline's last stage
 
-    @property
-    def busy(self) -> float:
-        """Seconds of compute in the last run."""
-        return sum(e - b for b, e, _ in self.spans)
+    def _executor(self, plan: schedule.Plan, scale: float | None, reducer: Any) -> Executor:
+        return Executor(
+            schedule.lower(plan),
+            self.rank,
+            self.stage,
+            self.job.model,
+            self.p2p,
+            self.job.cfg.micro_batch,
+            self.dtype,
+            self.xp,
+            scale,
+            on_layer_final=reducer.layer_ready if reducer is not None else None,
+        )
 
-    @property
-    def wall(self) -> float:
-        """Seconds from the start of the last run to its last send completing."""
-        return self.finished - self.started
+    def micro_batches(self, x: Any, y: Any) -> MicroBatches:
+        """My replica's disjoint slice of a global batch (host arrays), split into micro-batches
+        and moved to my device; only the first stage gets inputs, only the last targets."""
+        if not (self.first or self.last):
+            return MicroBatches(None, None)
+        m, b = self.job.plan.microbatches, self.job.cfg.micro_batch
+        lo = self.grid.replica * m * b
 
-    # -- compute -------------------------------------------------------------------------------
-    def _forward(self, a: Action, i: int) -> None:
-        k = self.stage.ids[a.chunk]
-        x = self.batch.inputs[a.mb] if k == 0 else self._take(("A", a.mb, k))
-        y, ctx = self.stage.chunks[a.chunk].forward(x)
-        if k == self.last_stage:
-            if self.batch.targets is None:  # inference: keep the model's output
-                self.outputs[a.mb] = y
-                return
-            targets = self.batch.targets[a.mb]
-            if self.training:
-                self.losses[a.mb], dy = self.stage.loss.forward_backward(
-                    y, targets, self.loss_scale
-                )
-                self.mail[("G", a.mb, k)] = dy
-            else:
-                self.losses[a.mb] = self.stage.loss.forward(y, targets)
-        else:
-            self.mail[("A", a.mb, k + 1)] = y
-        if self.training:
-            self.ctx[(a.mb, a.chunk)] = ctx
-            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
-            self._account((a.mb, a.chunk), ctx)
+        def split(a: Any) -> Sequence[Any]:
+            return [self.xp.asarray(a[lo + i * b : lo + (i + 1) * b]) for i in range(m)]
 
-    def _backward_input(self, a: Action, i: int) -> None:
-        k = self.stage.ids[a.chunk]
-        dy = self._take(("G", a.mb, k))
-        dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
-        self.wctx[(a.mb, a.chunk)] = wctx
-        self._account((a.mb, a.chunk), wctx)
-        if k > 0:
-            self.mail[("G", a.mb, k - 1)] = dx
+        return MicroBatches(split(x) if self.first else None, split(y) if self.last else None)
 
-    def _backward_weight(self, a: Action, i: int) -> None:
-        done = self.on_layer_final if i == self.final_w.get(a.chunk) else None
-        self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)), done)
-        self._account((a.mb, a.chunk), None)
-
-    def _account(self, key: tuple[int, int], saved: Any) -> None:
-        """Track the bytes that saved contexts hold (activation memory) and their peak."""
-        self.stash_bytes[key] = _nbytes(saved)
-        total = sum(self.stash_bytes.values())
-        self.peak_stash_bytes = max(self.peak_stash_bytes, total)
-
-    # -- communication -------------------------------------------------------------------------
-    def _key_and_peer(self, a: Action) -> tuple[tuple[str, int, int], int]:
-        k = self.stage.ids[a.chunk]
-        kind = "A" if a.kind in ("SA", "RA") else "G"
-        step = {"SA": 1, "RA": 0, "SG": -1, "RG": 0}[a.kind]  # which stage the message feeds
-        toward = {"SA": 1, "RA": -1, "SG": -1, "RG": 1}[a.kind]
-        other = peer(self.plan, self.rank, a.chunk, toward)
-        assert other is not None, f"{a} at the end of the pipeline"
-        return (kind, a.mb, k + step), other
-
-    def _send(self, a: Action, i: int) -> None:
-        key, dest = self._key_and_peer(a)
-        buf = self.mail.pop(key)
-        if not buf.flags.c_contiguous:
-            buf = buf.copy()
-        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
-        self.sends.append((self.p2p.isend(buf, dest, t), buf))
-
-    def _recv(self, a: Action, i: int) -> None:
-        key, source = self._key_and_peer(a)
-        pool = (a.kind, a.chunk)
-        buf = self.pools[pool].pop()
-        self.taken[i] = (pool, buf)
-        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
-        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), source, t)
-
-    def _take(self, key: tuple[str, int, int]) -> Array:
-        item = self.mail.pop(key)
-        if isinstance(item, _Pending):
-            what = "activation" if key[0] == "A" else "gradient"
-            self.watchdog.waiting(
-                f"waiting for the {what} of micro-batch {key[1]} from rank {item.source} "
-                f"(tag {item.tag}, {item.buffer.nbytes} bytes)"
-            )
-            t0 = time.perf_counter()
-            self.p2p.wait(item.request)
-            t1 = time.perf_counter()
-            self.waited += t1 - t0
-            self.waits.append((t0, t1, f"wait {what} {key[1]} from {item.source}"))
-            return item.buffer
-        return item
-
-
-def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of the distinct arrays reachable from a saved context."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or obj is None:
-        return 0
-    seen.add(id(obj))
-    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
-        base = getattr(obj, "base", None)
-        if base is not None and hasattr(base, "nbytes"):  # a view: count its buffer once
-            return _nbytes(base, seen)
-        return int(obj.nbytes)
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o, seen) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o, seen) for o in obj.values())
-    if isinstance(obj, _Recompute):
-        return _nbytes(obj.x, seen)
-    return 0
-
-
-@dataclass
-class _Pending:
-    buffer: Array
-    request: Any
-    source: int
-    tag: int
+    def close(self) -> None:
+        if self.reducer is not None:
+            self.reducer.close()

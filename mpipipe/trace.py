@@ -62,7 +62,7 @@ class Tracer:
         if self.path is None:
             return
         gathered = self.comm.gather((label, self.events), root=0)
-        if self.comm.Get_rank() != 0:
+        if gathered is None:  # not rank 0
             return
         events: list[dict[str, Any]] = []
         t_min = min((e["ts"] for _, evs in gathered for e in evs), default=0.0)

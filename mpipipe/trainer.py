@@ -2,17 +2,17 @@
 
 One step on one rank: run the checked, lowered plan on my replica's shard (losses on the last
 stage, weight gradients accumulated in micro-batch order, each gradient bucket's all-reduce over
-the replicas started as soon as its layers are final), wait for the buckets, then ONE small
-all-reduce over the whole grid that carries every layer's squared gradient norm, the loss and the
-timings, then clip and step the optimizer. Each layer's norm entry is filled by one rank (its
-stage's replica 0) and every other rank adds exact zeros, so the norm (summed in layer order) and
-thus every update are bitwise the same for every pipeline size.
+the replicas started as soon as its layers are final), wait for the buckets, then reduce the
+step's statistics over the whole grid (stats.py: every layer's squared gradient norm, the loss,
+the timings; two messages whose size does not grow with the number of ranks), then clip and
+step the optimizer. Each layer's norm entry is filled by one rank (its stage's replica 0) and
+every other rank adds exact zeros, so the norm (summed in layer order) and thus every update are
+bitwise the same for every pipeline size.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -24,9 +24,9 @@ from mpi4py import MPI
 
 from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
-from mpipipe.devices import placement, transport
-from mpipipe.emulate import emulated_stage
-from mpipipe.job import Job, agree, describe, finalize, prepare
+from mpipipe.errors import NonFiniteError
+from mpipipe.faults import Faults
+from mpipipe.job import agree, describe, finalize, prepare
 from mpipipe.metrics import (
     MetricsFile,
     log_line,
@@ -35,13 +35,13 @@ from mpipipe.metrics import (
     model_flops_per_step,
 )
 from mpipipe.model import Model
-from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
 from mpipipe.preemption import Preemption
-from mpipipe.runtime import Executor, MicroBatches, Stage
+from mpipipe.runtime import Runtime, place
+from mpipipe.stats import StepStats
 from mpipipe.trace import Tracer
 from mpipipe.watchdog import Watchdog
-from mpipipe.xp import dtype_of, get, to_numpy
+from mpipipe.xp import to_host, to_numpy
 
 
 @dataclass
@@ -73,65 +73,52 @@ def train(
     """Train `model` (default: built from `cfg`) through the pipeline; call on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
-    job = finalize(job, comm)
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
-    agree(grid.world, lambda: placement(job, grid))  # e.g. more ranks than GPUs on a node
     try:
-        return _Run(job, grid, out).loop()
+        device = agree(grid.world, lambda: place(job, grid))  # e.g. more ranks than GPUs
+        job = finalize(job, grid.world, device.xp)  # --partition time: timed on the device
+        return _Run(Runtime(job, grid, device), out).loop()
     finally:
         grid.free()
 
 
+def layer_sq_norms(rt: Runtime) -> dict[int, float]:
+    """Each of my layers' squared gradient norm, in float64 by the backend's pairwise summation
+    (the same on every layout; a threaded BLAS dot would split the sum by thread count). The
+    sums stay on the device and come to the host in ONE transfer."""
+    stage = rt.stage
+    names = [n for i in sorted(stage.layer_params) for n in stage.layer_params[i]]
+    squares = []
+    for n in names:
+        g64 = stage.grads[n].astype("float64", copy=False)
+        squares.append((g64 * g64).sum())
+    values = dict(zip(names, to_host(squares), strict=True))
+    return {i: math.fsum(values[n] for n in ns) for i, ns in stage.layer_params.items()}
+
+
 class _Run:
-    def __init__(self, job: Job, grid: Grid, out: Any) -> None:
-        self.job, self.cfg, self.grid, self.out = job, job.cfg, grid, out
-        self.rank = grid.stage_rank  # my rank within my pipeline
-        self.xp, self.device = get(job.backend), placement(job, grid)
-        self.dtype = dtype_of(self.cfg.dtype)
-        plan, b, cfg = job.plan, self.cfg.micro_batch, self.cfg
-        self.stage = Stage(
-            job.model, plan, self.rank, cfg.seed, self.dtype, self.xp, job.bounds, cfg.recompute
-        )
-        if job.emulated:
-            emulated_stage(self.stage, job.model, job.emulated, b, self.dtype, self.xp)
-        self.p2p = transport(job, grid.pp_comm)
-        self.reducer = None
-        if grid.dp > 1:
-            self.reducer = GradReducer(
-                self.stage, grid.dp_comm, int(cfg.bucket_mb * 2**20), cfg.overlap == "on"
-            )
-        self.loss_scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
-        scale = self.loss_scale
-        self.train_exec = Executor(
-            schedule.lower(plan), self.rank, self.stage, job.model, self.p2p, b, self.dtype,
-            self.xp, scale,
-            on_layer_final=self.reducer.layer_ready if self.reducer else None,
-            between=self.reducer.poke if self.reducer else None,
-        )  # fmt: skip
-        self.eval_exec = Executor(
-            schedule.lower(schedule.forward_only(plan)), self.rank, self.stage, job.model,
-            self.p2p, b, self.dtype, self.xp,
-        )  # fmt: skip
-        self.opt = optim.make(cfg.optimizer, self.stage.params, cfg)
-        self.n_layers = len(job.model.layers)
-        self.n_stages = plan.n_stages
-        self.first = 0 in self.stage.ids
-        self.last = plan.n_stages - 1 in self.stage.ids
-        self.fault = _rank_step_from_env("MPIPIPE_FAULT")
-        self.stall = _rank_step_from_env("MPIPIPE_STALL")
+    def __init__(self, rt: Runtime, out: Any) -> None:
+        self.rt, self.job, self.cfg, self.grid, self.out = rt, rt.job, rt.job.cfg, rt.grid, out
+        cfg, plan, world = self.cfg, rt.job.plan, rt.grid.world
+        self.opt = optim.make(cfg.optimizer, rt.stage.params, cfg)
+        self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
+        self.faults = Faults.parse(cfg.inject_fault)
         self.preemption = Preemption()
-        world = grid.world
-        if (self.first or self.last) and hasattr(job.dataset, "tokens"):
-            _ = job.dataset.tokens  # read the data now: a long first read is not a hang
-        self.layout = grid.layout()
+        if (rt.first or rt.last) and hasattr(self.job.dataset, "tokens"):
+            _ = self.job.dataset.tokens  # read the data now: a long first read is not a hang
+        self.layout = self.grid.layout()
         self.watchdog = Watchdog(cfg.timeout_s, world.Get_rank(), world.Abort)
-        self.train_exec.watchdog = self.eval_exec.watchdog = self.watchdog
+        assert rt.train_exec is not None
+        self.train_exec = rt.train_exec
+        self.train_exec.watchdog = rt.eval_exec.watchdog = self.watchdog
         self.tracer = Tracer(world, cfg.trace, 1, cfg.trace_steps)  # skip step 0: warm-up
-        mine = sum(int(p.size) for p in self.stage.params.values()) if grid.replica == 0 else 0
+        mine = sum(int(p.size) for p in rt.stage.params.values()) if self.grid.replica == 0 else 0
         self.n_params = world.allreduce(mine, op=MPI.SUM)
-        peak = cfg.peak_tflops * 1e12 or measure_peak_flops(self.dtype)
+        peak = cfg.peak_tflops * 1e12 or measure_peak_flops(rt.xp, rt.dtype)
         self.peak_flops = world.allreduce(peak, op=MPI.SUM)  # the whole grid's
-        self.flops_per_step = model_flops_per_step(job.model.meta, self.n_params, cfg.global_batch)
+        self.flops_per_step = model_flops_per_step(
+            self.job.model.meta, self.n_params, cfg.global_batch
+        )
 
     @property
     def tty(self) -> bool:
@@ -153,143 +140,118 @@ class _Run:
             flush=True,
         )
 
-    def micro_batches(self, step: int, split: str) -> MicroBatches:
-        """My replica's disjoint slice of the global batch, split into micro-batches."""
-        if not (self.first or self.last):
-            return MicroBatches(None, None)
+    def batch(self, step: int, split: str) -> Any:
+        if not (self.rt.first or self.rt.last):
+            return self.rt.micro_batches(None, None)
         x, y = self.job.dataset.batch(step, split, self.cfg.global_batch)
-        m, b = self.cfg.microbatches, self.cfg.micro_batch
-        lo = self.grid.replica * m * b
+        return self.rt.micro_batches(x, y)
 
-        def split_(a: Any) -> list[Any]:
-            return [self.xp.asarray(a[lo + i * b : lo + (i + 1) * b]) for i in range(m)]
-
-        return MicroBatches(split_(x) if self.first else None, split_(y) if self.last else None)
-
-    def reduce(self, per_layer: dict[int, float], extras: list[float]) -> tuple[list, list]:
-        """Sum per-layer values and a few scalars over the whole grid in ONE all-reduce. Each
-        per-layer entry comes from one rank (replica 0 of its stage), the others add zeros."""
-        vec = np.zeros(self.n_layers + len(extras))
-        if self.grid.replica == 0:
-            for i, v in per_layer.items():
-                vec[i] = v
-        vec[self.n_layers :] = extras
-        self.grid.world.Allreduce(MPI.IN_PLACE, vec, op=MPI.SUM)
-        return list(vec[: self.n_layers]), list(vec[self.n_layers :])
-
-    def action_costs(self) -> list[float]:
-        """Mean F, B, W seconds per virtual stage in the last run, 3 x n_stages entries; only
-        replica 0 fills in its stages, so the sum over the grid is one pipeline's."""
-        sums = np.zeros((3, self.n_stages))
-        counts = np.zeros((3, self.n_stages))
-        if self.grid.replica == 0:
-            for t0, t1, a in self.train_exec.spans:
-                kind, k = "FBW".index(a.kind), self.stage.ids[a.chunk]
-                sums[kind, k] += t1 - t0
-                counts[kind, k] += 1
-        return list((sums / np.maximum(counts, 1)).ravel())
-
-    def predicted(self, costs: list[float]) -> schedule.Report:
+    def predicted(self, costs: np.ndarray) -> schedule.Report:
         if self.job.emulation:
             return self.job.report
-        per = np.asarray(costs).reshape(3, self.n_stages)
-        return schedule.simulate(self.job.plan, schedule.Costs(*(list(row) for row in per)))
+        f, b, w = (list(map(float, row)) for row in costs)
+        return schedule.simulate(self.job.plan, schedule.Costs(f, b, w))
 
     def evaluate(self) -> float:
         total = 0.0
         for i in range(self.cfg.eval_batches):
-            losses = self.eval_exec.run(self.micro_batches(i, "eval"))
-            _, (loss,) = self.reduce({}, [sum(losses)])
-            total += loss / (self.cfg.microbatches * self.grid.dp)
+            losses = self.rt.eval_exec.run(self.batch(i, "eval"))
+            loss = np.array([sum(losses)], dtype=np.float64)
+            self.rt.transport.allreduce(self.grid.world, loss)
+            total += float(loss[0]) / (self.cfg.microbatches * self.grid.dp)
         return total / self.cfg.eval_batches
 
+    def stats(self, losses: list[float], exposed: float) -> StepStats:
+        """This rank's figures for the step (before the grid-wide reduction)."""
+        ex, me = self.train_exec, self.grid.stage_rank
+        st = StepStats(self.n_layers, self.n_stages, self.grid.pp)
+        if self.grid.replica == 0:  # one rank per layer and per stage fills these in
+            for i, sq in layer_sq_norms(self.rt).items():
+                st.layer_sq[i] = sq
+            counts = np.zeros_like(st.costs)
+            for t0, t1, a in ex.spans:
+                kind, k = "FBW".index(a.kind), self.rt.stage.ids[a.chunk]
+                st.costs[kind, k] += t1 - t0
+                counts[kind, k] += 1
+            st.costs /= np.maximum(counts, 1)
+        st.loss_sum, st.busy = sum(losses), ex.busy
+        st.wall, st.exposed, st.signum = ex.wall, exposed, self.preemption.signum
+        st.rss_mb[me], st.stash_mb[me] = max_rss_mb(), ex.peak_stash_bytes / 2**20
+        return st
+
     def step(self, step: int) -> dict[str, Any]:
-        cfg, world, wd = self.cfg, self.grid.world, self.watchdog
-        n, me = world.Get_size(), world.Get_rank()
+        cfg, wd, rt = self.cfg, self.watchdog, self.rt
         clock = time.perf_counter
         t0 = clock()
         wd.step = step
         wd.beat("the start of the step")
-        if self.fault == (me, step):
-            raise RuntimeError(f"fault injected on rank {me} at step {step} (MPIPIPE_FAULT)")
-        if self.stall == (me, step):
-            time.sleep(10**6)  # MPIPIPE_STALL: a rank that hangs, for the watchdog's tests
-        batch = self.micro_batches(step, "train")
-        self.stage.zero_grad()
-        ex = self.train_exec
-        mixed = isinstance(self.opt, optim.MixedPrecision)
-        scale = self.opt.scale if mixed else 1.0  # fp16: the dynamic loss scale
-        ex.loss_scale = self.loss_scale * scale
-        losses = ex.run(batch)
+        self.faults.step(self.grid.world.Get_rank(), step)
+        batch = self.batch(step, "train")
+        rt.stage.zero_grad()
+        scale = self.opt.loss_scale  # fp16: the dynamic loss scale; else 1
+        self.train_exec.loss_scale = rt.loss_scale * scale
+        losses = self.train_exec.run(batch)
         t_backward = clock()
-        if self.reducer is not None:
+        if rt.reducer is not None:
             wd.beat("the gradient all-reduce")
             wd.waiting("waiting for the gradient all-reduce with the other replicas of my stage")
-            self.reducer.finish(self.p2p.wait)
+            rt.reducer.finish()
         t_reduced = clock()
-        exposed = t_reduced - t_backward  # all-reduce time not hidden by backward
-        sq = {
-            i: math.fsum(_sq_norm(self.stage.grads[n]) for n in names)
-            for i, names in self.stage.layer_params.items()
-        }
-        slots = np.zeros((6, n))  # one slot per rank, so the sum is a gather
-        stash_mb = ex.peak_stash_bytes / 2**20
-        slots[:, me] = ex.busy, ex.wall, exposed, self.preemption.signum, max_rss_mb(), stash_mb
-        extras = [sum(losses), *slots.ravel(), *self.action_costs()]
+        st = self.stats(losses, exposed=t_reduced - t_backward)
         wd.beat("the step's all-reduce")
         wd.waiting("waiting in the step's all-reduce (norms, loss, timings) for other ranks")
         t_sum = clock()
-        per_layer, (loss_sum, *rest) = self.reduce(sq, extras)
+        st.reduce(rt.transport, self.grid.world)
         t_summed = clock()
-        busy, wall, hid, sig, rss, stash = np.reshape(rest[: 6 * n], (6, n))
-        costs = rest[6 * n :]
-        signums = [int(x) for x in sig if x]
-        if signums and not self.preemption.name:  # another rank was signalled
-            self.preemption.name = signal.Signals(signums[0]).name
-        span = max(wall)  # the pipeline's step: the slowest rank's run
-        norm = math.sqrt(math.fsum(per_layer)) / scale
-        factor = optim.clip_factor(norm, cfg.clip)
+        if st.signum and not self.preemption.name:  # another rank was signalled
+            self.preemption.name = signal.Signals(st.signum).name
+        loss = st.loss_sum / (cfg.microbatches * self.grid.dp)
+        norm = math.sqrt(math.fsum(st.layer_sq)) / scale
         lr = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         wd.beat("the optimizer step")
-        if mixed:  # fp32 masters; an overflowed step is skipped and the scale halved
-            if math.isfinite(norm):
-                self.opt.step(self.stage.grads, lr, factor)
-            self.opt.update_scale(math.isfinite(norm))
-        else:
-            if factor < 1.0:
-                for g in self.stage.grads.values():
-                    g *= factor
-            self.opt.step(self.stage.grads, lr)
+        if math.isfinite(norm) and math.isfinite(loss):
+            self.opt.step(rt.stage.grads, lr, optim.clip_factor(norm, cfg.clip))
+        elif not self.opt.overflowed():  # fp16 skips the step; anything else stops here
+            raise NonFiniteError(
+                f"step {step + 1}: the loss is {loss} and the gradient norm {norm}: stopped "
+                "before the optimizer step, nothing of this step was saved (lower --lr, or "
+                "resume from the last checkpoint)"
+            )
         t_end = clock()
         if self.tracer.wants(step):
             self.trace_step(step, t_backward, t_reduced, t_sum, t_summed, t_end)
-        dt = t_end - t0
+        return self.record(step, st, loss, norm, lr, scale, t_end - t0)
+
+    def record(
+        self, step: int, st: StepStats, loss: float, norm: float, lr: float, scale: float,
+        dt: float,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The step's metrics (the JSONL record and the log line's source)."""
+        cfg, n = self.cfg, self.grid.world.Get_size()
         tokens = cfg.global_batch * self.job.model.meta.get("seq_len", 1)  # predictions
-        per_stage, stash_per_stage = [0.0] * self.grid.pp, [0.0] * self.grid.pp
-        for rank, stage, _, _ in self.layout:
-            per_stage[stage] = max(per_stage[stage], rss[rank])
-            stash_per_stage[stage] = max(stash_per_stage[stage], stash[rank])
         rec: dict[str, Any] = {
             "step": step + 1,
             "pp": self.grid.pp,
             "dp": self.grid.dp,
-            "loss": loss_sum / (cfg.microbatches * self.grid.dp),
+            "loss": loss,
             "lr": lr,
             "grad_norm": norm,
             "tokens_per_s": tokens / dt,
             "step_time_s": dt,
-            "pipeline_time_s": span,
-            "bubble": 1.0 - sum(busy) / (n * span) if span > 0 else 0.0,  # mean idle fraction
-            "allreduce_exposed_s": max(hid),  # the slowest rank's wait for its buckets
+            "pipeline_time_s": st.wall,  # the pipeline's step: the slowest rank's run
+            "bubble": 1.0 - st.busy / (n * st.wall) if st.wall > 0 else 0.0,  # mean idle
+            "allreduce_exposed_s": st.exposed,  # the slowest rank's wait for its buckets
             "mfu": self.flops_per_step / dt / self.peak_flops,
-            "max_rss_mb": per_stage,  # peak resident memory, the largest replica per stage
-            "stash_mb": stash_per_stage,  # peak bytes held by saved activations, per stage
-            "preempt": bool(signums),  # a rank got SIGTERM/SIGUSR1: all stop after this step
+            "max_rss_mb": list(st.rss_mb),  # peak resident memory, the largest replica per stage
+            "stash_mb": list(st.stash_mb),  # peak bytes held by saved activations, per stage
+            "stats_bytes": st.nbytes,  # this step's bookkeeping message, per rank
+            "preempt": bool(st.signum),  # a rank got a signal: all stop after this step
         }
-        if mixed:
-            rec["loss_scale"], rec["skipped_steps"] = scale, self.opt.skipped
-        if me == 0:  # only rank 0 reports; the simulation is cheap but not free
-            report = self.predicted(costs)
+        scalars = self.opt.scalars()  # fp16: the loss scale used and the steps skipped so far
+        if scalars:
+            rec["loss_scale"], rec["skipped_steps"] = scale, int(scalars["skipped"])
+        if self.grid.world.Get_rank() == 0:  # only rank 0 reports; the simulation is not free
+            report = self.predicted(st.costs)
             rec["bubble_predicted"] = report.bubble
             rec["pipeline_time_predicted_s"] = report.step_time
         return rec
@@ -301,7 +263,7 @@ class _Run:
             tr.span(str(a), "compute", b, e, step=step + 1, kind=a.kind, mb=a.mb, chunk=a.chunk)
         for b, e, label in ex.waits:
             tr.span(label, "wait", b, e, step=step + 1)
-        if self.reducer is not None:
+        if self.rt.reducer is not None:
             tr.span("gradient all-reduce", "comm", t_backward, t_reduced, step=step + 1)
         tr.span("step all-reduce", "comm", t_sum, t_summed, step=step + 1)
         tr.span("optimizer", "compute", t_summed, t_end, step=step + 1)
@@ -322,7 +284,7 @@ class _Run:
         with self.watchdog.paused("loading a checkpoint"):
             step = agree(
                 self.grid.world,
-                lambda: checkpoint.load(path, self.stage, self.opt, self.job.model),
+                lambda: checkpoint.load(path, self.rt.stage, self.opt, self.job.model),
             )
         self.say(f"resumed from {path} (step {step})")
         return step
@@ -333,7 +295,7 @@ class _Run:
 
     def _save(self, step: int) -> None:
         path = checkpoint.save(
-            str(self.cfg.checkpoint_dir), step, self.stage, self.opt, self.job, self.grid,
+            str(self.cfg.checkpoint_dir), step, self.rt.stage, self.opt, self.job, self.grid,
             self.cfg.keep_last,
         )  # fmt: skip
         self.say(f"saved {path}")
@@ -381,8 +343,7 @@ class _Run:
             finally:
                 metrics.close()
                 self.watchdog.close()
-                if self.reducer is not None:
-                    self.reducer.close()
+                self.rt.close()
         self.tracer.write(f"stage {self.grid.stage_rank}, replica {self.grid.replica}")
         if cfg.trace:
             self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
@@ -391,7 +352,7 @@ class _Run:
             self.say(summary_line(result, time.perf_counter() - t_start))
         else:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
-        result.params = {k: to_numpy(v).copy() for k, v in self.stage.params.items()}
+        result.params = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items()}
         return result
 
 
@@ -410,20 +371,3 @@ def summary_line(result: TrainResult, wall: float) -> str:
         predicted = sum(r["bubble_predicted"] for r in later) / len(later)
         line += f", predicted {predicted:.3f}"
     return line + f" | peak stash {result.peak_stash}"
-
-
-def _sq_norm(g: Any) -> float:
-    """Sum of squares in float64 by NumPy's pairwise summation: the same on every rank count
-    (a threaded BLAS dot would split the sum by thread count)."""
-    g64 = g.astype(np.float64, copy=False)
-    return float((g64 * g64).sum())
-
-
-def _rank_step_from_env(name: str) -> tuple[int, int] | None:
-    """Test hooks: MPIPIPE_FAULT=RANK:STEP makes that world rank raise at that step,
-    MPIPIPE_STALL=RANK:STEP makes it hang there (for the watchdog)."""
-    spec = os.environ.get(name)
-    if not spec:
-        return None
-    rank, step = spec.split(":")
-    return int(rank), int(step)

@@ -76,7 +76,10 @@ def get(backend: str = "numpy") -> ModuleType:
         return numpy
     if backend == "cupy":
         if _cupy is None:
-            raise RuntimeError("--backend cupy needs CuPy (pip install 'mpipipe[gpu]') and a GPU")
+            raise RuntimeError(
+                "--backend cupy needs CuPy and a GPU (pip install 'mpipipe[cuda12]', or"
+                " 'mpipipe[cuda13]' for CUDA 13)"
+            )
         return _cupy
     raise ValueError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
 
@@ -95,15 +98,51 @@ def to_numpy(a: Array) -> numpy.ndarray:
     return numpy.asarray(a)
 
 
-def scatter_add(target: Array, index: Array, values: Array) -> None:
-    """target[index[i]] += values[i] for every i, in order (repeated indices accumulate)."""
+def to_host(values: list[Array]) -> list[float]:
+    """Device scalars as Python floats, brought to the host in ONE transfer (one sync)."""
+    if not values:
+        return []
+    xp = namespace_of(values[0])
+    return [float(v) for v in to_numpy(xp.stack(values))]
+
+
+def copy_into(target: Array, host: numpy.ndarray) -> None:
+    """target[...] = host, for a target on any device: the explicit host-to-device copy CuPy
+    asks for (it refuses to fill a device array from a NumPy array), a plain copy on NumPy."""
     xp = namespace_of(target)
     if xp is numpy:
-        numpy.add.at(target, index, values)
-    else:  # pragma: no cover
-        import cupyx  # noqa: PLC0415 - only reachable with CuPy present
+        target[...] = host
+    else:
+        target[...] = xp.asarray(host, dtype=target.dtype)
 
-        cupyx.scatter_add(target, index, values)
+
+def scatter_add(target: Array, index: Array, values: Array) -> None:
+    """target[index[i]] += values[i] for every i, in order (repeated indices accumulate)."""
+    namespace_of(target).add.at(target, index, values)  # CuPy 13+: cupy.add.at
+
+
+def best_seconds(xp: ModuleType, work: Any, repeats: int = 3) -> tuple[float, str]:
+    """The best time of `work()` over `repeats` runs (after one warm-up), on the backend's own
+    clock: CUDA events around the GPU's work on CuPy (the host only queues it), perf_counter on
+    NumPy; and the clock's name."""
+    import time
+
+    work()
+    best = float("inf")
+    if xp is numpy:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            work()
+            best = min(best, time.perf_counter() - t0)
+        return best, "perf_counter"
+    for _ in range(repeats):
+        start, end = xp.cuda.Event(), xp.cuda.Event()
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        best = min(best, xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return best, "CUDA events"
 
 
 def dtype_of(name: str) -> numpy.dtype:

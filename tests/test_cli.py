@@ -65,7 +65,8 @@ def test_bad_input_fails_fast_with_one_clear_message(case, ranks, tiny_text):
 
 @pytest.mark.parametrize("grid", [["--pp", "4"], ["--pp", "2", "--dp", "2"]])
 def test_a_rank_that_raises_ends_the_whole_job(grid):
-    r = mpirun.train(4, *SMALL, *grid, "--steps", "50", timeout=60, MPIPIPE_FAULT="2:3")
+    flags = [*SMALL, *grid, "--steps", "50", "--inject-fault", "raise@2:3"]
+    r = mpirun.train(4, *flags, timeout=60)
     assert r.returncode != 0
     assert r.stderr.count("fault injected on rank 2 at step 3") == 1, r.stderr
     assert r.stderr.count("Traceback") == 1, r.stderr

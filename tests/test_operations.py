@@ -168,8 +168,8 @@ def test_trace_spans_match_the_schedule(tmp_path):
 
 
 def test_watchdog_names_the_stalled_rank_and_ends_the_job():
-    flags = [*mpirun.TINY, "--steps", "50", "--timeout-s", "4"]
-    r = mpirun.train(2, *flags, timeout=60, MPIPIPE_STALL="1:2")
+    flags = [*mpirun.TINY, "--steps", "50", "--timeout-s", "4", "--inject-fault", "stall@1:2"]
+    r = mpirun.train(2, *flags, timeout=60)
     assert r.returncode != 0
     assert r.seconds < 30
     lines = [ln for ln in r.stderr.splitlines() if "mpipipe: watchdog:" in ln]
@@ -193,3 +193,29 @@ def test_watchdog_pauses_for_long_work_without_beats():
     _time.sleep(0.6)  # and it watches again afterwards
     wd.close()
     assert fired == [3]
+
+
+@pytest.mark.parametrize("status,requeued,exit_code", [(75, True, 0), (0, False, 0), (1, False, 1)])
+def test_train_job_requeues_on_exit_status_75_only(tmp_path, status, requeued, exit_code):
+    """The requeue contract of jobs/train.sbatch is mpipipe's exit status, not its log text."""
+    bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("")
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho stopped by SIGUSR1\nexit {status}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.txt\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "MPIPIPE_VENV": str(venv),
+        "SLURM_JOB_ID": "123",
+        "HOME": str(tmp_path),
+    }
+    script = mpirun.ROOT / "jobs" / "train.sbatch"
+    r = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == exit_code, r.stderr
+    called = tmp_path / "scontrol.txt"
+    assert called.exists() is requeued
+    if requeued:
+        assert called.read_text().split() == ["requeue", "123"]

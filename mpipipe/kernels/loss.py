@@ -7,10 +7,11 @@ from mpipipe.xp import Array, namespace_of
 
 def cross_entropy_forward_backward(
     logits: Array, targets: Array, scale: float
-) -> tuple[float, Array]:
+) -> tuple[Array, Array]:
     """Mean loss over positions and d(scale * loss)/d logits in one pass (the fused form).
 
-    logits (..., V) float, targets (...) int. Returns (loss as a Python float, dlogits (..., V)).
+    logits (..., V) float, targets (...) int. Returns (loss as a 0-d array on the logits' device:
+    no host synchronisation per micro-batch, dlogits (..., V)).
     """
     xp = namespace_of(logits)
     v = logits.shape[-1]
@@ -23,19 +24,19 @@ def cross_entropy_forward_backward(
     probs = xp.exp(shifted)  # (N, V)
     sums = probs.sum(axis=1, keepdims=True)  # (N, 1)
     rows = xp.arange(n)
-    loss = float((xp.log(sums[:, 0]) - shifted[rows, y]).mean())
+    loss = (xp.log(sums[:, 0]) - shifted[rows, y]).mean()  # ()
     probs /= sums  # softmax, in place
     probs[rows, y] -= 1.0
     probs *= scale / n
     return loss, probs.reshape(logits.shape).astype(logits.dtype, copy=False)
 
 
-def cross_entropy_forward(logits: Array, targets: Array) -> float:
-    """Mean loss only (evaluation)."""
+def cross_entropy_forward(logits: Array, targets: Array) -> Array:
+    """Mean loss only (evaluation), as a 0-d array."""
     xp = namespace_of(logits)
     v = logits.shape[-1]
     z = logits.reshape(-1, v).astype("float32" if logits.dtype.itemsize < 4 else logits.dtype)
     y = targets.reshape(-1)  # (N,)
     shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
     lse = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
-    return float((lse - shifted[xp.arange(z.shape[0]), y]).mean())
+    return (lse - shifted[xp.arange(z.shape[0]), y]).mean()  # ()

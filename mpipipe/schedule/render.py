@@ -54,12 +54,15 @@ def plot(report: Report, path: str) -> None:
     pp = len(report.spans)
     fig, ax = plt.subplots(figsize=(max(6.0, report.step_time * 0.25), 0.45 * pp + 1.2))
     for r, row in enumerate(report.spans):
-        for b, e, a in row:
-            if e <= b:
+        for start, end, a in row:
+            if end <= start:
                 continue
             shade = 1.0 if a.chunk == 0 else 0.6
-            ax.barh(r, e - b, left=b, color=COLORS[a.kind], alpha=shade, edgecolor="white")
-            ax.text((b + e) / 2, r, str(a), ha="center", va="center", fontsize=6, color="white")
+            ax.barh(
+                r, end - start, left=start, color=COLORS[a.kind], alpha=shade, edgecolor="white"
+            )
+            mid = (start + end) / 2
+            ax.text(mid, r, str(a), ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(range(pp), [f"rank {r}" for r in range(pp)])
     ax.invert_yaxis()
     ax.set_xlabel("time")
