@@ -19,6 +19,9 @@ from mpipipe.parallel.staging import CupyOps
 from tests import mpirun
 
 FAKE_PATH = f"{mpirun.ROOT / 'tests' / 'fakegpu'}{os.pathsep}{mpirun.ROOT}"
+# a model small enough for many launches; the watchdog ends a deadlocked run in seconds
+TINY = "--layers 2 --d-model 16 --heads 2 --seq-len 8 --global-batch 4 --microbatches 2".split()
+TINY += "--eval-batches 1 --steps 2 --dtype float64 --peak-tflops 1 --timeout-s 10".split()
 
 
 FAKE = importlib.import_module("tests.fakegpu.cupy")
@@ -224,6 +227,19 @@ def test_receive_copy_after_the_compute_is_safe(cp):
     assert (dev * 2).get().tolist() == [[8.0, 8.0], [8.0, 8.0]]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=FAKE.HazardError,
+    reason="finding: CupyOps.to_device (mpipipe/parallel/staging.py:134) copies into a buffer "
+    "the compute stream may still use without waiting for it (rule b)",
+)
+def test_cupyops_to_device_waits_for_the_compute_stream(cp):
+    ops = Ops(cp)
+    dev = cp.zeros((2, 2))
+    event = ops.to_device(ops.host_buffer((2, 2), dev.dtype), dev)
+    ops.sync(event)
+
+
 # -- MPI, real kernels, whole runs ----------------------------------------------------------------
 @pytest.mark.parametrize("aware", ["0", "1"])
 def test_device_buffers_and_mpi(aware):
@@ -241,3 +257,79 @@ def test_device_buffers_and_mpi(aware):
 def test_kernels_and_training_on_the_fake_match_numpy_bitwise():
     r = mpirun.run(["tests/scripts/fake_cupy_layers.py"], timeout=120, PYTHONPATH=FAKE_PATH)
     assert r.returncode == 0 and "bitwise equal" in r.stdout, r.output
+
+
+class Finding(Exception):
+    """A known production bug, seen exactly as recorded (its xfail reason says where)."""
+
+
+def succeeded(r: mpirun.Result, *symptom: str) -> bool:
+    """Did the run succeed? A failure showing all of `symptom` raises Finding; any other
+    failure fails the test."""
+    if r.returncode != 0 and all(text in r.output for text in symptom):
+        raise Finding(symptom)
+    return r.returncode == 0
+
+
+UNSYNCED = "handed to MPI before the stream that produced or last used it was synchronized"
+TWO_RANK_FINDINGS = {
+    "pp2-staged": (
+        ["--pp", "2"],
+        ("watchdog: rank", "made no progress"),
+        "finding: deadlock. _StagedSend posts its Isend only from Test() "
+        "(mpipipe/parallel/staging.py:47), and a rank waiting for a receive "
+        "(mpipipe/runtime.py:351) tests nothing else, so its own staged sends never start",
+    ),
+    "dp2-staged": (
+        ["--dp", "2"],
+        ("in _start", "not CUDA-aware (stage it through host memory)"),
+        "finding: GradReducer's Iallreduce (mpipipe/parallel/data_parallel.py:92) hands device "
+        "buckets to an MPI that is not CUDA-aware: the all-reduce is not staged",
+    ),
+    "pp2-aware": (
+        ["--pp", "2", "--cuda-aware", "yes"],
+        ("in irecv", UNSYNCED),
+        "finding: AwareP2P.irecv (P2P.irecv, mpipipe/parallel/p2p.py:42) hands a pool buffer "
+        "the compute stream may still read to MPI without synchronizing",
+    ),
+    "dp2-aware": (
+        ["--dp", "2", "--cuda-aware", "yes"],
+        ("in _start", UNSYNCED),
+        "finding: GradReducer._start (mpipipe/parallel/data_parallel.py:92) hands buckets to "
+        "MPI while the backward kernels writing them may still run (no synchronize)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "flags, symptom",
+    [
+        pytest.param(
+            flags,
+            symptom,
+            id=name,
+            marks=pytest.mark.xfail(strict=True, raises=Finding, reason=why),
+        )
+        for name, (flags, symptom, why) in TWO_RANK_FINDINGS.items()
+    ],
+)
+def test_two_rank_training_on_the_fake_gpu(flags, symptom):
+    aware = "1" if "--cuda-aware" in flags else "0"
+    env = {"PYTHONPATH": FAKE_PATH, "FAKE_CUPY_DEVICES": "2", "FAKE_CUPY_MPI_AWARE": aware}
+    r = mpirun.train(2, *TINY, "--backend", "cupy", *flags, timeout=90, **env)
+    assert succeeded(r, *symptom) and "done: 2 steps" in r.stdout, r.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Finding,
+    reason="finding: checkpoint._read_into (mpipipe/checkpoint.py:423) assigns a host array into "
+    "a device array (`target[...] = value`); CuPy raises ValueError 'non-scalar numpy.ndarray "
+    "cannot be used for fill'",
+)
+def test_resume_on_the_fake_gpu(tmp_path):
+    flags = [*TINY, "--backend", "cupy", "--checkpoint-dir", str(tmp_path)]
+    r = mpirun.train(None, *flags, timeout=60, PYTHONPATH=FAKE_PATH)
+    assert r.returncode == 0, r.output
+    r = mpirun.train(None, *flags, "--steps", "3", "--resume", "auto", PYTHONPATH=FAKE_PATH)
+    assert succeeded(r, "in _read_into", "host array") and "resumed from" in r.stdout, r.output
