@@ -1,0 +1,70 @@
+"""mpipipe's kernels and one-process training on the fake CuPy, bitwise against NumPy (float64).
+
+Run with the fake first on the path: PYTHONPATH=tests/fakegpu:. python tests/scripts/...
+"""
+
+import io
+import json
+
+import cupy
+import numpy as np
+from cupy import _fake
+
+from mpipipe import TrainConfig, train
+from mpipipe.kernels.loss import cross_entropy_forward_backward
+from mpipipe.layers import Block, Embedding, Head, Init
+from mpipipe.xp import get, gpu_count, namespace_of
+
+B, T, C, H, V = 2, 8, 16, 2, 32
+assert gpu_count() == 1 and get("cupy") is cupy, "mpipipe.xp did not pick up the fake CuPy"
+
+
+def layers(xp):
+    def init(i):
+        return Init.for_layer(0, i, np.float64, xp)
+
+    return [Embedding(init(0), V, C, T), Block(init(1), C, H, 2), Head(init(2), C, V)]
+
+
+def run(xp):
+    """Forward, loss, backward_input and backward_weight; every array on the host after."""
+    rng = np.random.default_rng(1)
+    tokens = xp.asarray(rng.integers(0, V, size=(B, T)))
+    targets = xp.asarray(rng.integers(0, V, size=(B, T)))
+    model = layers(xp)
+    x, ctxs = tokens, []
+    for layer in model:
+        x, ctx = layer.forward(x)
+        ctxs.append(ctx)
+    assert namespace_of(x) is xp
+    loss, dy = cross_entropy_forward_backward(x, targets, 0.5)
+    for layer, ctx in zip(reversed(model), reversed(ctxs), strict=True):
+        dy, wctx = layer.backward_input(dy, ctx)
+        layer.backward_weight(wctx)
+    grads = {f"{i}.{k}": g for i, layer in enumerate(model) for k, g in layer.grads.items()}
+    host = cupy.asnumpy if xp is cupy else np.asarray
+    return loss, {k: host(g) for k, g in grads.items()}
+
+
+loss, grads = run(np)
+_fake.reset()
+fake_loss, fake_grads = run(cupy)
+layer_counts = _fake.snapshot()
+assert fake_loss == loss, (fake_loss, loss)
+assert grads.keys() == fake_grads.keys()
+for k, g in grads.items():
+    assert np.array_equal(fake_grads[k], g), k
+
+cfg = TrainConfig(
+    layers=2, d_model=16, heads=2, seq_len=8, global_batch=4, microbatches=2, steps=2,
+    eval_batches=1, peak_tflops=1.0,
+)  # fmt: skip
+ref = train(cfg.replace(backend="numpy", dtype="float64"), out=io.StringIO())
+_fake.reset()
+got = train(cfg.replace(backend="cupy", dtype="float64"), out=io.StringIO())
+assert [r["loss"] for r in got.history] == [r["loss"] for r in ref.history]
+for k, v in ref.params.items():
+    assert np.array_equal(got.params[k], v), k
+print("layers", json.dumps(layer_counts))
+print("train", json.dumps(_fake.snapshot()))
+print("bitwise equal")
