@@ -126,9 +126,12 @@ def _read(path: str) -> str:
         raise ConfigError(f"--file {path}: {e.strerror} (give a text file of actions)") from None
 
 
+PREEMPTED = 75  # EX_TEMPFAIL: stopped early by SIGTERM/SIGUSR1 after saving; resume to continue
+
+
 def _on_all_ranks(parse: Any, run: Any) -> int:
-    """Parse on every rank, agree on parse errors, run; a ConfigError anywhere ends every rank
-    with status 2 and one message from rank 0."""
+    """Parse on every rank, agree on parse errors, run (it may return an exit status); a
+    ConfigError anywhere ends every rank with status 2 and one message from rank 0."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -139,7 +142,7 @@ def _on_all_ranks(parse: Any, run: Any) -> int:
             parsed, err = None, str(e)
         if any(comm.allgather(err)):  # flag errors end every rank together
             raise ConfigError(err or "invalid command line on another rank")
-        run(parsed, comm)
+        status = run(parsed, comm)
     except ConfigError as e:
         if comm.Get_rank() == 0:
             print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
@@ -148,7 +151,7 @@ def _on_all_ranks(parse: Any, run: Any) -> int:
         if comm.Get_rank() == 0:
             print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
         return 3
-    return 0
+    return int(status or 0)
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -159,12 +162,13 @@ def cmd_train(argv: list[str]) -> int:
         dry = args.pop("dry_run")
         return config_mod.build(args, args.pop("config")), dry
 
-    def run(parsed: tuple[config_mod.TrainConfig, bool], comm: Any) -> None:
+    def run(parsed: tuple[config_mod.TrainConfig, bool], comm: Any) -> int:
         cfg, dry = parsed
         if dry:
             dry_run(cfg, comm)
-        else:
-            train(cfg, comm=comm)
+            return 0
+        result = train(cfg, comm=comm)
+        return PREEMPTED if result.preempted in ("SIGTERM", "SIGUSR1") else 0
 
     return _on_all_ranks(parse, run)
 

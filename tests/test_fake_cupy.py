@@ -43,7 +43,8 @@ class Ops(CupyOps):
     """mpipipe's copy engine, unchanged, on the fake loaded under its package path."""
 
     def __init__(self, cp: Any) -> None:
-        self.cupy, self.stream = cp, cp.cuda.Stream(non_blocking=True)
+        self.cupy, self.device = cp, cp.cuda.Device()
+        self.compute, self.stream = cp.cuda.get_current_stream(), cp.cuda.Stream(non_blocking=True)
         self.cupyx = importlib.import_module("tests.fakegpu.cupyx")
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -172,7 +173,7 @@ def test_send_copy_after_the_compute_is_safe_and_lands_after_polls(cp):
     y = cp.arange(6.0).reshape(2, 3) * 2.0  # produced by a kernel just queued
     host = ops.host_buffer(y.shape, y.dtype)
     host[...] = 0.0
-    event = ops.to_host(y, host)  # record, side waits, copy, record
+    event = ops.to_host(y, host, ops.mark())  # record, side waits, copy, record
     assert poll(ops, event) == [False] * (cp._fake.DELAY - 1) + [True]
     assert np.array_equal(host, np.arange(6.0).reshape(2, 3) * 2)
     y += 1.0  # the copy has run: reusing the buffer is safe now
@@ -188,7 +189,7 @@ def test_copy_reading_unfinished_results_is_rule_c(cp):
 def test_overwriting_a_buffer_a_queued_copy_reads_is_rule_a(cp):
     ops = Ops(cp)
     y = cp.ones(4)
-    event = ops.to_host(y, ops.host_buffer((4,), y.dtype))
+    event = ops.to_host(y, ops.host_buffer((4,), y.dtype), ops.mark())
     with pytest.raises(cp.HazardError, match=r"write-before-copy-read \(rule a\)"):
         y *= 2.0
     event.synchronize()
@@ -201,7 +202,7 @@ def test_reading_before_the_copy_is_done_is_rule_a(cp):
         dev = cp.asarray(np.full(3, 5.0))  # queued on the side stream
     with pytest.raises(cp.HazardError, match=r"read-before-copy-done \(rule a\).*\(3,\)"):
         dev + 1.0
-    ops.sync(ops.stream.record())  # the current stream waits for the copy
+    ops.join(ops.stream.record())  # the current stream waits for the copy
     assert (dev + 1.0).get().tolist() == [6.0, 6.0, 6.0]
 
 
@@ -215,29 +216,28 @@ def test_receive_copy_into_a_buffer_in_use_is_rule_b(cp):
 
 def test_receive_copy_after_the_compute_is_safe(cp):
     """The receive pattern done right: the copy stream waits for the compute stream, and the
-    compute stream waits for the copy before using the buffer (what `_StagedRecv` does)."""
+    compute stream waits for the copy before using the buffer (the transport's staged receive)."""
     ops = Ops(cp)
     dev = cp.zeros((2, 2))
     host = ops.host_buffer((2, 2), dev.dtype)
     host[...] = 4.0
-    ops.stream.wait_event(cp.cuda.get_current_stream().record())
-    event = ops.to_device(host, dev)
+    event = ops.to_device(host, dev, ops.mark())
     assert poll(ops, event)[-1]
-    ops.sync(event)
+    ops.join(event)
     assert (dev * 2).get().tolist() == [[8.0, 8.0], [8.0, 8.0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FAKE.HazardError,
-    reason="finding: CupyOps.to_device (mpipipe/parallel/staging.py:134) copies into a buffer "
-    "the compute stream may still use without waiting for it (rule b)",
-)
 def test_cupyops_to_device_waits_for_the_compute_stream(cp):
+    """The copy into a receive buffer must wait for an event recorded after the buffer's last
+    use on the compute stream (the transport records it when the receive is posted); an older
+    event is the race CupyOps.to_device once had (rule b)."""
     ops = Ops(cp)
     dev = cp.zeros((2, 2))
-    event = ops.to_device(ops.host_buffer((2, 2), dev.dtype), dev)
-    ops.sync(event)
+    stale = ops.mark()
+    dev *= 3.0  # the compute stream uses the buffer after `stale`
+    with pytest.raises(cp.HazardError, match=r"rule b"):
+        ops.to_device(ops.host_buffer((2, 2), dev.dtype), dev, stale)
+    ops.join(ops.to_device(ops.host_buffer((2, 2), dev.dtype), dev, ops.mark()))
 
 
 # -- MPI, real kernels, whole runs ----------------------------------------------------------------
@@ -269,55 +269,6 @@ def succeeded(r: mpirun.Result, *symptom: str) -> bool:
     if r.returncode != 0 and all(text in r.output for text in symptom):
         raise Finding(symptom)
     return r.returncode == 0
-
-
-UNSYNCED = "handed to MPI before the stream that produced or last used it was synchronized"
-TWO_RANK_FINDINGS = {
-    "pp2-staged": (
-        ["--pp", "2"],
-        ("watchdog: rank", "made no progress"),
-        "finding: deadlock. _StagedSend posts its Isend only from Test() "
-        "(mpipipe/parallel/staging.py:47), and a rank waiting for a receive "
-        "(mpipipe/runtime.py:351) tests nothing else, so its own staged sends never start",
-    ),
-    "dp2-staged": (
-        ["--dp", "2"],
-        ("in _start", "not CUDA-aware (stage it through host memory)"),
-        "finding: GradReducer's Iallreduce (mpipipe/parallel/data_parallel.py:92) hands device "
-        "buckets to an MPI that is not CUDA-aware: the all-reduce is not staged",
-    ),
-    "pp2-aware": (
-        ["--pp", "2", "--cuda-aware", "yes"],
-        ("in irecv", UNSYNCED),
-        "finding: AwareP2P.irecv (P2P.irecv, mpipipe/parallel/p2p.py:42) hands a pool buffer "
-        "the compute stream may still read to MPI without synchronizing",
-    ),
-    "dp2-aware": (
-        ["--dp", "2", "--cuda-aware", "yes"],
-        ("in _start", UNSYNCED),
-        "finding: GradReducer._start (mpipipe/parallel/data_parallel.py:92) hands buckets to "
-        "MPI while the backward kernels writing them may still run (no synchronize)",
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "flags, symptom",
-    [
-        pytest.param(
-            flags,
-            symptom,
-            id=name,
-            marks=pytest.mark.xfail(strict=True, raises=Finding, reason=why),
-        )
-        for name, (flags, symptom, why) in TWO_RANK_FINDINGS.items()
-    ],
-)
-def test_two_rank_training_on_the_fake_gpu(flags, symptom):
-    aware = "1" if "--cuda-aware" in flags else "0"
-    env = {"PYTHONPATH": FAKE_PATH, "FAKE_CUPY_DEVICES": "2", "FAKE_CUPY_MPI_AWARE": aware}
-    r = mpirun.train(2, *TINY, "--backend", "cupy", *flags, timeout=90, **env)
-    assert succeeded(r, *symptom) and "done: 2 steps" in r.stdout, r.output
 
 
 @pytest.mark.xfail(

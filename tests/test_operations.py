@@ -195,8 +195,8 @@ def test_watchdog_pauses_for_long_work_without_beats():
     assert fired == [3]
 
 
-@pytest.mark.parametrize("status,requeued,exit_code", [(75, True, 0), (0, False, 0), (1, False, 1)])
-def test_train_job_requeues_on_exit_status_75_only(tmp_path, status, requeued, exit_code):
+@pytest.mark.parametrize("status,requeued,code", [(75, True, 0), (0, False, 0), (1, False, 1)])
+def test_train_job_requeues_on_exit_status_75_only(tmp_path, status, requeued, code):
     """The requeue contract of jobs/train.sbatch is mpipipe's exit status, not its log text."""
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -213,8 +213,10 @@ def test_train_job_requeues_on_exit_status_75_only(tmp_path, status, requeued, e
         "HOME": str(tmp_path),
     }
     script = mpirun.ROOT / "jobs" / "train.sbatch"
-    r = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == exit_code, r.stderr
+    r = subprocess.run(
+        ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == code, r.stderr
     called = tmp_path / "scontrol.txt"
     assert called.exists() is requeued
     if requeued:

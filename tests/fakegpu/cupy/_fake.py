@@ -19,6 +19,7 @@ FAKE_CUPY_MPI_AWARE=1 (MPI may take device buffers).
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -204,12 +205,13 @@ class Event:
     ) -> None:
         self.stream: Stream | None = None
         self.upto = self.horizon = self.polls = 0
-        self.complete = True
+        self.complete, self.at = True, 0.0
 
     def record(self, stream: Stream | None = None) -> None:
         s = get_current_stream() if stream is None else stream
         self.stream, self.upto, self.horizon = s, s.issued, s.horizon()
         self.polls, self.complete = 0, False
+        self.at = time.perf_counter()  # array math runs eagerly: the host clock is its clock
 
     @property
     def done(self) -> bool:
@@ -364,3 +366,11 @@ def handoff(buf: Buffer) -> None:
             + (", and a copy into or out of it is still queued" if queued else "")
             + "; call stream.synchronize() (or synchronize an event recorded after it) first"
         )
+
+
+def get_elapsed_time(start: Event, end: Event) -> float:
+    """Milliseconds between two completed events (CUDA's cudaEventElapsedTime)."""
+    earlier = start.stream is end.stream and start.upto <= end.upto  # done when `end` is
+    if not (end.complete and (start.complete or earlier)):
+        raise CUDARuntimeError(600, "cudaErrorNotReady: an event has not completed")
+    return (end.at - start.at) * 1e3

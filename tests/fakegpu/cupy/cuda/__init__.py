@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from .. import _fake
-from .._fake import Device, Event, Stream, get_current_stream
+from .._fake import Device, Event, Stream, get_current_stream, get_elapsed_time
 from . import runtime
 
-__all__ = ["Device", "Event", "Stream", "get_current_stream", "is_available", "runtime"]
+__all__ = [
+    "Device",
+    "Event",
+    "Stream",
+    "get_current_stream",
+    "get_elapsed_time",
+    "is_available",
+    "runtime",
+]
 
 
 def is_available() -> bool:
