@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CORE = ["bench_kernels.py", "bench_step.py", "bench_p2p.py"]
+CORE = ["bench_kernels.py", "bench_step.py", "bench_p2p.py", "bench_host_syncs.py"]
 MORE = ["bench_schedules.py", "bench_data_parallel.py", "bench_checkpoint.py"]
 
 
