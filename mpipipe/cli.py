@@ -28,51 +28,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
 from mpipipe import config as config_mod
 from mpipipe.errors import ConfigError, NonFiniteError, ScheduleError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so errors are agreed on by all ranks first."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{self.prog}: {message} (see --help)")
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="mpipipe train",
-        description="Train a model through the pipeline.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", metavar="FILE.toml", help="TOML file of the keys below; flags win")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check everything, print the layout (host, local rank, device, stage, replica) and "
-        "the checked schedule, then exit without building the model",
-    )
-    for f in config_mod.fields():
-        kind = f.type if isinstance(f.type, str) else str(f.type)
-        conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
-        meta = f.metadata
-        choices = meta.get("choices")
-        default = "" if f.default is None else f" (default: {f.default})"
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=conv,
-            default=None,
-            choices=choices,
-            help=meta["help"] + default,
-            metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
-        )
-    return p
+from mpipipe.flags import Parser as _Parser
+from mpipipe.flags import parse_train
+from mpipipe.schedule import SCHEDULES
 
 
 def _schedule_parser() -> argparse.ArgumentParser:
@@ -80,9 +43,20 @@ def _schedule_parser() -> argparse.ArgumentParser:
         prog="mpipipe schedule",
         description="Check a schedule, draw its timeline and simulate it (no MPI needed).",
     )
-    p.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved, zb-h1, zbv")
+    train = config_mod.TrainConfig()  # the same defaults as train's
+    p.add_argument(
+        "--schedule",
+        default=train.schedule,
+        choices=sorted(SCHEDULES),
+        help=f"the schedule (default: {train.schedule})",
+    )
     p.add_argument("--pp", type=int, default=4, help="pipeline ranks (default: 4)")
-    p.add_argument("--microbatches", type=int, default=8, help="micro-batches (default: 8)")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=train.microbatches,
+        help=f"micro-batches (default: {train.microbatches}, as train's)",
+    )
     p.add_argument("--virtual-stages", type=int, default=None, help="chunks per rank")
     p.add_argument(
         "--costs", default="F=1,B=1,W=1", help="per-action costs, e.g. F=1,B=2,W=1,latency=0.1"
@@ -158,9 +132,7 @@ def cmd_train(argv: list[str]) -> int:
     from mpipipe.trainer import train
 
     def parse() -> tuple[config_mod.TrainConfig, bool]:
-        args = vars(_train_parser().parse_args(argv))
-        dry = args.pop("dry_run")
-        return config_mod.build(args, args.pop("config")), dry
+        return parse_train(argv, epilog=__doc__)
 
     def run(parsed: tuple[config_mod.TrainConfig, bool], comm: Any) -> int:
         cfg, dry = parsed

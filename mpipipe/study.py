@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mpipipe.config import TrainConfig
 from mpipipe.errors import ConfigError
+from mpipipe.flags import parse_train
 
 COLUMNS = [
     "ranks",
@@ -71,15 +71,6 @@ def launcher(kind: str, n: int) -> list[str]:
     return [exe, "-n", str(n)]
 
 
-def _flag(flags: list[str], name: str) -> str | None:
-    for i, f in enumerate(flags):
-        if f == name and i + 1 < len(flags):
-            return flags[i + 1]
-        if f.startswith(name + "="):
-            return f.split("=", 1)[1]
-    return None
-
-
 def _with(flags: list[str], name: str, value: str) -> list[str]:
     out, skip = [], False
     for f in flags:
@@ -95,8 +86,9 @@ def _with(flags: list[str], name: str, value: str) -> list[str]:
 
 
 def runs(ranks: list[int], mode: str, flags: list[str]) -> list[tuple[int, list[str]]]:
-    """(ranks, train flags) for every run of the study."""
-    base = int(_flag(flags, "--global-batch") or TrainConfig().global_batch)
+    """(ranks, train flags) for every run of the study; weak scaling grows the global batch of
+    the parsed config (flags and --config alike) with the ranks."""
+    base = parse_train(flags)[0].global_batch
     plan = []
     for n in ranks:
         run_flags = list(flags)
@@ -108,13 +100,9 @@ def runs(ranks: list[int], mode: str, flags: list[str]) -> list[tuple[int, list[
 
 def check_run(n: int, flags: list[str]) -> str:
     """Validate one run's train flags for `n` ranks as train would (no launch, no MPI)."""
-    from mpipipe.cli import _train_parser
-    from mpipipe.config import build
     from mpipipe.job import prepare
 
-    args = vars(_train_parser().parse_args(flags))
-    args.pop("dry_run")
-    job = prepare(build(args, args.pop("config")), n)
+    job = prepare(parse_train(flags)[0], n)
     return f"{n} ranks -> pp={job.cfg.pp} x dp={job.cfg.dp}, schedule {job.plan.name}"
 
 
@@ -148,17 +136,18 @@ def run_study(
 def summarize(n: int, flags: list[str], metrics: Path) -> dict[str, Any]:
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     later = recs[1:] or recs  # the first step carries one-time costs
+    cfg = parse_train(flags)[0]
     return {
         "ranks": n,
         "pp": later[-1]["pp"],
         "dp": later[-1]["dp"],
-        "schedule": _flag(flags, "--schedule") or TrainConfig().schedule,
-        "microbatches": int(_flag(flags, "--microbatches") or TrainConfig().microbatches),
-        "global_batch": int(_flag(flags, "--global-batch") or TrainConfig().global_batch),
+        "schedule": cfg.schedule,
+        "microbatches": cfg.microbatches,
+        "global_batch": cfg.global_batch,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in later),
         "step_time_s": statistics.median(r["step_time_s"] for r in later),
         "bubble": statistics.median(r["bubble"] for r in later),
-        "emulated": _flag(flags, "--emulate") or "",
+        "emulated": cfg.emulate or "",
     }
 
 

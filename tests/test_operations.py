@@ -221,3 +221,22 @@ def test_train_job_requeues_on_exit_status_75_only(tmp_path, status, requeued, c
     assert called.exists() is requeued
     if requeued:
         assert called.read_text().split() == ["requeue", "123"]
+
+
+def test_study_reads_its_runs_from_the_parsed_config(tmp_path):
+    """With --config, the weak-scaling base batch and the table come from the TOML (the study
+    once parsed train flags by hand and saw only the command line)."""
+    from mpipipe.study import runs, summarize
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('global_batch = 24\nmicrobatches = 3\nschedule = "gpipe"\n')
+    plan = runs([1, 2], "weak", ["--config", str(toml)])
+    assert [flags[-2:] for _, flags in plan] == [
+        ["--global-batch", "24"],
+        ["--global-batch", "48"],
+    ]
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"pp": 1, "dp": 2, "tokens_per_s": 1.0, "step_time_s": 1.0,
+                             "bubble": 0.0}) + "\n")  # fmt: skip
+    row = summarize(2, plan[1][1], m)
+    assert (row["global_batch"], row["microbatches"], row["schedule"]) == (48, 3, "gpipe")
