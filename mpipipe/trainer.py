@@ -339,19 +339,28 @@ class _Run:
         self.say(f"saved {path}")
 
     def loop(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, world = self.cfg, self.grid.world
         self.say(describe(self.job, self.layout))
-        start = self.resume()
-        metrics = MetricsFile(
-            cfg.metrics_file if self.grid.world.Get_rank() == 0 else None, append=start > 0
-        )
         result = TrainResult(cfg)
-        t_start = time.perf_counter()
-        saved = start if cfg.resume else -1
-        with Preemption() as preemption:
+        # from before resume on: a signal while loading (before step 1) is handled too
+        with Preemption(world.Abort, self.say) as preemption:
             self.preemption = preemption
+            start = self.resume()
+            metrics = MetricsFile(
+                cfg.metrics_file if world.Get_rank() == 0 else None, append=start > 0
+            )
+            t_start = time.perf_counter()
+            saved = start if cfg.resume else -1
+            end = cfg.steps
+            if signum := world.allreduce(preemption.signum, op=MPI.MAX):
+                result.preempted, end = signal.Signals(signum).name, start
+                where = f"the checkpoint at step {start} is unchanged" if start else "none saved"
+                self.say(
+                    f"stopped by {result.preempted} before step {start + 1}: nothing trained, "
+                    f"{where}; start again with --resume auto to continue"
+                )
             try:
-                for step in range(start, cfg.steps):
+                for step in range(start, end):
                     rec = self.step(step)
                     last = step + 1 == cfg.steps or rec["preempt"]
                     if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
@@ -383,13 +392,13 @@ class _Run:
                 self.watchdog.close()
                 if self.reducer is not None:
                     self.reducer.close()
-        self.tracer.write(f"stage {self.grid.stage_rank}, replica {self.grid.replica}")
-        if cfg.trace:
-            self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
-        result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
+            self.tracer.write(f"stage {self.grid.stage_rank}, replica {self.grid.replica}")
+            if cfg.trace:
+                self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
+            result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
         if result.history:
             self.say(summary_line(result, time.perf_counter() - t_start))
-        else:
+        elif not result.preempted:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
         result.params = {k: to_numpy(v).copy() for k, v in self.stage.params.items()}
         return result

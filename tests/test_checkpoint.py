@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests import mpirun
+from tests.background import Job
 
 SMALL = [
     "--layers",
@@ -258,60 +258,15 @@ def test_eval_and_generate(saved):
     assert r.stdout.startswith("def ") and r.stdout == one.stdout  # greedy: same on any layout
 
 
-def _ranks_of(marker: str) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in cmd and "python" in cmd and "mpiexec" not in cmd:
-                pids.append(int(p.name))
-    return pids
-
-
 @pytest.mark.parametrize("sig, ranks", [("SIGTERM", 2), ("SIGUSR1", 4)])
 def test_preemption_saves_and_exits_zero(tmp_path, sig, ranks):
     d = tmp_path / f"ck-{sig}"
-    cmd = [
-        mpirun.mpiexec(),
-        "-n",
-        str(ranks),
-        *mpirun.python(),
-        "-m",
-        "mpipipe",
-        "train",
-        *SMALL,
-        "--steps",
-        "100000",
-        "--checkpoint-dir",
-        str(d),
-        "--log-every",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=mpirun.ROOT,
-        env=mpirun.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(_ranks_of(str(d))) < ranks:
-            time.sleep(0.2)
-        time.sleep(2.0)  # let it train a few steps
-        pids = _ranks_of(str(d))
-        assert len(pids) == ranks
-        os.kill(max(pids), getattr(signal, sig))  # one rank only: the others learn of it
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out + err
+    job = Job(ranks, [*SMALL, "--steps", "100000", "--checkpoint-dir", str(d)], tmp_path)
+    pids = job.pids()
+    job.wait_for(r"step +1/")  # training, not starting up (see tests/test_faults.py for that)
+    os.kill(max(pids), getattr(signal, sig))  # one rank only: the others learn of it
+    assert job.finish() == 0, job.output()
+    out = job.output()
     assert f"stopped by {sig}" in out and "--resume auto" in out
     stopped = (d / "latest").read_text().strip()
     step = int(stopped.split("_")[1])
