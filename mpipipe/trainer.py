@@ -307,24 +307,28 @@ class _Run:
         tr.span("optimizer", "compute", t_summed, t_end, step=step + 1)
 
     def resume(self) -> int:
-        """Load the checkpoint --resume names (collectively agreed); return the next step."""
-        cfg = self.cfg
+        """Check the checkpoint directory (writable on every rank that saves, leftovers of
+        killed saves removed), then load the checkpoint --resume names; return the next step."""
+        cfg, world = self.cfg, self.grid.world
+        if cfg.checkpoint_dir:
+            writer = self.grid.replica == 0  # replica 0 of each stage writes its shard
+            me, root = world.Get_rank(), cfg.checkpoint_dir
+            for note in agree(world, lambda: checkpoint.prepare_dir(root, me, writer)):
+                self.say(note)
         if not cfg.resume:
             return 0
-        if cfg.resume == "auto":
-            found = checkpoint.latest(str(cfg.checkpoint_dir))
-            if found is None:
-                self.say(f"--resume auto: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
-                return 0
-            path = found
-        else:
-            path = checkpoint.resolve(cfg.resume)
+        auto = cfg.resume == "auto"
         with self.watchdog.paused("loading a checkpoint"):
-            step = agree(
-                self.grid.world,
-                lambda: checkpoint.load(path, self.stage, self.opt, self.job.model),
-            )
-        self.say(f"resumed from {path} (step {step})")
+            path, step, notes = checkpoint.restore(
+                world, str(cfg.checkpoint_dir) if auto else cfg.resume, self.stage, self.opt,
+                self.job.model, fresh_ok=auto,
+            )  # fmt: skip
+        for note in notes:
+            self.say(f"--resume {cfg.resume}: {note}")
+        if path is None:
+            self.say(f"--resume auto: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
+        else:
+            self.say(f"resumed from {path} (step {step})")
         return step
 
     def save(self, step: int) -> None:
@@ -332,6 +336,8 @@ class _Run:
             self._save(step)
 
     def _save(self, step: int) -> None:
+        """A failed save raises SaveError on every rank (one line, exit 2): the work since the
+        previous checkpoint is lost, that checkpoint is not."""
         path = checkpoint.save(
             str(self.cfg.checkpoint_dir), step, self.stage, self.opt, self.job, self.grid,
             self.cfg.keep_last,
