@@ -124,7 +124,9 @@ class TrainConfig:
         0.0, "per-rank peak for MFU, TFLOP/s (0: measure a matrix product at start)"
     )
     resume: str | None = _opt(
-        None, "resume from a checkpoint DIR, or 'auto': the latest in --checkpoint-dir if any"
+        None,
+        "resume from a checkpoint (DIR/step_N, or DIR: its newest usable one), or 'auto': the "
+        "newest usable one in --checkpoint-dir, fresh if it holds none",
     )
 
     # -- derived -------------------------------------------------------------------------------
