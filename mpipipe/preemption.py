@@ -51,7 +51,10 @@ class Preemption:
             self.announce("SIGINT: stopping after this step (and saving); a second one aborts")
         elif self.interrupts >= 2:
             if self.announce:
-                self.announce(f"second SIGINT: aborting now (exit {ABORT_STATUS}), nothing saved")
+                self.announce(
+                    f"second SIGINT: aborting now (exit {ABORT_STATUS}); nothing saved since "
+                    "the last checkpoint"
+                )
             self.abort(ABORT_STATUS)
 
     def _watch(self, fd: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -204,7 +205,7 @@ def on_root(comm: Any, work: Callable[[], T]) -> T:
     result, err = comm.bcast((result, err), root=0)
     if err is not None:
         raise err
-    return result  # type: ignore[return-value]
+    return result  # type: ignore[no-any-return]
 
 
 def restore(
@@ -216,6 +217,8 @@ def restore(
     entry at all; its step; notes on what was skipped and why). Raises if entries exist but
     none is usable, naming each, or if the newest usable one is of another model."""
     root = Path(path)
+    found: list[Path]
+    notes: list[str]
     if is_step_dir(root):
         found, notes = [root], []
     else:
@@ -228,7 +231,7 @@ def restore(
             )
     for step_dir in found:
         try:
-            step = agreed(comm, lambda d=step_dir: load(d, stage, opt, model))
+            step = agreed(comm, partial(load, step_dir, stage, opt, model))
             return step_dir, step, notes
         except Damaged as e:
             if found == [root]:  # a step directory given by name

@@ -21,6 +21,8 @@ from mpipipe.checkpoint.find import prune
 from mpipipe.errors import ConfigError
 from mpipipe.xp import to_numpy
 
+Shard = dict[str, Any]  # a shard's manifest entry
+
 
 def write_shard(path: Path, tensors: dict[str, Any], attrs: dict[str, Any]) -> tuple[str, int]:
     """Write {dataset path: array}, each dataset carrying the sha256 of its bytes, with
@@ -135,7 +137,7 @@ def _failed(step: int, root: Path, failure: str) -> SaveError:
 
 
 def _commit(
-    root: Path, tmp: Path, final: Path, step: int, shards: list[dict], job: Any, grid: Any
+    root: Path, tmp: Path, final: Path, step: int, shards: list[Shard], job: Any, grid: Any
 ) -> None:
     """Rank 0, after every shard is written: manifest, view, rename into place, `latest`."""
     _write_manifest(tmp, step, shards, job, grid)
@@ -163,7 +165,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
-def _write_manifest(tmp: Path, step: int, shards: list[dict], job: Any, grid: Any) -> None:
+def _write_manifest(tmp: Path, step: int, shards: list[Shard], job: Any, grid: Any) -> None:
     import mpi4py
     from mpi4py import MPI
 
@@ -212,7 +214,7 @@ def _write_manifest(tmp: Path, step: int, shards: list[dict], job: Any, grid: An
     fsync(path)
 
 
-def _write_view(path: Path, shards: list[dict]) -> None:
+def _write_view(path: Path, shards: list[Shard]) -> None:
     """One HDF5 file whose groups are external links into the shards (same directory)."""
 
     def fill(f: h5py.File) -> None:
