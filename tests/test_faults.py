@@ -1,6 +1,7 @@
 """Faults: every file the runtime reads in every broken form, checkpoints that are never lost,
 saves that fail (injected ENOSPC/EACCES/EDQUOT/EIO at the h5py write, and a real full tmpfs),
-unwritable checkpoint directories, SIGINT, eval from another directory, metrics after resume.
+unwritable checkpoint directories, eval from another directory, metrics after resume (signals:
+tests/test_signals.py).
 
 In-process runs use MPI.COMM_SELF (fast, and monkeypatch reaches them); the multi-rank claims
 (every rank stops together, no hang) run under mpiexec, most of them in ONE launch of
@@ -13,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +28,6 @@ from mpipipe.config import TrainConfig
 from mpipipe.errors import ConfigError
 from mpipipe.metrics import MetricsFile
 from tests import mpirun
-from tests.background import Job
 
 TINY = mpirun.TINY
 QUIET = ["--eval-every", "0", "--log-every", "100", "--peak-tflops", "1"]
@@ -375,51 +374,6 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_step_one(tmp_path, kind)
         assert "is not writable" in r.stderr and "EROFS" in r.stderr, r.output
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.output
     assert "step 1/" not in r.stdout and "Traceback" not in r.output
-
-
-# -- signals --------------------------------------------------------------------------------------
-def test_sigint_to_the_launcher_finishes_the_step_saves_and_exits_zero(tmp_path):
-    """Ctrl-C at a terminal reaches the launcher; MPICH's forwards the first one to every rank
-    (the ranks run in sessions of their own: the terminal does not reach them)."""
-    d = tmp_path / "ck"
-    job = Job(2, [*TINY, "--steps", "100000", "--checkpoint-dir", str(d)], tmp_path)
-    job.wait_for(r"step +1/")
-    job.proc.send_signal(signal.SIGINT)
-    assert job.finish() == 0, job.output()
-    out = job.output()
-    assert "stopped by SIGINT after step" in out and "KeyboardInterrupt" not in out, out
-    step = int((d / "latest").read_text().strip().split("_")[1])
-    assert 0 < step < 100000 and f"checkpoint at step {step}" in out
-
-
-def test_a_second_sigint_aborts_at_once_with_130(tmp_path):
-    """Rank 1 hangs at step 3 (MPIPIPE_STALL) and rank 0 waits for it inside MPI, where no
-    Python handler runs; two SIGINTs to rank 0 end the job with 130 within seconds."""
-    flags = [*TINY, "--steps", "50", "--checkpoint-dir", str(tmp_path / "ck")]
-    job = Job(2, flags, tmp_path, MPIPIPE_STALL="1:2")
-    rank0 = job.pids()[0]
-    job.wait_for(r"step +1/")
-    time.sleep(1.0)  # into the stall
-    os.kill(rank0, signal.SIGINT)
-    job.wait_for("a second one aborts")
-    t0 = time.perf_counter()
-    os.kill(rank0, signal.SIGINT)
-    assert job.finish(timeout=30) == 130, job.output()
-    assert time.perf_counter() - t0 < 10
-    assert "second SIGINT: aborting now" in job.output() and "Traceback" not in job.output()
-
-
-def test_a_signal_before_the_first_step_stops_with_a_message(tmp_path):
-    """SIGTERM sent while the ranks start up (held pending until the run's handlers are in
-    place): no step runs, the message says so, exit 0 (nothing was lost: requeue and resume)."""
-    d = tmp_path / "ck"
-    flags = [*TINY, "--steps", "50", "--checkpoint-dir", str(d)]
-    job = Job(2, flags, tmp_path, block={signal.SIGTERM})
-    os.kill(job.pids()[1], signal.SIGTERM)
-    assert job.finish() == 0, job.output()
-    out = job.output()
-    assert "stopped by SIGTERM before step 1: nothing trained, none saved" in out, out
-    assert "step 1/" not in out and not list(d.glob("step_*"))
 
 
 # -- eval from elsewhere, metrics after resume ----------------------------------------------------
