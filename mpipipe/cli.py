@@ -100,6 +100,7 @@ def _read(path: str) -> str:
         raise ConfigError(f"--file {path}: {e.strerror} (give a text file of actions)") from None
 
 
+NON_FINITE = 4  # a NaN or infinite loss or gradient norm stopped the run before the update
 PREEMPTED = 75  # EX_TEMPFAIL: stopped early by SIGTERM/SIGUSR1 after saving; resume to continue
 
 
@@ -124,7 +125,7 @@ def _on_all_ranks(parse: Any, run: Any) -> int:
     except NonFiniteError as e:  # found by every rank at once (after the step's reduction)
         if comm.Get_rank() == 0:
             print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
-        return 3
+        return NON_FINITE
     return int(status or 0)
 
 

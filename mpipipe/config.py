@@ -7,7 +7,9 @@ TOML keys (`d_model` or `d-model`) are generated from its fields and their help 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,9 @@ class TrainConfig:
         0.0, "per-rank peak for MFU, TFLOP/s (0: measure a matrix product at start)"
     )
     resume: str | None = _opt(
-        None, "resume from a checkpoint DIR, or 'auto': the latest in --checkpoint-dir if any"
+        None,
+        "resume from a checkpoint (DIR/step_N, or DIR: its newest usable one), or 'auto': the "
+        "newest usable one in --checkpoint-dir, fresh if it holds none",
     )
     inject_fault: str | None = _opt(
         None, "tests and drills: KIND@RANK:STEP[,...], kinds raise, stall, kill-in-save"
@@ -156,16 +160,9 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} {getattr(self, name)} must be at least 1")
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r} (choose one of: {', '.join(MODELS)})")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"unknown optimizer {self.optimizer!r} (choose one of: {', '.join(OPTIMIZERS)})"
-            )
-        if self.dtype not in DTYPES:
-            raise ConfigError(
-                f"--dtype {self.dtype} is not supported (choose one of {', '.join(DTYPES)})"
-            )
+        for f in fields():
+            check_choice(f, getattr(self, f.name), f"--{_flag(f.name)}")
+        _check_ranges(self)
         if self.dtype == "bf16":
             raise ConfigError(
                 "--dtype bf16: neither NumPy nor CuPy has a bfloat16 array type "
@@ -191,11 +188,6 @@ class TrainConfig:
                 raise ConfigError(f"--{name} {value} must be at least 1")
         if self.resume == "auto" and not self.checkpoint_dir:
             raise ConfigError("--resume auto needs --checkpoint-dir (where to look)")
-        for name in ("save_every", "keep_last"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
-        if self.bucket_mb <= 0:
-            raise ConfigError(f"--bucket-mb {self.bucket_mb} must be positive")
         from mpipipe.faults import Faults  # noqa: PLC0415 - avoid an import cycle
         from mpipipe.schedule import chunks_for  # noqa: PLC0415
 
@@ -245,42 +237,121 @@ def fields() -> list[dataclasses.Field[Any]]:
     return list(dataclasses.fields(TrainConfig))
 
 
+def check_choice(f: dataclasses.Field[Any], value: Any, where: str) -> None:
+    """The one check of a field's `choices` (its metadata, which also feeds the CLI's help), for
+    flags, TOML files and manifests alike; `where` names the flag or key as the user wrote it."""
+    choices = f.metadata.get("choices")
+    if choices and value is not None and value not in choices:
+        raise ConfigError(f"{where} {value!r} is not one of: {', '.join(choices)}")
+
+
+POSITIVE, NON_NEGATIVE = "a positive finite number", "a finite number >= 0"
+COUNT = "an integer >= 0"
+_RULES: dict[str, Callable[[float], bool]] = {
+    POSITIVE: lambda v: v > 0,
+    NON_NEGATIVE: lambda v: v >= 0,
+    COUNT: lambda v: v >= 0,
+    "a number in [0, 1]": lambda v: 0 <= v <= 1,
+    "a number in [0, 1)": lambda v: 0 <= v < 1,
+}
+# field: (rule, an example the message suggests)
+_RANGES = {
+    "lr": (POSITIVE, "3e-4"),
+    "loss_scale": (POSITIVE, "32768"),
+    "bucket_mb": (POSITIVE, "25"),
+    "weight_decay": (NON_NEGATIVE, "0.1"),
+    "clip": (NON_NEGATIVE, "1.0, or 0: off"),
+    "timeout_s": (NON_NEGATIVE, "900, or 0: off"),
+    "peak_tflops": (NON_NEGATIVE, "0: measure"),
+    "min_lr_ratio": ("a number in [0, 1]", "0.1"),
+    "momentum": ("a number in [0, 1)", "0.9"),
+    "warmup": (COUNT, "20"),
+    "save_every": (COUNT, "100, or 0: only at the end"),
+    "keep_last": (COUNT, "3, or 0: keep all"),
+    "eval_every": (COUNT, "100, or 0: only at the end"),
+    "trace_steps": (COUNT, "3"),
+    "seed": (COUNT, "1234"),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Hyperparameters in range: a negative or non-finite learning rate, loss scale, ... would
+    run and silently train nothing (or divide by zero) instead of failing here."""
+    for name, (rule, example) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and _RULES[rule](value)):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise ConfigError(f"--{_flag(name)} {shown} must be {rule} (e.g. {example})")
+
+
 def _coerce(f: dataclasses.Field[Any], value: Any, origin: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if value is None:
         return None
     try:
+        if isinstance(value, (dict, list)):
+            raise ValueError
         if kind.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        value = str(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{origin}: {_flag(f.name)} = {value!r} is not a valid {kind}") from None
+    check_choice(f, value, f"{origin}: {_flag(f.name)} =")
+    return value
+
+
+def from_mapping(raw: dict[str, Any], origin: str, unknown: str = "error") -> dict[str, Any]:
+    """{field: value} from keys spelled `d_model` or `d-model`, each coerced to its field's type
+    and checked against its choices; `unknown` keys are an "error" or "ignore"d (a manifest
+    written by another mpipipe version may have more)."""
+    known = {f.name: f for f in fields()}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            if unknown == "ignore":
+                continue
+            raise ConfigError(f"{origin}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        if name in out:
+            raise ConfigError(f"{origin}: {_flag(name)} is given twice (as {name} and {key})")
+        out[name] = _coerce(known[name], value, origin)
+    return out
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML file of config keys (`d_model` or `d-model`); unknown keys are errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {path}: no such file (give a TOML file of training keys)")
+    """Read a TOML file of config keys (`d_model` or `d-model`), all at the top level or all
+    under `[train]`; unknown keys, bad values and a mix of both places are errors."""
+    p, origin = Path(path), f"--config {path}"
+    if p.is_dir() or not p.exists():
+        raise ConfigError(f"{origin}: no such file (give a TOML file of training keys)")
     try:
-        raw = tomllib.loads(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+        raw = tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"{origin}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{origin}: not UTF-8 text (a binary file?)") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
-    raw = raw.get("train", raw)  # keys may sit at the top or under [train]
-    known = {f.name: f for f in fields()}
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
+        raise ConfigError(f"{origin}: not valid TOML ({e})") from None
+    if "train" in raw:
+        table, rest = raw["train"], sorted(k for k in raw if k != "train")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: train must be a [train] table of keys, not a value")
+        if rest:
             raise ConfigError(
-                f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(known))})"
+                f"{origin}: keys at the top level ({', '.join(rest)}) and under [train]: put "
+                "them all under [train] (or all at the top level)"
             )
-        out[name] = _coerce(known[name], value, f"--config {path}")
-    return out
+        raw = table
+    if not raw:
+        raise ConfigError(f"{origin}: holds no keys (an empty file?): give training keys")
+    return from_mapping(raw, origin)
 
 
 def build(flags: dict[str, Any], config_file: str | None = None) -> TrainConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,23 @@ from mpipipe.xp import to_numpy
 
 
 def config_of(path: str) -> tuple[Any, TrainConfig]:
-    """The step directory and the training config stored in its manifest, with the layout
-    left to this launch."""
-    step_dir = checkpoint.resolve(path)
+    """The checkpoint `path` names (a step directory, or the newest usable one in DIR) and the
+    training config stored in its manifest, with the layout left to this launch. Saves store
+    --data as an absolute path, so this works from any directory (a relative path in an older
+    manifest is taken as it is)."""
+    from mpipipe import config
+
+    step_dir = Path(path)
+    if not checkpoint.is_step_dir(step_dir):
+        found, _ = checkpoint.candidates(step_dir)
+        if not found:
+            raise checkpoint.CheckpointError(
+                f"--resume {path}: no checkpoint there (expected DIR/step_N/manifest.json)"
+            )
+        step_dir = found[0]
+    manifest = step_dir / "manifest.json"
     raw = checkpoint.read_manifest(step_dir)["config"]
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: v for k, v in raw.items() if k in fields})
+    cfg = TrainConfig(**config.from_mapping(raw, str(manifest), unknown="ignore"))
     cfg = cfg.replace(
         pp=None,
         dp=None,

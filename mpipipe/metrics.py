@@ -3,24 +3,53 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO, Any
 
 
 class MetricsFile:
-    """One JSON object per line, rank 0 only; truncated at the start of a run, appended to when
-    the run resumes from a checkpoint."""
+    """One JSON object per line, rank 0 only; truncated at the start of a run. When the run
+    resumes from a checkpoint it appends, and its first record drops every record of that step
+    and later (a run that went past the checkpoint it resumes from wrote them), so each step is
+    in the file once; a line cut short by a killed run goes too."""
 
     def __init__(self, path: str | None, append: bool = False) -> None:
         self.fh: IO[str] | None = None
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a" if append else "w")  # noqa: SIM115 - closed in close()
+        self.path, self.trim = Path(path) if path else None, append
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "a" if append else "w")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         if self.fh:
+            if self.trim:
+                self._drop_from(int(record["step"]))
+                self.trim = False
             self.fh.write(json.dumps(record) + "\n")
             self.fh.flush()
+
+    def _drop_from(self, step: int) -> None:
+        """Rewrite the file without the records of `step` and later (atomically: a new file
+        renamed over the old one), then append to it."""
+        assert self.fh is not None and self.path is not None
+        self.fh.close()
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue  # the last line of a killed run, cut short
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                kept.append(line)  # not ours to judge: keep it
+                continue
+            ours = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+            if not ours or rec["step"] < step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        self.fh = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
     def close(self) -> None:
         if self.fh:

@@ -72,14 +72,21 @@ def train(
 ) -> TrainResult:
     """Train `model` (default: built from `cfg`) through the pipeline; call on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
-    job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
-    grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
-    try:
-        device = agree(grid.world, lambda: place(job, grid))  # e.g. more ranks than GPUs
-        job = finalize(job, grid.world, device.xp)  # --partition time: timed on the device
-        return _Run(Runtime(job, grid, device), out).loop()
-    finally:
-        grid.free()
+
+    def say(text: str) -> None:
+        if comm.Get_rank() == 0:
+            print(text, file=out, flush=True)
+
+    # signals are handled from here on, start-up included: the run stops before step 1
+    with Preemption(comm.Abort, say) as preemption:
+        job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
+        grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+        try:
+            device = agree(grid.world, lambda: place(job, grid))  # e.g. more ranks than GPUs
+            job = finalize(job, grid.world, device.xp)  # --partition time: timed on the device
+            return _Run(Runtime(job, grid, device), out, preemption).loop()
+        finally:
+            grid.free()
 
 
 def layer_sq_norms(rt: Runtime) -> dict[int, float]:
@@ -97,13 +104,13 @@ def layer_sq_norms(rt: Runtime) -> dict[int, float]:
 
 
 class _Run:
-    def __init__(self, rt: Runtime, out: Any) -> None:
+    def __init__(self, rt: Runtime, out: Any, preemption: Preemption) -> None:
         self.rt, self.job, self.cfg, self.grid, self.out = rt, rt.job, rt.job.cfg, rt.grid, out
         cfg, plan, world = self.cfg, rt.job.plan, rt.grid.world
         self.opt = optim.make(cfg.optimizer, rt.stage.params, cfg)
         self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
         self.faults = Faults.parse(cfg.inject_fault)
-        self.preemption = Preemption()
+        self.preemption = preemption
         if (rt.first or rt.last) and hasattr(self.job.dataset, "tokens"):
             _ = self.job.dataset.tokens  # read the data now: a long first read is not a hang
         self.layout = self.grid.layout()
@@ -269,24 +276,28 @@ class _Run:
         tr.span("optimizer", "compute", t_summed, t_end, step=step + 1)
 
     def resume(self) -> int:
-        """Load the checkpoint --resume names (collectively agreed); return the next step."""
-        cfg = self.cfg
+        """Check the checkpoint directory (writable on every rank that saves, leftovers of
+        killed saves removed), then load the checkpoint --resume names; return the next step."""
+        cfg, world = self.cfg, self.grid.world
+        if cfg.checkpoint_dir:
+            writer = self.grid.replica == 0  # replica 0 of each stage writes its shard
+            me, root = world.Get_rank(), cfg.checkpoint_dir
+            for note in agree(world, lambda: checkpoint.prepare_dir(root, me, writer)):
+                self.say(note)
         if not cfg.resume:
             return 0
-        if cfg.resume == "auto":
-            found = checkpoint.latest(str(cfg.checkpoint_dir))
-            if found is None:
-                self.say(f"--resume auto: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
-                return 0
-            path = found
-        else:
-            path = checkpoint.resolve(cfg.resume)
+        auto = cfg.resume == "auto"
         with self.watchdog.paused("loading a checkpoint"):
-            step = agree(
-                self.grid.world,
-                lambda: checkpoint.load(path, self.rt.stage, self.opt, self.job.model),
-            )
-        self.say(f"resumed from {path} (step {step})")
+            path, step, notes = checkpoint.restore(
+                world, str(cfg.checkpoint_dir) if auto else cfg.resume, self.rt.stage, self.opt,
+                self.job.model, fresh_ok=auto,
+            )  # fmt: skip
+        for note in notes:
+            self.say(f"--resume {cfg.resume}: {note}")
+        if path is None:
+            self.say(f"--resume auto: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
+        else:
+            self.say(f"resumed from {path} (step {step})")
         return step
 
     def save(self, step: int) -> None:
@@ -294,63 +305,72 @@ class _Run:
             self._save(step)
 
     def _save(self, step: int) -> None:
+        """A failed save raises SaveError on every rank (one line, exit 2): the work since the
+        previous checkpoint is lost, that checkpoint is not."""
         path = checkpoint.save(
             str(self.cfg.checkpoint_dir), step, self.rt.stage, self.opt, self.job, self.grid,
-            self.cfg.keep_last,
+            self.cfg.keep_last, self.faults,
         )  # fmt: skip
         self.say(f"saved {path}")
 
     def loop(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, world = self.cfg, self.grid.world
         self.say(describe(self.job, self.layout))
+        result = TrainResult(cfg)
+        preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
         metrics = MetricsFile(
-            cfg.metrics_file if self.grid.world.Get_rank() == 0 else None, append=start > 0
+            cfg.metrics_file if world.Get_rank() == 0 else None, append=start > 0
         )
-        result = TrainResult(cfg)
         t_start = time.perf_counter()
         saved = start if cfg.resume else -1
-        with Preemption() as preemption:
-            self.preemption = preemption
-            try:
-                for step in range(start, cfg.steps):
-                    rec = self.step(step)
-                    last = step + 1 == cfg.steps or rec["preempt"]
-                    if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                        rec["eval_loss"] = self.evaluate()
-                    result.history.append(rec)
-                    metrics.write(rec)
-                    if (step + 1) % cfg.log_every == 0 or step == start or last:
-                        self.say(log_line(rec, cfg.steps))
-                    elif self.tty:
-                        self.progress(rec)
-                    periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
-                    if cfg.checkpoint_dir and (periodic or last):
-                        self.save(step + 1)
-                        saved = step + 1
-                    if rec["preempt"]:
-                        result.preempted = preemption.name
-                        where = (
-                            f"checkpoint at step {saved}"
-                            if cfg.checkpoint_dir
-                            else ("nothing saved: no --checkpoint-dir")
-                        )
-                        self.say(
-                            f"stopped by {preemption.name} after step {step + 1}: {where}"
-                            "; start again with --resume auto to continue"
-                        )
-                        break
-            finally:
-                metrics.close()
-                self.watchdog.close()
-                self.rt.close()
+        end = cfg.steps
+        if signum := world.allreduce(preemption.signum, op=MPI.MAX):
+            result.preempted, end = signal.Signals(signum).name, start
+            where = f"the checkpoint at step {start} is unchanged" if start else "none saved"
+            self.say(
+                f"stopped by {result.preempted} before step {start + 1}: nothing trained, "
+                f"{where}; start again with --resume auto to continue"
+            )
+        try:
+            for step in range(start, end):
+                rec = self.step(step)
+                last = step + 1 == cfg.steps or rec["preempt"]
+                if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                    rec["eval_loss"] = self.evaluate()
+                result.history.append(rec)
+                metrics.write(rec)
+                if (step + 1) % cfg.log_every == 0 or step == start or last:
+                    self.say(log_line(rec, cfg.steps))
+                elif self.tty:
+                    self.progress(rec)
+                periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+                if cfg.checkpoint_dir and (periodic or last):
+                    self.save(step + 1)
+                    saved = step + 1
+                if rec["preempt"]:
+                    result.preempted = preemption.name
+                    where = (
+                        f"checkpoint at step {saved}"
+                        if cfg.checkpoint_dir
+                        else ("nothing saved: no --checkpoint-dir")
+                    )
+                    self.say(
+                        f"stopped by {preemption.name} after step {step + 1}: {where}"
+                        "; start again with --resume auto to continue"
+                    )
+                    break
+        finally:
+            metrics.close()
+            self.watchdog.close()
+            self.rt.close()
         self.tracer.write(f"stage {self.grid.stage_rank}, replica {self.grid.replica}")
         if cfg.trace:
             self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
         if result.history:
             self.say(summary_line(result, time.perf_counter() - t_start))
-        else:
+        elif not result.preempted:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
         result.params = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items()}
         return result

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests import mpirun
+from tests.background import Job
 
 SMALL = [
     "--layers",
@@ -112,8 +112,9 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, ranks):
         "2",
         "--checkpoint-dir",
         str(d),
+        "--inject-fault",
+        "kill-in-save@0:4",
         timeout=120,
-        MPIPIPE_KILL_IN_SAVE="4",
     )
     assert r.returncode != 0  # rank 0 was SIGKILLed in the middle of saving step 4
     assert (d / "latest").read_text().strip() == "step_000002"
@@ -184,6 +185,8 @@ def _corrupt_copy(saved: Path, tmp_path: Path) -> Path:
 
 
 def test_flipped_byte_is_refused_naming_file_and_dataset(saved, tmp_path):
+    """verify names the file and the dataset; --resume auto passes over the damaged checkpoint
+    (saying so) to the older one; --resume of that step directory itself refuses it."""
     d = _corrupt_copy(saved, tmp_path)
     shard = d / "step_000003" / "shard_001.h5"
     with h5py.File(shard, "r") as f:  # where the tensor's bytes lie in the file
@@ -198,19 +201,28 @@ def test_flipped_byte_is_refused_naming_file_and_dataset(saved, tmp_path):
     t = mpirun.train(
         2, *SMALL, "--steps", "5", "--checkpoint-dir", str(d), "--resume", "auto", timeout=60
     )
+    assert t.returncode == 0, t.output
+    skip = next(line for line in t.stdout.splitlines() if "skipping" in line)
+    assert "step_000003" in skip and "shard_001.h5" in skip and "lm_head" in skip, skip
+    assert f"resumed from {d / 'step_000002'} (step 2)" in t.stdout
+    t = mpirun.train(2, *SMALL, "--steps", "5", "--resume", str(d / "step_000003"), timeout=60)
     assert t.returncode == 2 and "shard_001.h5" in t.stderr and "lm_head" in t.stderr, t.output
+    assert "Traceback" not in t.output
 
 
 def test_truncated_shard_is_refused(saved, tmp_path):
     d = _corrupt_copy(saved, tmp_path)
     shard = d / "step_000003" / "shard_000.h5"
     shard.write_bytes(shard.read_bytes()[:5000])
-    t = mpirun.train(
-        2, *SMALL, "--steps", "5", "--checkpoint-dir", str(d), "--resume", "auto", timeout=60
-    )
+    t = mpirun.train(2, *SMALL, "--steps", "5", "--resume", str(d / "step_000003"), timeout=60)
     assert t.returncode == 2 and "shard_000.h5: 5000 bytes, the manifest says" in t.stderr, (
         t.output
     )
+    t = mpirun.train(
+        2, *SMALL, "--steps", "5", "--checkpoint-dir", str(d), "--resume", "auto", timeout=60
+    )
+    assert t.returncode == 0 and "shard_000.h5: 5000 bytes, the manifest says" in t.stdout
+    assert f"resumed from {d / 'step_000002'} (step 2)" in t.stdout, t.output
 
 
 def test_resume_errors(saved, tmp_path):
@@ -218,7 +230,8 @@ def test_resume_errors(saved, tmp_path):
     assert r.returncode == 2 and "no checkpoint there" in r.stderr, r.output
     other = [a if a != "32" else "64" for a in SMALL]  # another width
     r = mpirun.train(2, *other, "--resume", str(saved), "--steps", "5", timeout=60)
-    assert r.returncode == 2 and "has shape" in r.stderr and "model flags" in r.stderr, r.output
+    assert r.returncode == 2, r.output
+    assert "holds a model with --d-model 32, this run has --d-model 64" in r.stderr, r.output
     r = mpirun.train(1, *SMALL, "--resume", "auto", "--steps", "5", timeout=60)
     assert r.returncode == 2 and "--resume auto needs --checkpoint-dir" in r.stderr
 
@@ -258,60 +271,17 @@ def test_eval_and_generate(saved):
     assert r.stdout.startswith("def ") and r.stdout == one.stdout  # greedy: same on any layout
 
 
-def _ranks_of(marker: str) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in cmd and "python" in cmd and "mpiexec" not in cmd:
-                pids.append(int(p.name))
-    return pids
-
-
 @pytest.mark.parametrize("sig, ranks", [("SIGTERM", 2), ("SIGUSR1", 4)])
-def test_preemption_saves_and_exits_zero(tmp_path, sig, ranks):
+def test_preemption_saves_and_exits_75_for_a_requeue(tmp_path, sig, ranks):
+    """SIGTERM/SIGUSR1 (the scheduler before the time limit): every rank finishes the step, the
+    job saves and exits 75 (EX_TEMPFAIL), which jobs/train.sbatch requeues on."""
     d = tmp_path / f"ck-{sig}"
-    cmd = [
-        mpirun.mpiexec(),
-        "-n",
-        str(ranks),
-        *mpirun.python(),
-        "-m",
-        "mpipipe",
-        "train",
-        *SMALL,
-        "--steps",
-        "100000",
-        "--checkpoint-dir",
-        str(d),
-        "--log-every",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=mpirun.ROOT,
-        env=mpirun.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(_ranks_of(str(d))) < ranks:
-            time.sleep(0.2)
-        time.sleep(2.0)  # let it train a few steps
-        pids = _ranks_of(str(d))
-        assert len(pids) == ranks
-        os.kill(max(pids), getattr(signal, sig))  # one rank only: the others learn of it
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out + err
+    job = Job(ranks, [*SMALL, "--steps", "100000", "--checkpoint-dir", str(d)], tmp_path)
+    pids = job.pids()
+    job.wait_for(r"step +1/")  # training, not starting up (see tests/test_faults.py for that)
+    os.kill(max(pids), getattr(signal, sig))  # one rank only: the others learn of it
+    assert job.finish() == 75, job.output()
+    out = job.output()
     assert f"stopped by {sig}" in out and "--resume auto" in out
     stopped = (d / "latest").read_text().strip()
     step = int(stopped.split("_")[1])

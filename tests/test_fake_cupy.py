@@ -259,28 +259,11 @@ def test_kernels_and_training_on_the_fake_match_numpy_bitwise():
     assert r.returncode == 0 and "bitwise equal" in r.stdout, r.output
 
 
-class Finding(Exception):
-    """A known production bug, seen exactly as recorded (its xfail reason says where)."""
-
-
-def succeeded(r: mpirun.Result, *symptom: str) -> bool:
-    """Did the run succeed? A failure showing all of `symptom` raises Finding; any other
-    failure fails the test."""
-    if r.returncode != 0 and all(text in r.output for text in symptom):
-        raise Finding(symptom)
-    return r.returncode == 0
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=Finding,
-    reason="finding: checkpoint._read_into (mpipipe/checkpoint.py:423) assigns a host array into "
-    "a device array (`target[...] = value`); CuPy raises ValueError 'non-scalar numpy.ndarray "
-    "cannot be used for fill'",
-)
 def test_resume_on_the_fake_gpu(tmp_path):
     flags = [*TINY, "--backend", "cupy", "--checkpoint-dir", str(tmp_path)]
     r = mpirun.train(None, *flags, timeout=60, PYTHONPATH=FAKE_PATH)
     assert r.returncode == 0, r.output
     r = mpirun.train(None, *flags, "--steps", "3", "--resume", "auto", PYTHONPATH=FAKE_PATH)
-    assert succeeded(r, "in _read_into", "host array") and "resumed from" in r.stdout, r.output
+    assert r.returncode == 0 and "resumed from" in r.stdout, (
+        r.output
+    )  # an explicit host-to-device copy

@@ -1,0 +1,388 @@
+"""Reading: the manifest checked field by field, the cheap structural check, the full
+verification, `load` (every byte hashed as it is read) and the tools (inspect, export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mpipipe.checkpoint.base import (
+    MAGIC,
+    VERSION,
+    CheckpointError,
+    Damaged,
+    dataset_path,
+    groups,
+    slot_path,
+)
+from mpipipe.checkpoint.files import (
+    H5_ERRORS,
+    digest,
+    errno_text,
+    first_line,
+    h5_write,
+    io_error,
+    sha256,
+)
+from mpipipe.xp import copy_into
+
+# the manifest fields the runtime and the tools read, "a.b" for nested ones
+_SCHEMA: dict[str, type] = {
+    "step": int,
+    "time": str,
+    "config": dict,
+    "schedule": str,
+    "versions": dict,
+    "shards": list,
+    "model.layers": list,
+    "model.meta": dict,
+    "layout.pp": int,
+    "layout.dp": int,
+    "layout.rank_order": str,
+    "optimizer.name": str,
+    "optimizer.t": int,
+}
+_SHARD_SCHEMA: dict[str, type] = {
+    "file": str,
+    "sha256": str,
+    "bytes": int,
+    "layers": list,
+    "t": int,
+    "tensors": list,
+}
+_SHARD_FILE = re.compile(r"shard_\d+\.h5")
+_TOPS = ("layers", "optim")
+
+
+def _field(d: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _schema_problem(m: dict[str, Any]) -> str | None:
+    """What makes a manifest unusable (a field missing or of the wrong type, shards that do not
+    cover the model's layers exactly once), or None."""
+    for key, kind in _SCHEMA.items():
+        if not isinstance(_field(m, key), kind):
+            return f"field {key!r} is missing or not a {kind.__name__}"
+    covered: list[Any] = []
+    for i, e in enumerate(m["shards"]):
+        for key, kind in _SHARD_SCHEMA.items():
+            if not isinstance(_field(e, key), kind):
+                return f"shards[{i}].{key} is missing or not a {kind.__name__}"
+        if not _SHARD_FILE.fullmatch(e["file"]):
+            return f"shards[{i}].file {e['file'][:40]!r} is not a shard_N.h5 name"
+        if not all(isinstance(t, str) and t.split("/")[0] in _TOPS for t in e["tensors"]):
+            return f"shards[{i}].tensors holds a name outside {' and '.join(_TOPS)}"
+        covered += e["layers"]
+    ints = all(isinstance(i, int) for i in covered)
+    if not ints or sorted(covered) != list(range(len(m["model"]["layers"]))):
+        n = len(m["model"]["layers"])
+        return f"the shards' layers are not each of the model's {n} layers once"
+    return None
+
+
+def read_manifest(step_dir: Path) -> dict[str, Any]:
+    """The manifest, checked for every field the runtime and the tools read; Damaged if it is
+    missing, unreadable, not JSON, or of another format version."""
+    path = step_dir / "manifest.json"
+    if not step_dir.is_dir():
+        raise Damaged(f"{step_dir}: not a directory")
+    if not path.is_file():
+        raise Damaged(f"{path}: missing (the save did not finish, or it was removed)")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise Damaged(f"{path}: cannot be read ({errno_text(e)})") from None
+    if not raw.strip():
+        raise Damaged(f"{path}: empty")
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Damaged(f"{path}: not text (binary garbage)") from None
+    except json.JSONDecodeError as e:
+        raise Damaged(f"{path}: not valid JSON, truncated or corrupted ({e.msg})") from None
+    if not isinstance(m, dict) or m.get("magic") != MAGIC:
+        raise Damaged(f"{path}: not an mpipipe checkpoint manifest (no magic {MAGIC!r})")
+    if m.get("version") != VERSION:
+        raise Damaged(
+            f"{path}: checkpoint format version {m.get('version')!r}, this mpipipe reads "
+            f"version {VERSION} (use the mpipipe version that wrote it)"
+        )
+    if problem := _schema_problem(m):
+        raise Damaged(f"{path}: {problem} (written by another version, or edited?)")
+    return m
+
+
+def check_structure(step_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking that every shard is a file of the recorded size: cheap (no
+    byte is hashed), so resume passes over a checkpoint whose save was cut short before it
+    reads anything. Damaged otherwise."""
+    m = read_manifest(step_dir)
+    _check_sizes(step_dir, m["shards"])
+    return m
+
+
+def _check_sizes(step_dir: Path, shards: list[dict[str, Any]]) -> None:
+    for e in shards:
+        path = step_dir / e["file"]
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as err:
+            raise Damaged(f"{path}: cannot be read ({errno_text(err)})") from None
+        if size is None:
+            raise Damaged(f"{path}: missing")
+        if size != e["bytes"]:
+            raise Damaged(
+                f"{path}: {size} bytes, the manifest says {e['bytes']} (truncated or replaced)"
+            )
+
+
+def verify_shard(step_dir: Path, entry: dict[str, Any]) -> str | None:
+    """None if the shard is intact, else a message naming the file (and the dataset)."""
+    path = step_dir / entry["file"]
+    if not path.is_file():
+        return f"{path}: missing"
+    try:
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return (
+                f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+            )
+        if digest(path) == entry["sha256"]:
+            return None
+    except OSError as e:
+        return f"{path}: cannot be read ({errno_text(e)})"
+    where = _bad_dataset(path) or "its metadata (no dataset fails its own checksum)"
+    return (
+        f"{path}: sha256 does not match the manifest (truncated or corrupted); "
+        f"damage found in {where}"
+    )
+
+
+def _bad_dataset(path: Path) -> str | None:
+    """'dataset NAME' for the first dataset whose bytes do not match its sha256 attribute (or
+    cannot be read), or what is wrong with the file itself."""
+    try:
+        with h5py.File(path, "r") as f:
+            names: list[str] = []
+            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            for n in names:
+                try:
+                    if sha256(np.ascontiguousarray(f[n][...])) != f[n].attrs.get("sha256"):
+                        return f"dataset {n}"
+                except H5_ERRORS:
+                    return f"dataset {n}"
+    except H5_ERRORS as e:
+        return f"the file itself, which HDF5 cannot open ({first_line(e)})"
+    return None
+
+
+def _verify_view(step_dir: Path, m: dict[str, Any]) -> str | None:
+    """None if model.h5 opens and links every layer group to the shard that holds it."""
+    path = step_dir / "model.h5"
+    if not path.is_file():
+        return f"{path}: missing"
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("magic") != MAGIC:
+                return f"{path}: not an mpipipe view (no magic attribute)"
+            for e in m["shards"]:
+                for group in groups(e["tensors"]):
+                    link = f.get(group, getlink=True)
+                    if not (
+                        isinstance(link, h5py.ExternalLink)
+                        and link.filename == e["file"]
+                        and link.path == "/" + group
+                    ):
+                        return f"{path}: {group} is not a link to {e['file']}"
+    except H5_ERRORS as e:
+        return f"{path}: not a readable HDF5 file ({first_line(e)})"
+    return None
+
+
+def verify(step_dir: Path) -> list[str]:
+    """Every problem with what a resume, eval or export reads: the manifest (Damaged is raised),
+    each shard's size and sha256, the one-file view's links. Empty: intact."""
+    m = read_manifest(step_dir)
+    problems = [msg for e in m["shards"] if (msg := verify_shard(step_dir, e))]
+    if view := _verify_view(step_dir, m):
+        problems.append(view)
+    return problems
+
+
+# model.meta key -> how the user names it
+_META_FLAGS = {
+    "kind": "--model",
+    "n_layer": "--layers",
+    "d_model": "--d-model",
+    "n_head": "--heads",
+    "seq_len": "--seq-len",
+    "vocab": "the vocabulary size",
+}
+
+
+def check_model(step_dir: Path, m: dict[str, Any], model: Any) -> None:
+    """Refuse (CheckpointError, not Damaged: an older checkpoint would not fit either) a
+    checkpoint of another model, naming the first field that differs."""
+    theirs, mine = m["model"]["meta"], model.meta
+    for key in [*_META_FLAGS, *sorted(set(theirs) | set(mine))]:
+        if theirs.get(key) != mine.get(key):
+            flag = _META_FLAGS.get(key, key)
+            raise CheckpointError(
+                f"{step_dir} holds a model with {flag} {theirs.get(key)}, this run has {flag} "
+                f"{mine.get(key)} (pass {flag} {theirs.get(key)} to use it, or use another "
+                "--checkpoint-dir)"
+            )
+    names = [s.name for s in model.layers]
+    if m["model"]["layers"] != names:
+        raise CheckpointError(
+            f"{step_dir} holds a model with layers {m['model']['layers'][:3]}... "
+            f"({len(m['model']['layers'])}), not this one ({len(names)}): pass the model flags "
+            "it was trained with"
+        )
+
+
+def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
+    """Fill this rank's parameters and optimizer state (`opt` None: parameters only) from the
+    checkpoint; return its step. Checks the structure of the shards it reads first and every
+    byte it reads against its sha256: Damaged if anything is wrong, CheckpointError if the
+    checkpoint is of another model or optimizer."""
+    m = read_manifest(step_dir)
+    check_model(step_dir, m, model)
+    owner = {i: e for e in m["shards"] for i in e["layers"]}
+    needed = {owner[i]["file"]: owner[i] for i in stage.layer_params}
+    _check_sizes(step_dir, list(needed.values()))  # cheap; every byte read is hashed below
+    slots = opt.state_dict()[1] if opt is not None else {}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # hash each tensor while the next is read
+        checks = []
+        for file, entry in needed.items():
+            with _open(step_dir / file) as f:
+                for i in stage.layer_params:
+                    if owner[i]["file"] != file:
+                        continue
+                    for name in stage.layer_params[i]:
+                        targets = [(dataset_path(name), stage.params[name])]
+                        for slot, arrays in slots.items():
+                            targets.append((slot_path(slot, name), arrays[name]))
+                        for path, target in targets:
+                            expected, read = _read_into(f, path, target, step_dir / file, entry, m)
+                            checks.append((file, path, expected, pool.submit(sha256, read)))
+        for file, path, expected, hashed in checks:
+            if hashed.result() != expected:
+                raise Damaged(
+                    f"{step_dir / file}: dataset {path} does not match its sha256 (corrupted)"
+                )
+    if opt is not None:
+        from mpipipe.optim import load_state
+
+        load_state(opt, int(m["optimizer"]["t"]), m["optimizer"].get("scalars"))
+    return int(m["step"])
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        _prefetch(path)
+        return h5py.File(path, "r")
+    except H5_ERRORS as e:
+        raise Damaged(f"{path}: not a readable HDF5 file ({first_line(e)})") from None
+
+
+def _prefetch(path: Path) -> None:
+    """Ask the kernel to read the whole file ahead, so the disk streams while HDF5 checks and
+    copies the chunks already in memory (measured: cold loads 0.60 -> 0.69 of numpy.load)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def _read_into(
+    f: h5py.File, path: str, target: Any, file: Path, entry: dict[str, Any], m: dict[str, Any]
+) -> tuple[str, np.ndarray]:
+    """Read one dataset into `target` in place (HDF5 checks the metadata's checksums on the
+    way); return its recorded sha256 and the host array that holds the bytes read."""
+    if path not in entry["tensors"]:  # never saved: another optimizer or precision
+        cfg = m["config"]
+        raise CheckpointError(
+            f"{file} has no {path}: the checkpoint was saved with --optimizer "
+            f"{cfg.get('optimizer')} --dtype {cfg.get('dtype')}; resume with those"
+        )
+    try:
+        if path not in f:
+            raise Damaged(f"{file}: dataset {path} is missing although the manifest lists it")
+        ds = f[path]
+        if ds.shape != target.shape:
+            raise CheckpointError(
+                f"{file}: dataset {path} has shape {ds.shape}, the model needs {target.shape} "
+                "(pass the model flags the checkpoint was trained with)"
+            )
+        expected = str(ds.attrs.get("sha256", ""))
+        direct = isinstance(target, np.ndarray) and target.dtype == ds.dtype
+        if direct and target.flags.c_contiguous:
+            ds.read_direct(target)
+            return expected, target
+        value = ds[...]
+        copy_into(target, value)  # another dtype, or device memory: an explicit copy
+        return expected, value
+    except H5_ERRORS as e:
+        raise Damaged(f"{file}: dataset {path} cannot be read ({first_line(e)})") from None
+
+
+def inspect(step_dir: Path) -> str:
+    m = read_manifest(step_dir)
+    lay = m["layout"]
+    lines = [
+        f"{step_dir}: step {m['step']}, saved {m['time']}",
+        f"model: {m['model']['meta'] or 'custom'} ({len(m['model']['layers'])} layers)",
+        f"layout: pp={lay['pp']} dp={lay['dp']} ({lay['rank_order']} contiguous), "
+        f"schedule {m['schedule']}, optimizer {m['optimizer']['name']} at t={m['optimizer']['t']}",
+        f"versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+    ]
+    for e in m["shards"]:
+        problem = verify_shard(step_dir, e)
+        layers = f"{e['layers'][0]}..{e['layers'][-1]}" if e["layers"] else "none"
+        lines.append(
+            f"  {e['file']}: layers {layers}, "
+            f"{e['bytes'] / 2**20:.2f} MiB, {len(e['tensors'])} tensors, "
+            f"checksum {'OK' if problem is None else 'BAD: ' + problem}"
+        )
+    view = _verify_view(step_dir, m)
+    lines.append(f"  model.h5: {'OK' if view is None else 'BAD: ' + view}")
+    return "\n".join(lines)
+
+
+def export(step_dir: Path, out: Path) -> int:
+    """Copy every tensor into ONE self-contained HDF5 file; returns the tensor count."""
+    m = read_manifest(step_dir)
+    if problems := verify(step_dir):
+        raise Damaged("; ".join(problems))
+    names = [(e["file"], name) for e in m["shards"] for name in e["tensors"]]
+
+    def fill(dst: h5py.File) -> None:
+        dst.attrs["magic"] = MAGIC
+        dst.attrs["step"] = m["step"]
+        dst.attrs["manifest"] = json.dumps(m)
+        for file in dict.fromkeys(f for f, _ in names):
+            with h5py.File(step_dir / file, "r") as src:
+                for f, name in names:
+                    if f == file:
+                        dst.create_dataset(name, data=src[name][...])
+
+    try:
+        h5_write(out, fill)
+    except OSError as e:
+        raise CheckpointError(f"could not write {io_error(e, out)}") from None
+    return len(names)
