@@ -154,13 +154,6 @@ class Embedding(Base):
         embedding_backward_weight(dy, tokens, self.grads["wte"], self.grads["wpe"])
 
 
-def walk(layer: Any) -> Any:
-    """The layer and all its descendants."""
-    yield layer
-    for _, child in getattr(layer, "children", ()):
-        yield from walk(child)
-
-
 class Sequential(Base):
     """Children applied in order; backward in reverse order, weight work deferred per child."""
 

@@ -3,6 +3,7 @@ preemption by signal, the one-file view, and the ckpt / eval / generate commands
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -298,3 +299,22 @@ def test_preemption_saves_and_exits_75_for_a_requeue(tmp_path, sig, ranks):
         timeout=60,
     )
     assert r.returncode == 0 and f"resumed from {d / stopped}" in r.stdout, r.output
+
+
+def test_a_checkpoint_written_before_the_rank_runtime_still_loads(tmp_path):
+    """tests/data/checkpoint-2026-11-29 was saved by mpipipe as of commit 1b59073 (2 ranks, 2
+    steps of the model below). Resuming it to step 3 must give exactly what 3 steps from scratch
+    give today."""
+    old = tmp_path / "old"
+    shutil.copytree(mpirun.ROOT / "tests" / "data" / "checkpoint-2026-11-29", old)
+    model = "--layers 2 --d-model 16 --heads 2 --seq-len 8 --global-batch 4 --microbatches 2"
+    flags = [*model.split(), "--eval-batches", "1", "--steps", "3"]
+    fresh, resumed = tmp_path / "fresh.jsonl", tmp_path / "resumed.jsonl"
+    r = mpirun.train(2, *flags, "--metrics-file", str(fresh), timeout=60)
+    assert r.returncode == 0, r.output
+    more = ["--checkpoint-dir", str(old), "--resume", "auto", "--metrics-file", str(resumed)]
+    r = mpirun.train(2, *flags, *more, timeout=60)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.output
+    last = [json.loads(x)["loss"] for x in resumed.read_text().splitlines()]
+    want = [json.loads(x)["loss"] for x in fresh.read_text().splitlines()]
+    assert last == want[2:]
