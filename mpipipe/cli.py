@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ NON_FINITE = 4  # a NaN or infinite loss or gradient norm stopped the run before
 PREEMPTED = 75  # EX_TEMPFAIL: stopped early by SIGTERM/SIGUSR1 after saving; resume to continue
 
 
-def _on_all_ranks(parse: Any, run: Any) -> int:
+def _on_all_ranks(parse: Callable[[], Any], run: Callable[[Any, Any], int]) -> int:
     """Parse on every rank, agree on parse errors, run (it may return an exit status); a
     ConfigError anywhere ends every rank with status 2 and one message from rank 0."""
     from mpi4py import MPI
@@ -126,7 +127,7 @@ def _on_all_ranks(parse: Any, run: Any) -> int:
         if comm.Get_rank() == 0:
             print(f"mpipipe: error: {e}", file=sys.stderr, flush=True)
         return NON_FINITE
-    return int(status or 0)
+    return status
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -182,9 +183,12 @@ def cmd_eval(argv: list[str]) -> int:
     p = _Parser(prog="mpipipe eval", description="Held-out loss of a checkpoint.")
     p.add_argument("--resume", required=True, help="checkpoint DIR (its latest) or step dir")
     p.add_argument("--batches", type=int, default=8, help="global batches to average")
-    return _on_all_ranks(
-        lambda: p.parse_args(argv), lambda a, comm: evaluate(a.resume, a.batches, comm)
-    )
+
+    def run(a: argparse.Namespace, comm: Any) -> int:
+        evaluate(a.resume, a.batches, comm)
+        return 0
+
+    return _on_all_ranks(lambda: p.parse_args(argv), run)
 
 
 def cmd_generate(argv: list[str]) -> int:
@@ -199,8 +203,9 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0: all)")
     p.add_argument("--seed", type=int, default=0)
 
-    def run(a: argparse.Namespace, comm: Any) -> None:
+    def run(a: argparse.Namespace, comm: Any) -> int:
         generate(a.resume, a.prompt, a.tokens, a.temperature, a.top_k, a.seed, comm)
+        return 0
 
     return _on_all_ranks(lambda: p.parse_args(argv), run)
 
