@@ -243,7 +243,7 @@ def cmd_doctor(argv: list[str]) -> int:
 
     from mpipipe.parallel.cuda_aware import verdict
     from mpipipe.parallel.grid import Grid
-    from mpipipe.xp import gpu_count, pick_device, resolve_backend
+    from mpipipe.xp import cuda_versions, gpu_count, gpu_name, pick_device, resolve_backend
 
     p = _Parser(prog="mpipipe doctor", description="What this machine and MPI offer mpipipe.")
     p.add_argument("--cuda-aware", default="auto", choices=("auto", "yes", "no"))
@@ -255,7 +255,8 @@ def cmd_doctor(argv: list[str]) -> int:
     aware, why = verdict(a.cuda_aware)
     n = gpu_count()
     try:
-        device = f"cuda:{pick_device(grid.local_rank, grid.local_size, n, False)}" if n else "cpu"
+        index = pick_device(grid.local_rank, grid.local_size, n, False) if n else None
+        device = "cpu" if index is None else f"cuda:{index} ({gpu_name(index)})"
     except ValueError as e:
         device = f"none ({e})"
     rows = grid.world.gather(
@@ -269,7 +270,7 @@ def cmd_doctor(argv: list[str]) -> int:
             f"mpi4py thread level {MPI.Query_thread()})"
         )
         print(f"CUDA-aware: {'yes' if aware else 'no'}: {why}")
-        print(f"backend: {backend} ({why_backend})")
+        print(f"backend: {backend} ({why_backend}); {cuda_versions()} on rank 0")
         print("rank  host              local  GPUs  device")
         for rank, host, local, gpus, dev in rows:
             print(f"{rank:>4}  {host:<16}  {local:>5}  {gpus:>4}  {dev}")

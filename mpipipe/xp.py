@@ -31,6 +31,31 @@ def gpu_count() -> int:
         return 0
 
 
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"  # CUDA encodes 13.0 as 13000
+
+
+def cuda_versions() -> str:
+    """CuPy's version and the CUDA runtime and driver it found, for `doctor`."""
+    if _cupy is None:
+        return "CuPy not installed"
+    try:  # pragma: no cover - needs CuPy
+        rt = _cupy.cuda.runtime.runtimeGetVersion()
+        drv = _cupy.cuda.runtime.driverGetVersion()
+    except Exception as e:  # pragma: no cover
+        return f"CuPy {_cupy.__version__}, no usable CUDA ({type(e).__name__})"
+    return (
+        f"CuPy {_cupy.__version__}, CUDA runtime {_cuda_version(rt)}, driver {_cuda_version(drv)}"
+    )
+
+
+def gpu_name(index: int) -> str:
+    """The name of GPU `index` (as CUDA reports it)."""
+    assert _cupy is not None
+    name = _cupy.cuda.runtime.getDeviceProperties(index)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def resolve_backend(name: str) -> tuple[str, str]:
     """('numpy' | 'cupy', why) for --backend auto|numpy|cupy."""
     if name == "auto":

@@ -2,10 +2,10 @@
 # One GPU check, under 5 minutes on one H200 (a lent device machine): the GPU tests and a GPU
 # benchmark, written as a short table to $OUT (or ./gpu_check/). Installs nothing heavy: the
 # image has cupy, mpi4py, h5py and numpy; pytest comes from PyPI wheels if missing.
-#   bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-gpu_check}"; mkdir -p "$out"
+out="${1:-${OUT:-gpu_check}}"; mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q pytest pytest-timeout
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -25,5 +25,7 @@ runs = [[json.loads(l)["loss"] for l in open(f"{sys.argv[1]}/ranks{n}.jsonl")] f
 print("1 rank vs 2 ranks sharing the GPU, losses:", runs, "bitwise equal:", runs[0] == runs[1])
 PY
 fi
-# 3. GPT step throughput and TFLOP/s against a large cuBLAS matmul, same run
+# 3. host synchronisations per step on the real GPU (budget: 2, for any depth and micro-batches)
+timeout 120 python3 benchmarks/bench_host_syncs.py 2>&1 | tee "$out/syncs.txt"
+# 4. GPT step throughput and TFLOP/s against a large cuBLAS matmul, same run
 timeout 180 python3 benchmarks/bench_gpu.py 2>&1 | tee "$out/bench.txt"

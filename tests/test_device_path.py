@@ -120,3 +120,10 @@ def test_host_synchronisations_per_step_do_not_grow_with_layers_or_micro_batches
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     counts = {row["host_syncs_per_step"] for row in rows}
     assert counts == {2.0}, rows  # the step's losses and its gradient norms: one transfer each
+
+
+def test_doctor_names_cupy_cuda_and_each_ranks_gpu():
+    r = mpirun.run(["-m", "mpipipe", "doctor"], n=2, timeout=60, **FAKE, FAKE_CUPY_DEVICES="2")
+    assert r.returncode == 0, r.output
+    assert "CuPy 13.6.0+fake, CUDA runtime" in r.stdout and ", driver " in r.stdout, r.stdout
+    assert "cuda:0 (Fake GPU)" in r.stdout and "cuda:1 (Fake GPU)" in r.stdout, r.stdout
