@@ -2,9 +2,9 @@
 micro-batch counts: the budget is what the design needs (the step's losses and its gradient
 norms, one transfer each = 2), whatever the model's depth or the number of micro-batches.
 
-A count, not a time: it runs on real CuPy when a GPU is visible, else on the strict fake CuPy of
-the tests (tests/fakegpu), which counts every float(), .item(), blocking copy and stream or event
-synchronisation the same way.
+A count, not a time, made on the strict fake CuPy of the tests (tests/fakegpu): it runs the same
+code path as a GPU and counts every float(), .item(), blocking copy and stream or event
+synchronisation (real CuPy keeps no such count).
 
     python benchmarks/bench_host_syncs.py
 """
@@ -22,12 +22,7 @@ BUDGET = 2  # one transfer of the losses, one of the per-layer squared gradient 
 
 
 def main() -> int:
-    try:
-        import cupy  # noqa: F401
-
-        path, device = str(ROOT), "CuPy"
-    except ImportError:
-        path, device = f"{ROOT / 'tests' / 'fakegpu'}{os.pathsep}{ROOT}", "the fake CuPy"
+    path = f"{ROOT / 'tests' / 'fakegpu'}{os.pathsep}{ROOT}"
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     script = ROOT / "tests" / "scripts" / "device_syncs.py"
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
@@ -35,7 +30,7 @@ def main() -> int:
         print(r.stderr[-3000:])
         return 1
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"host synchronisations per step on {device} (budget {BUDGET})")
+    print(f"host synchronisations per step on the strict fake CuPy (budget {BUDGET})")
     print("| layers | micro-batches | syncs/step | / budget |")
     print("|---|---|---|---|")
     for row in rows:

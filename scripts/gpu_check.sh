@@ -25,7 +25,5 @@ runs = [[json.loads(l)["loss"] for l in open(f"{sys.argv[1]}/ranks{n}.jsonl")] f
 print("1 rank vs 2 ranks sharing the GPU, losses:", runs, "bitwise equal:", runs[0] == runs[1])
 PY
 fi
-# 3. host synchronisations per step on the real GPU (budget: 2, for any depth and micro-batches)
-timeout 120 python3 benchmarks/bench_host_syncs.py 2>&1 | tee "$out/syncs.txt"
-# 4. GPT step throughput and TFLOP/s against a large cuBLAS matmul, same run
+# 3. GPT step throughput and TFLOP/s against a large cuBLAS matmul, same run
 timeout 180 python3 benchmarks/bench_gpu.py 2>&1 | tee "$out/bench.txt"
