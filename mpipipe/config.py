@@ -91,7 +91,8 @@ class TrainConfig:
     dtype: str = _opt(
         "float32",
         "compute dtype: float32 (= fp32), float64, fp16 (fp32 master weights and optimizer "
-        "state, dynamic loss scaling, activations sent in fp16)",
+        "state, dynamic loss scaling, activations sent in fp16), bf16 (the same without loss "
+        "scaling; needs ml_dtypes)",
         choices=DTYPES,
     )
     loss_scale: float = _opt(2.0**15, "fp16: the initial loss scale (dynamic)")
@@ -163,11 +164,6 @@ class TrainConfig:
         for f in fields():
             check_choice(f, getattr(self, f.name), f"--{_flag(f.name)}")
         _check_ranges(self)
-        if self.dtype == "bf16":
-            raise ConfigError(
-                "--dtype bf16: neither NumPy nor CuPy has a bfloat16 array type "
-                "(use --dtype fp16, or float32)"
-            )
         if self.dtype == "fp32":
             return self.replace(dtype="float32").validate()
         if self.global_batch % self.microbatches:

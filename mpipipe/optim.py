@@ -1,5 +1,5 @@
-"""Optimizers (SGD with momentum, AdamW), fp16 mixed precision around either, the learning-rate
-schedule, and clipping.
+"""Optimizers (SGD with momentum, AdamW), fp16/bf16 mixed precision around either, the
+learning-rate schedule, and clipping.
 
 Every update is element-wise on one tensor, so a parameter's new value depends only on its own
 gradient and state: the results are the same whichever stage holds it. All optimizers follow one
@@ -133,45 +133,52 @@ class AdamW(_Plain):
 
 
 class MixedPrecision:
-    """fp16 training: the stage computes in fp16, this keeps fp32 master weights and runs the
-    optimizer on them, with dynamic loss scaling.
+    """16-bit training: the stage computes in fp16 or bf16, this keeps fp32 master weights and
+    runs the optimizer on them; the 16-bit weights are refreshed from the masters after every
+    step.
 
-    The loss gradient is multiplied by `scale` so small fp16 gradients do not flush to zero;
-    a step whose gradients overflowed (a non-finite norm) is skipped and the scale halved; after
-    `interval` good steps in a row the scale doubles. The fp16 weights are refreshed from the
-    masters after every step."""
+    fp16 (`scale` given) adds dynamic loss scaling: the loss gradient is multiplied by `scale`
+    so small fp16 gradients do not flush to zero; a step whose gradients overflowed (a
+    non-finite norm) is skipped and the scale halved; after `interval` good steps in a row the
+    scale doubles. bf16 (`scale=None`) has float32's exponent range, so it needs no scaling: the
+    scale stays 1 and a non-finite gradient stops the run, as in float32."""
 
     def __init__(
         self,
         params: dict[str, Array],
         make_inner: Any,
-        scale: float = 2.0**15,
+        scale: float | None = 2.0**15,
         interval: int = 1000,
     ) -> None:
         self.params = params
         self.master = {k: v.astype("float32") for k, v in params.items()}
         self.grads32 = {k: v * 0 for k, v in self.master.items()}
         self.inner: Optimizer = make_inner(self.master)
-        self.loss_scale, self.interval = scale, interval
+        self.scaling = scale is not None
+        self.loss_scale, self.interval = (1.0 if scale is None else scale), interval
         self.good, self.skipped = 0, 0
 
     def overflowed(self) -> bool:
-        """Skip this step and halve the scale."""
+        """With loss scaling: skip this step and halve the scale. Without: the run stops."""
+        if not self.scaling:
+            return False
         self.loss_scale /= 2.0
         self.good = 0
         self.skipped += 1
         return True
 
     def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
-        """Step the masters with grads * factor / scale (factor: gradient clipping); after
-        `interval` good steps in a row the scale doubles."""
+        """Step the masters with grads * factor / scale (factor: gradient clipping); with loss
+        scaling, after `interval` good steps in a row the scale doubles."""
         for k, g in grads.items():
             g32 = self.grads32[k]
-            g32[...] = g  # fp16 -> fp32
+            g32[...] = g  # 16-bit -> fp32
             g32 *= factor / self.loss_scale
         self.inner.step(self.grads32, lr)
         for k, p in self.params.items():
-            p[...] = self.master[k]  # fp32 -> fp16
+            p[...] = self.master[k]  # fp32 -> 16-bit
+        if not self.scaling:
+            return
         self.good += 1
         if self.good >= self.interval:
             self.loss_scale *= 2.0
@@ -182,13 +189,17 @@ class MixedPrecision:
         return t, {"master": self.master, **slots}
 
     def scalars(self) -> dict[str, float]:
+        """The loss scaler's state; none without loss scaling (bf16), so the metrics carry no
+        loss scale that never moves and no skipped steps that cannot happen."""
+        if not self.scaling:
+            return {}
         return {"loss_scale": self.loss_scale, "good_steps": self.good, "skipped": self.skipped}
 
     def load_state(self, t: int, scalars: dict[str, float] | None) -> None:
         self.inner.load_state(t, None)
         for k, p in self.params.items():
             p[...] = self.master[k]
-        if scalars:
+        if scalars and self.scaling:
             self.loss_scale = float(scalars.get("loss_scale", self.loss_scale))
             self.good = int(scalars.get("good_steps", 0))
             self.skipped = int(scalars.get("skipped", 0))
@@ -200,9 +211,10 @@ def load_state(opt: Optimizer, t: int, scalars: dict[str, float] | None = None) 
 
 
 def make(name: str, params: dict[str, Array], cfg: Any) -> Optimizer:
-    if cfg.dtype == "fp16":  # fp32 masters and loss scaling around the same optimizer
+    if cfg.dtype in ("fp16", "bf16"):  # fp32 masters around the same optimizer
         inner = cfg.replace(dtype="float32")
-        return MixedPrecision(params, lambda master: make(name, master, inner), cfg.loss_scale)
+        scale = cfg.loss_scale if cfg.dtype == "fp16" else None  # bf16: no loss scaling
+        return MixedPrecision(params, lambda master: make(name, master, inner), scale)
     if name == "adamw":
         return AdamW(params, weight_decay=cfg.weight_decay)
     if name == "sgd":

@@ -143,7 +143,15 @@ def copy_into(target: Array, host: numpy.ndarray) -> None:
 
 def scatter_add(target: Array, index: Array, values: Array) -> None:
     """target[index[i]] += values[i] for every i, in order (repeated indices accumulate)."""
-    namespace_of(target).add.at(target, index, values)  # CuPy 13+: cupy.add.at
+    xp = namespace_of(target)
+    if not is_half(target.dtype):
+        xp.add.at(target, index, values)  # CuPy 13+: cupy.add.at
+        return
+    # 16-bit targets sum in a float32 array: CuPy's add.at has no bfloat16, and a token repeated
+    # n times would otherwise be rounded to 8 (bf16) or 11 (fp16) bits n times
+    total = xp.zeros(target.shape, dtype="float32")
+    xp.add.at(total, index, values.astype("float32"))
+    target += total.astype(target.dtype)
 
 
 def best_seconds(xp: ModuleType, work: Any, repeats: int = 3) -> tuple[float, str]:
@@ -171,8 +179,46 @@ def best_seconds(xp: ModuleType, work: Any, repeats: int = 3) -> tuple[float, st
 
 
 def dtype_of(name: str) -> numpy.dtype:
-    """The compute dtype for a config name: float32 | float64 | fp16 (computes in float16)."""
+    """The compute dtype for a config name: float32 | float64 | fp16 (float16) | bf16 (bfloat16,
+    the ml_dtypes type that NumPy and CuPy 14 both use)."""
+    if name == "bf16":
+        return bfloat16()
     names = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp16": "float16"}
     if name not in names:
-        raise ValueError(f"--dtype {name} is not supported (choose float32, float64 or fp16)")
+        raise ValueError(
+            f"--dtype {name} is not supported (choose float32, float64, fp16 or bf16)"
+        )
     return numpy.dtype(names[name])
+
+
+def bfloat16() -> numpy.dtype:
+    """NumPy's dtype for bfloat16: NumPy has none of its own, the ml_dtypes package adds it."""
+    try:
+        import ml_dtypes  # noqa: PLC0415 - only --dtype bf16 needs it
+    except ImportError:
+        raise RuntimeError(
+            "--dtype bf16 needs the ml_dtypes package, which gives NumPy and CuPy their "
+            "bfloat16 (pip install ml_dtypes)"
+        ) from None
+    return numpy.dtype(ml_dtypes.bfloat16)
+
+
+def is_half(dtype: Any) -> bool:
+    """A 16-bit float: float16 or bfloat16 (whose NumPy kind is 'V', not 'f': ml_dtypes
+    registers it as a user type, so `kind == "f"` alone misses it)."""
+    d = numpy.dtype(dtype)
+    return d.itemsize == 2 and (d.kind == "f" or d.name == "bfloat16")
+
+
+def widen(a: Array) -> Array:
+    """`a` in float32 if it is a 16-bit float, else `a` itself (no copy): what kernels compute
+    softmax, LayerNorm statistics, sums over rows and the loss in."""
+    return a.astype("float32") if is_half(a.dtype) else a
+
+
+def storable(a: Array) -> numpy.ndarray:
+    """A host copy of `a` that HDF5 stores as a float: bfloat16 widened to float32 (exact: every
+    bfloat16 is a float32), since h5py knows no bfloat16 (it would write opaque 2-byte records)
+    and NumPy cannot hash its buffer. Every other dtype is returned as `to_numpy` gives it."""
+    host = to_numpy(a)
+    return host.astype("float32") if host.dtype.name == "bfloat16" else host

@@ -28,7 +28,7 @@ from mpipipe.checkpoint.files import digest, fsync, h5_write, io_error, sha256
 from mpipipe.checkpoint.find import prune
 from mpipipe.errors import ConfigError
 from mpipipe.faults import Faults
-from mpipipe.xp import to_numpy
+from mpipipe.xp import storable
 
 Shard = dict[str, Any]  # a shard's manifest entry
 
@@ -40,7 +40,7 @@ def write_shard(path: Path, tensors: dict[str, Any], attrs: dict[str, Any]) -> t
 
     The datasets' digests are computed on a thread pool while h5py writes (hashlib releases the
     GIL), so checksumming costs little wall time."""
-    arrays = {name: np.ascontiguousarray(to_numpy(v)) for name, v in tensors.items()}
+    arrays = {name: np.ascontiguousarray(storable(v)) for name, v in tensors.items()}
     with ThreadPoolExecutor(max_workers=2) as pool:
         digests = {name: pool.submit(sha256, a) for name, a in arrays.items()}
 

@@ -1,7 +1,9 @@
 """Causal multi-head attention core: softmax(q k^T / sqrt(D) + mask) v, heads split and merged.
 
 The q/k/v and output projections are Linear layers around this core (see model.py), so the core
-holds no weights and its backward is input-only.
+holds no weights and its backward is input-only. For 16-bit inputs (fp16, bf16) the scores, the
+softmax and its backward are float32, and the products with the scores too; the outputs are cast
+back to the compute dtype (`astype(..., copy=False)`: a no-op for float32 and float64).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mpipipe.xp import Array, namespace_of
+from mpipipe.xp import Array, namespace_of, widen
 
 _MASKS: dict[tuple[Any, int, Any], Array] = {}
 
@@ -24,10 +26,11 @@ def causal_mask(xp: Any, t: int, dtype: Any) -> Array:
 
 def attention_scores(q: Array, k: Array) -> Array:
     """Causal softmax(q k^T / sqrt(D)): (B, H, T, D) x 2 -> (B, H, T, T), in place after the
-    product (one (B, H, T, T) array; adding the mask's exact zeros changes no other entry)."""
+    product (one (B, H, T, T) array; adding the mask's exact zeros changes no other entry), in
+    float32 for 16-bit q and k."""
     xp = namespace_of(q)
     t, d = q.shape[2], q.shape[3]
-    att = (q * (1.0 / math.sqrt(d))) @ k.transpose(0, 1, 3, 2)  # (B, H, T, T), scale on q
+    att = widen((q * (1.0 / math.sqrt(d))) @ k.transpose(0, 1, 3, 2))  # (B, H, T, T), scale on q
     att += causal_mask(xp, t, att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
@@ -46,8 +49,8 @@ def attention_forward(
     qkv4 = qkv.reshape(b, t, 3, n_head, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
     q, k, v = qkv4[0], qkv4[1], qkv4[2]  # (B, H, T, D) each
     att = attention_scores(q, k)  # (B, H, T, T)
-    y = att @ v  # (B, H, T, D)
-    out = y.transpose(0, 2, 1, 3).reshape(b, t, c)  # (B, T, C)
+    y = att @ v.astype(att.dtype, copy=False)  # (B, H, T, D), in the scores' dtype
+    out = y.transpose(0, 2, 1, 3).reshape(b, t, c).astype(qkv.dtype, copy=False)  # (B, T, C)
     return out, (q, k, v, att if keep_scores else None)
 
 
@@ -57,8 +60,9 @@ def attention_backward_input(dout: Array, cache: tuple[Array, ...]) -> Array:
     if att is None:
         att = attention_scores(q, k)  # (B, H, T, T) recomputed
     b, h, t, d = q.shape
-    dy = dout.reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
+    wide = att.dtype  # float32 for 16-bit inputs: every product with the scores in it
+    dy = dout.reshape(b, t, h, d).transpose(0, 2, 1, 3).astype(wide, copy=False)  # (B, H, T, D)
+    datt = dy @ v.transpose(0, 1, 3, 2).astype(wide, copy=False)  # (B, H, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dy  # (B, H, T, D)
     # softmax backward, in place in datt: dpre = att * (datt - sum(datt * att)); masked
     # entries have att == 0, so their gradient is 0 too
@@ -69,8 +73,9 @@ def attention_backward_input(dout: Array, cache: tuple[Array, ...]) -> Array:
     scale = 1.0 / math.sqrt(d)
     dqkv = xp.empty((b, t, 3, h, d), dtype=dout.dtype)  # (B, T, 3, H, D), the qkv layout
     heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: products land in place
-    xp.matmul(dpre, k, out=heads[0])  # dq (B, H, T, D), before the scale
+    xp.matmul(dpre, k.astype(wide, copy=False), out=heads[0])  # dq (B, H, T, D), before scale
     heads[0] *= scale  # on (B, H, T, D), not on the (B, H, T, T) scores
-    xp.matmul(dpre.transpose(0, 1, 3, 2), q * scale, out=heads[1])  # dk (B, H, T, D)
+    qs = (q * scale).astype(wide, copy=False)  # (B, H, T, D)
+    xp.matmul(dpre.transpose(0, 1, 3, 2), qs, out=heads[1])  # dk (B, H, T, D)
     heads[2][...] = dv
     return dqkv.reshape(b, t, 3 * h * d)  # (B, T, 3C)

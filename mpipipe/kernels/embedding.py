@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpipipe.xp import Array, scatter_add
+from mpipipe.xp import Array, scatter_add, widen
 
 
 def embedding_forward(tokens: Array, wte: Array, wpe: Array) -> tuple[Array, Array]:
@@ -14,5 +14,5 @@ def embedding_forward(tokens: Array, wte: Array, wpe: Array) -> tuple[Array, Arr
 
 def embedding_backward_weight(dout: Array, tokens: Array, dwte: Array, dwpe: Array) -> None:
     b, t, c = dout.shape
-    scatter_add(dwte, tokens.reshape(-1), dout.reshape(b * t, c))  # (V, C)
-    dwpe[:t] += dout.sum(axis=0)  # (T, C)
+    scatter_add(dwte, tokens.reshape(-1), dout.reshape(b * t, c))  # (V, C), float32 sums if 16-bit
+    dwpe[:t] += widen(dout).sum(axis=0).astype(dwpe.dtype, copy=False)  # (T, C)

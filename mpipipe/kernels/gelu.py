@@ -1,5 +1,7 @@
 """GELU, tanh approximation (GPT-2's), with in-place arithmetic: a handful of passes over the
-(..., 4C) activations and two temporaries instead of one temporary per operator."""
+(..., 4C) activations and two temporaries instead of one temporary per operator. The output is
+cast to the input's dtype: NumPy promotes bfloat16 with a Python float to float32 (`t + 1.0`),
+where CuPy and the builtin dtypes keep it; `astype(..., copy=False)` is a no-op for those."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def gelu_forward(x: Array) -> tuple[Array, tuple[Array, Array]]:
     out = t + 1.0  # (...)
     out *= x
     out *= 0.5  # 0.5 x (1 + t)
-    return out, (x, t)
+    return out.astype(x.dtype, copy=False), (x, t)
 
 
 def gelu_backward_input(dout: Array, cache: tuple[Array, Array]) -> Array:

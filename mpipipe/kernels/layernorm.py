@@ -1,8 +1,12 @@
-"""Layer normalisation over the last dimension (llm.c's derivation, term by term)."""
+"""Layer normalisation over the last dimension (llm.c's derivation, term by term).
+
+16-bit inputs (fp16, bf16) get their statistics in float32: the mean, variance and rstd, the
+backward's two row means, and the weight gradients' sums over rows; `widen` is a no-op for
+float32 and float64, whose arithmetic is exactly what it was without it."""
 
 from __future__ import annotations
 
-from mpipipe.xp import Array, namespace_of
+from mpipipe.xp import Array, namespace_of, widen
 
 EPS = 1e-5
 
@@ -11,26 +15,29 @@ def layernorm_forward(x: Array, g: Array, b: Array) -> tuple[Array, tuple[Array,
     # x (..., C)  g (C,)  b (C,)
     xp = namespace_of(x)
     c = x.shape[-1]
-    xhat = x - x.mean(axis=-1, keepdims=True)  # (..., C), centred
+    xw = widen(x)  # (..., C), float32 for 16-bit x, else x itself
+    xhat = xw - xw.mean(axis=-1, keepdims=True)  # (..., C), centred
     var = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / c  # (..., 1), no temporary
     rstd = 1.0 / (var + EPS) ** 0.5  # (..., 1)
     xhat *= rstd  # (..., C), normalised in place
+    xhat = xhat.astype(x.dtype, copy=False)  # (..., C), the compute dtype (kept for backward)
     out = xhat * g  # (..., C)
     out += b
     return out, (xhat, rstd)
 
 
 def layernorm_backward_input(dout: Array, cache: tuple[Array, Array], g: Array) -> Array:
-    xhat, rstd = cache
+    xhat, rstd = cache  # xhat (..., C) compute dtype, rstd (..., 1) float32 for 16-bit
     xp = namespace_of(dout)
     c = dout.shape[-1]
-    dxhat = dout * g  # (..., C)
+    dxhat = widen(dout * g)  # (..., C), float32 for 16-bit
+    xhat = widen(xhat)  # (..., C)
     mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
     mean_dxhat_xhat = xp.einsum("...i,...i->...", dxhat, xhat)[..., None] / c  # (..., 1)
     dxhat -= mean_dxhat  # in place from here on: dx = (dxhat - mean - xhat * mean2) * rstd
     dxhat -= xhat * mean_dxhat_xhat
     dxhat *= rstd
-    return dxhat  # (..., C)
+    return dxhat.astype(dout.dtype, copy=False)  # (..., C)
 
 
 def layernorm_backward_weight(
@@ -38,5 +45,5 @@ def layernorm_backward_weight(
 ) -> None:
     xhat, _ = cache
     c = dout.shape[-1]
-    dg += (dout * xhat).reshape(-1, c).sum(axis=0)  # (C,)
-    db += dout.reshape(-1, c).sum(axis=0)  # (C,)
+    dg += widen(dout * xhat).reshape(-1, c).sum(axis=0).astype(dg.dtype, copy=False)  # (C,)
+    db += widen(dout).reshape(-1, c).sum(axis=0).astype(db.dtype, copy=False)  # (C,)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpipipe.xp import Array, namespace_of
+from mpipipe.xp import Array, namespace_of, widen
 
 
 def cross_entropy_forward_backward(
@@ -15,9 +15,7 @@ def cross_entropy_forward_backward(
     """
     xp = namespace_of(logits)
     v = logits.shape[-1]
-    z = logits.reshape(-1, v)  # (N, V)
-    if z.dtype.itemsize < 4:  # half precision: the softmax and the loss in fp32
-        z = z.astype("float32")
+    z = widen(logits.reshape(-1, v))  # (N, V), float32 for 16-bit logits: softmax and loss
     y = targets.reshape(-1)  # (N,)
     n = z.shape[0]
     shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
@@ -35,7 +33,7 @@ def cross_entropy_forward(logits: Array, targets: Array) -> Array:
     """Mean loss only (evaluation), as a 0-d array."""
     xp = namespace_of(logits)
     v = logits.shape[-1]
-    z = logits.reshape(-1, v).astype("float32" if logits.dtype.itemsize < 4 else logits.dtype)
+    z = widen(logits.reshape(-1, v))  # (N, V), float32 for 16-bit logits
     y = targets.reshape(-1)  # (N,)
     shifted = z - z.max(axis=1, keepdims=True)  # (N, V)
     lse = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)

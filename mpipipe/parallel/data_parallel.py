@@ -30,7 +30,7 @@ from typing import Any
 from mpi4py import MPI
 
 from mpipipe.parallel.transport import Transport
-from mpipipe.xp import Array, namespace_of
+from mpipipe.xp import Array, is_half, namespace_of
 
 
 class GradReducer:
@@ -75,7 +75,7 @@ class GradReducer:
                 offset += g.size
             self.buckets.append(flat)
             self.members.append(set(group))
-            wide = flat.dtype.kind == "f" and flat.dtype.itemsize < 4
+            wide = is_half(flat.dtype)  # fp16 and bf16 (whose NumPy kind is "V", not "f")
             self.sums.append(xp.zeros(flat.size, dtype="float32") if wide else flat)
         stage.rebind_grads(remap)
         self.reset()

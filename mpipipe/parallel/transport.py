@@ -31,7 +31,7 @@ from typing import Any
 from mpi4py import MPI
 
 from mpipipe.parallel.staging import DeviceOps, HostOps, HostPool
-from mpipipe.xp import Array
+from mpipipe.xp import Array, is_half
 
 Event = Any
 
@@ -159,7 +159,7 @@ class Transport:
     # -- collectives ---------------------------------------------------------------------------
     def iallreduce(self, comm: MPI.Comm, buf: Array) -> Request:
         """In-place SUM of `buf` over `comm`, started in call order on every rank."""
-        if buf.dtype.itemsize < 4 and buf.dtype.kind == "f":
+        if is_half(buf.dtype):
             raise TypeError(
                 f"all-reduce of {buf.dtype}: reduce 16-bit floats in a float32 copy (MPI "
                 "before 4.1 has no 16-bit float type, and float32 sums are more accurate)"
