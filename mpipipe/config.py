@@ -16,6 +16,7 @@ from typing import Any
 
 from mpipipe.errors import ConfigError
 from mpipipe.partition import METHODS
+from mpipipe.schedule import SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,7 +69,11 @@ class TrainConfig:
         "backward), selective (recompute only the attention scores)",
         choices=("none", "full", "selective"),
     )
-    schedule: str = _opt("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zbv")
+    schedule: str = _opt(
+        "1f1b",
+        "pipeline schedule (interleaved: Megatron's virtual stages; zb-h1, zbv: zero bubble)",
+        choices=tuple(sorted(SCHEDULES)),
+    )
     virtual_stages: int | None = _opt(
         None, "chunks of layers per rank (interleaved: 2 or more, default 2; zbv: 2)"
     )

@@ -46,7 +46,6 @@ def train_parser(epilog: str | None = None) -> argparse.ArgumentParser:
             dest=f.name,
             type=conv,
             default=None,
-            choices=choices,
             help=meta["help"] + default,
             metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
         )

@@ -33,7 +33,7 @@ BAD = {
     "world size not a multiple of pp": (["--pp", "3"], "is not a multiple of --pp 3"),
     "unknown schedule": (
         ["--schedule", "zigzag"],
-        "unknown schedule 'zigzag' (choose one of: 1f1b, gpipe, interleaved, zb-h1, zbv)",
+        "--schedule 'zigzag' is not one of: 1f1b, gpipe, interleaved, zb-h1, zbv",
     ),
     "missing data path": (
         ["--data", "/no/such/corpus.txt"],
