@@ -1,8 +1,9 @@
 """Launch real MPI jobs from pytest, with a hard timeout that kills every rank.
 
-`mpiexec` is taken from the running interpreter's environment first (the `mpich` wheel puts it
-beside python), else from PATH. Each job runs in its own process group, so a timeout kills the
-launcher and all ranks, and the test fails with the output so far instead of freezing CI.
+`mpiexec` is the one of the MPI library that this interpreter's mpi4py loads, started with the
+settings that MPI needs here (mpipipe/launch.py). Each job runs in its own process group, so a
+timeout kills the launcher and all ranks, and the test fails with the output so far instead of
+freezing CI.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mpipipe.study import find_mpiexec
+from mpipipe import launch
+from mpipipe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,15 +30,19 @@ TINY = (
 ).split()
 
 
+def launcher() -> launch.Launcher:
+    try:
+        return launch.find()
+    except ConfigError as e:
+        pytest.fail(f"{e}\n(for the MPICH wheel: pip install -e '.[mpi,test]')")
+
+
 def mpiexec() -> str:
-    found = find_mpiexec()
-    if not found:
-        pytest.fail("no mpiexec: install the MPI runtime (pip install -e '.[mpi,test]')")
-    return found
+    return launcher().mpiexec
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
+    e = launch.environment()
     e.update(
         {
             "OMP_NUM_THREADS": "1",
@@ -70,7 +76,7 @@ def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_e
     """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process)."""
     cmd = [sys.executable, *args]
     if n is not None:
-        cmd = [mpiexec(), "-n", str(n), *cmd]
+        cmd = [*launcher().command(n), *cmd]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
