@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -72,8 +73,15 @@ def python() -> list[str]:
     return [sys.executable]
 
 
-def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_env: str) -> Result:
-    """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process)."""
+def run(
+    args: list[str],
+    n: int | None = None,
+    timeout: float = 120.0,
+    stdout: int | IO[str] = subprocess.PIPE,
+    **extra_env: str,
+) -> Result:
+    """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process). Standard
+    output is captured in Result.stdout unless `stdout` (a file, a terminal) takes it."""
     cmd = [sys.executable, *args]
     if n is not None:
         cmd = [*launcher().command(n), *cmd]
@@ -82,7 +90,7 @@ def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_e
         cmd,
         cwd=ROOT,
         env=env(**extra_env),
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -94,10 +102,16 @@ def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_e
         out, err = proc.communicate()
         pytest.fail(
             f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n"
-            f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}"
+            f"--- stdout ---\n{(out or '')[-3000:]}\n--- stderr ---\n{err[-3000:]}"
         )
-    return Result(proc.returncode, out, err, time.perf_counter() - t0)
+    return Result(proc.returncode, out or "", err, time.perf_counter() - t0)
 
 
-def train(n: int | None, *flags: str, timeout: float = 120.0, **extra_env: str) -> Result:
-    return run(["-m", "mpipipe", "train", *flags], n=n, timeout=timeout, **extra_env)
+def train(
+    n: int | None,
+    *flags: str,
+    timeout: float = 120.0,
+    stdout: int | IO[str] = subprocess.PIPE,
+    **extra_env: str,
+) -> Result:
+    return run(["-m", "mpipipe", "train", *flags], n, timeout, stdout, **extra_env)
