@@ -3,7 +3,8 @@
 `mpiexec` is the one of the MPI library that this interpreter's mpi4py loads, started with the
 settings that MPI needs here (mpipipe/launch.py). Each job runs in its own process group, so a
 timeout kills the launcher and all ranks, and the test fails with the output so far instead of
-freezing CI.
+freezing CI. Tests that use this module are marked `mpi` (tests/conftest.py): CI runs them under
+a second MPI too.
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ TINY = (
     "--eval-batches 1"
 ).split()
 
+# mpiexec launches so far; tests/conftest.py fails a test that launched but is not marked `mpi`
+launches = 0
+
 
 def launcher() -> launch.Launcher:
+    global launches
+    launches += 1
     try:
         return launch.find()
     except ConfigError as e:
