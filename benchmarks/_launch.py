@@ -1,4 +1,5 @@
-"""Shared helpers for benchmarks that launch mpipipe jobs: mpiexec lookup, run, read metrics."""
+"""Shared helpers for benchmarks that launch mpipipe jobs: mpiexec and its environment, run,
+read metrics."""
 
 from __future__ import annotations
 
@@ -9,16 +10,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mpipipe.study import find_mpiexec, train_command
+from mpipipe import launch
+from mpipipe.errors import ConfigError
+from mpipipe.study import train_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def mpiexec() -> str:
-    found = find_mpiexec()
-    if not found:
-        sys.exit("no mpiexec: pip install -e '.[mpi]'")
-    return found
+    try:
+        return launch.find().mpiexec
+    except ConfigError as e:
+        sys.exit(f"{e}\n(for the MPICH wheel: pip install -e '.[mpi]')")
+
+
+def env(**extra: str) -> dict[str, str]:
+    """This environment with our source on PYTHONPATH and the settings the MPI library needs."""
+    return launch.environment({**os.environ, "PYTHONPATH": str(ROOT), **extra})
 
 
 def train(ranks: int, *flags: str, timeout: float = 600) -> list[dict]:
@@ -26,8 +34,9 @@ def train(ranks: int, *flags: str, timeout: float = 600) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
         cmd = train_command([mpiexec(), "-n", str(ranks)], list(flags), metrics)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout
+        )
         if r.returncode:
             sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         return [json.loads(line) for line in metrics.read_text().splitlines()]

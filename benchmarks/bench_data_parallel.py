@@ -12,7 +12,6 @@ gradient per second) and the ratio; goal: >= 0.9.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -92,11 +91,10 @@ def main() -> int:
     if args.inner:
         measure(args)
         return 0
-    from _launch import ROOT, mpiexec
+    from _launch import env, mpiexec
 
     cmd = [mpiexec(), "-n", str(args.ranks), sys.executable, __file__, "--inner", *sys.argv[1:]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=env(OMP_NUM_THREADS="1"))
 
 
 if __name__ == "__main__":

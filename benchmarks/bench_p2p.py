@@ -13,7 +13,6 @@ trip (forward activation, backward gradient) of a 64-byte activation, executor v
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -135,10 +134,10 @@ def main() -> int:
     if args.inner:
         measure(args)
         return 0
-    from _launch import ROOT, mpiexec
+    from _launch import env, mpiexec
 
     cmd = [mpiexec(), "-n", "2", sys.executable, __file__, "--inner", *sys.argv[1:]]
-    return subprocess.call(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    return subprocess.call(cmd, env=env(OMP_NUM_THREADS="1"))
 
 
 if __name__ == "__main__":

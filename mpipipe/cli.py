@@ -264,7 +264,8 @@ def cmd_doctor(argv: list[str]) -> int:
     )
     grid.free()
     if rows is not None:  # rank 0
-        version = MPI.Get_library_version().strip().splitlines()[0]
+        # Open MPI counts the C string's terminating NUL in the length mpi4py hands back
+        version = MPI.Get_library_version().replace("\0", "").strip().splitlines()[0]
         print(
             f"MPI library: {version} (standard {'.'.join(map(str, MPI.Get_version()))}, "
             f"mpi4py thread level {MPI.Query_thread()})"

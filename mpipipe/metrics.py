@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,6 +56,32 @@ class MetricsFile:
         if self.fh:
             self.fh.close()
             self.fh = None
+
+
+def interactive(stream: IO[str], env: Mapping[str, str] | None = None) -> bool:
+    """Is `stream` a terminal that a person watches (in-place redraws, progress bars)?
+
+    `isatty()` answers for a process that a shell started, and under MPICH's mpiexec, which hands
+    ranks pipes. Under Open MPI's mpirun it does not: every rank's stdout is a pseudo-terminal
+    that mpirun made to forward output through, a terminal whether mpirun itself writes to one,
+    to a file or to a pipe. There the answer is mpirun's own stdout, seen through /proc when
+    mpirun is this rank's parent (ranks on the node it runs on); elsewhere (ranks under remote
+    daemons, no /proc) the output is taken for a log. Open MPI marks its ranks with
+    OMPI_COMM_WORLD_SIZE; direct launches (srun) do not set it and hand out honest descriptors.
+    """
+    env = os.environ if env is None else env
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    if "OMPI_COMM_WORLD_SIZE" not in env:
+        return True
+    try:
+        launcher_stdout = os.readlink(f"/proc/{os.getppid()}/fd/1")
+    except OSError:
+        return False
+    return launcher_stdout.startswith(("/dev/pts/", "/dev/tty"))
 
 
 def measure_peak_flops(xp: Any, dtype: Any, n: int = 768, repeats: int = 3) -> float:

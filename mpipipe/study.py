@@ -16,13 +16,13 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from mpipipe import launch
 from mpipipe.errors import ConfigError
 from mpipipe.flags import parse_train
 
@@ -42,12 +42,6 @@ COLUMNS = [
 ]
 
 
-def find_mpiexec() -> str | None:
-    """The mpiexec beside this Python (the `mpich` wheel puts it there), else on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else shutil.which("mpiexec")
-
-
 def train_command(launch: list[str], flags: list[str], metrics: Path) -> list[str]:
     """`launch python -m mpipipe train FLAGS --metrics-file METRICS`."""
     return [
@@ -65,10 +59,10 @@ def train_command(launch: list[str], flags: list[str], metrics: Path) -> list[st
 def launcher(kind: str, n: int) -> list[str]:
     if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
         return ["srun", "-n", str(n)]
-    exe = find_mpiexec()
-    if not exe:
-        raise ConfigError("study: no mpiexec found (pip install 'mpipipe[mpi]', or run in SLURM)")
-    return [exe, "-n", str(n)]
+    try:
+        return launch.find().command(n)
+    except ConfigError as e:
+        raise ConfigError(f"study: {e} (or run inside a SLURM allocation)") from None
 
 
 def _with(flags: list[str], name: str, value: str) -> list[str]:
@@ -121,7 +115,9 @@ def run_study(
         cmd = train_command(launcher(kind, n), [*run_flags, "--log-every", "1000000"], metrics)
         print(f"study: {' '.join(cmd)}", flush=True)
         with open(log, "w") as fh:
-            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+            rc = subprocess.call(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=launch.environment()
+            )
         if rc:
             tail = log.read_text()[-2000:]
             raise ConfigError(f"study: the run on {n} ranks failed (exit {rc}); see {log}\n{tail}")

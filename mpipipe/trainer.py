@@ -129,7 +129,9 @@ class _Run:
 
     @property
     def tty(self) -> bool:
-        return self.grid.world.Get_rank() == 0 and getattr(self.out, "isatty", lambda: False)()
+        from mpipipe.metrics import interactive
+
+        return self.grid.world.Get_rank() == 0 and interactive(self.out)
 
     def say(self, text: str) -> None:
         if self.grid.world.Get_rank() == 0:

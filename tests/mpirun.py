@@ -1,8 +1,10 @@
 """Launch real MPI jobs from pytest, with a hard timeout that kills every rank.
 
-`mpiexec` is taken from the running interpreter's environment first (the `mpich` wheel puts it
-beside python), else from PATH. Each job runs in its own process group, so a timeout kills the
-launcher and all ranks, and the test fails with the output so far instead of freezing CI.
+`mpiexec` is the one of the MPI library that this interpreter's mpi4py loads, started with the
+settings that MPI needs here (mpipipe/launch.py). Each job runs in its own process group, so a
+timeout kills the launcher and all ranks, and the test fails with the output so far instead of
+freezing CI. Tests that use this module are marked `mpi` (tests/conftest.py): CI runs them under
+a second MPI too.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from mpipipe.study import find_mpiexec
+from mpipipe import launch
+from mpipipe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,16 +31,25 @@ TINY = (
     "--eval-batches 1"
 ).split()
 
+# mpiexec launches so far; tests/conftest.py fails a test that launched but is not marked `mpi`
+launches = 0
+
+
+def launcher() -> launch.Launcher:
+    global launches
+    launches += 1
+    try:
+        return launch.find()
+    except ConfigError as e:
+        pytest.fail(f"{e}\n(for the MPICH wheel: pip install -e '.[mpi,test]')")
+
 
 def mpiexec() -> str:
-    found = find_mpiexec()
-    if not found:
-        pytest.fail("no mpiexec: install the MPI runtime (pip install -e '.[mpi,test]')")
-    return found
+    return launcher().mpiexec
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
+    e = launch.environment()
     e.update(
         {
             "OMP_NUM_THREADS": "1",
@@ -66,17 +79,24 @@ def python() -> list[str]:
     return [sys.executable]
 
 
-def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_env: str) -> Result:
-    """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process)."""
+def run(
+    args: list[str],
+    n: int | None = None,
+    timeout: float = 120.0,
+    stdout: int | IO[str] = subprocess.PIPE,
+    **extra_env: str,
+) -> Result:
+    """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process). Standard
+    output is captured in Result.stdout unless `stdout` (a file, a terminal) takes it."""
     cmd = [sys.executable, *args]
     if n is not None:
-        cmd = [mpiexec(), "-n", str(n), *cmd]
+        cmd = [*launcher().command(n), *cmd]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
         env=env(**extra_env),
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -88,10 +108,16 @@ def run(args: list[str], n: int | None = None, timeout: float = 120.0, **extra_e
         out, err = proc.communicate()
         pytest.fail(
             f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n"
-            f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}"
+            f"--- stdout ---\n{(out or '')[-3000:]}\n--- stderr ---\n{err[-3000:]}"
         )
-    return Result(proc.returncode, out, err, time.perf_counter() - t0)
+    return Result(proc.returncode, out or "", err, time.perf_counter() - t0)
 
 
-def train(n: int | None, *flags: str, timeout: float = 120.0, **extra_env: str) -> Result:
-    return run(["-m", "mpipipe", "train", *flags], n=n, timeout=timeout, **extra_env)
+def train(
+    n: int | None,
+    *flags: str,
+    timeout: float = 120.0,
+    stdout: int | IO[str] = subprocess.PIPE,
+    **extra_env: str,
+) -> Result:
+    return run(["-m", "mpipipe", "train", *flags], n, timeout, stdout, **extra_env)
