@@ -35,8 +35,7 @@ from mpipipe.layers import (
 from mpipipe.xp import copy_into, dtype_of, gpu_count, is_half, storable, to_numpy
 from tests import mpirun
 from tests.gradcheck import rel_error
-from tests.test_device_path import STAGED
-from tests.test_device_path import run as run_on_fake_gpu
+from tests.test_device_path import BASE, FAKE, STAGED, numbers
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -206,6 +205,14 @@ def test_bf16_trains_within_0_05_nats_of_float32(losses, ranks, reference):
 def test_bf16_pipeline_equals_bf16_single_process_bitwise(losses):
     """The transparency claim holds in bf16 too: the same operations in the same order."""
     assert [r["loss"] for r in losses["bf16-2"]] == [r["loss"] for r in losses["bf16-1"]]
+
+
+def run_on_fake_gpu(tmp_path, name, n, *flags):
+    """One run with the fake CuPy on the path (tests/test_device_path.py's BASE model)."""
+    m = tmp_path / f"{name}.jsonl"
+    r = mpirun.train(n, *BASE, *flags, "--metrics-file", str(m), timeout=120, **FAKE)
+    assert r.returncode == 0, r.output
+    return numbers(m), r
 
 
 def test_bf16_on_the_fake_gpu_equals_numpy_bf16(tmp_path):
