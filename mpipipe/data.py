@@ -59,7 +59,17 @@ class ByteDataset:
         self._tokens: np.ndarray | None = None
 
     def check(self) -> None:
-        """Raise ConfigError unless both splits hold at least one window (stat only, no reads)."""
+        """Raise ConfigError unless every file opens for reading and both splits hold at least
+        one window (no data is read)."""
+        for f in self.files:
+            try:
+                with open(f, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(
+                    f"--data {f}: cannot be read ({e.strerror}); fix its permissions or leave it "
+                    "out of --data"
+                ) from None
         n_eval = int(self.size * self.holdout)
         smallest = min(self.size - n_eval, n_eval)
         if smallest < self.seq_len + 1:
@@ -71,7 +81,13 @@ class ByteDataset:
     @property
     def tokens(self) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = np.frombuffer(b"".join(f.read_bytes() for f in self.files), np.uint8)
+            chunks = []
+            for f in self.files:
+                try:
+                    chunks.append(f.read_bytes())
+                except OSError as e:  # it opened at the check: it changed, or the disk failed
+                    raise ConfigError(f"--data {f}: cannot be read ({e.strerror})") from None
+            self._tokens = np.frombuffer(b"".join(chunks), np.uint8)
         return self._tokens
 
     def batch(self, step: int, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -111,8 +111,9 @@ class _Run:
         self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
         self.faults = Faults.parse(cfg.inject_fault)
         self.preemption = preemption
-        if (rt.first or rt.last) and hasattr(self.job.dataset, "tokens"):
-            _ = self.job.dataset.tokens  # read the data now: a long first read is not a hang
+        reads = (rt.first or rt.last) and hasattr(self.job.dataset, "tokens")
+        # read the data now (a long first read is not a hang), a read error stops every rank
+        agree(world, lambda: self.job.dataset.tokens if reads else None)
         self.layout = self.grid.layout()
         self.watchdog = Watchdog(cfg.timeout_s, world.Get_rank(), world.Abort)
         assert rt.train_exec is not None

@@ -113,3 +113,17 @@ def test_every_optimizer_follows_one_protocol(name):
         assert bool(opt.scalars()) is (dtype == "fp16")
         opt.load_state(t, opt.scalars())
         assert opt.loss_scale == (2.0**14 if dtype == "fp16" else 1.0)  # halved by overflow
+
+
+def test_a_data_file_that_cannot_be_read_is_one_clear_error(tmp_path):
+    """(As root, permissions cannot make a file unreadable; a directory where a file is expected
+    fails the same open.)"""
+    from mpipipe.data import ByteDataset
+
+    good = tmp_path / "a.txt"
+    good.write_bytes(b"x" * 1000)
+    bad = tmp_path / "b.txt"
+    bad.mkdir()
+    ds = ByteDataset([good, bad], seq_len=8, seed=0)
+    with pytest.raises(ConfigError, match=r"--data .*b\.txt: cannot be read \(Is a directory\)"):
+        ds.check()
