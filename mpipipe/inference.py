@@ -78,7 +78,7 @@ class _Pipeline:
 def evaluate(path: str, batches: int, comm: MPI.Comm | None = None) -> float:
     """Held-out loss of the checkpoint over `batches` global batches; prints bits per byte."""
     comm = comm or MPI.COMM_WORLD
-    step_dir, cfg = config_of(path)
+    step_dir, cfg = agree(comm, lambda: config_of(path))  # a problem on any rank stops all
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     cfg = job.cfg  # with this launch's layout: each replica takes its slice of each batch
     m = cfg.microbatches * (cfg.dp or 1)
@@ -112,7 +112,7 @@ def generate(
     comm = comm or MPI.COMM_WORLD
     if tokens < 0 or temperature < 0 or top_k < 0:
         raise ConfigError("--tokens, --temperature and --top-k must be >= 0")
-    step_dir, cfg = config_of(path)
+    step_dir, cfg = agree(comm, lambda: config_of(path))  # a problem on any rank stops all
     if cfg.model != "gpt":
         raise ConfigError(f"generate needs a gpt checkpoint; {step_dir} holds a {cfg.model}")
     cfg = cfg.replace(global_batch=1, microbatches=1)
