@@ -122,6 +122,7 @@ def test_sixteen_stages_on_two_cores():
     assert "pp=16" in r.stdout and "done: 3 steps" in r.stdout
 
 
+@pytest.mark.timeout(360)  # past mpirun's own 300 s, so a slow run fails alone, with its output
 def test_default_training_learns_on_four_ranks(tmp_path):
     """`mpiexec -n 4 python -m mpipipe train` with its defaults: from ~ln(256) to below 2.2 nats
     (the corpus's byte-bigram entropy is about 2.4, so this needs context), within 5 minutes."""
