@@ -52,6 +52,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "mpi: starts the program through tests/mpirun.py (set by tests/conftest.py)"
     )
+    config.addinivalue_line(
+        "markers", "mpich_launcher: tests a behaviour of MPICH's mpiexec itself (pass 1 only)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
