@@ -30,10 +30,8 @@ from typing import Any
 
 from mpi4py import MPI
 
-from mpipipe.parallel.staging import DeviceOps, HostOps, HostPool
+from mpipipe.parallel.staging import DeviceOps, Event, HostOps, HostPool
 from mpipipe.xp import Array, is_half
-
-Event = Any
 
 
 class Request:
@@ -231,7 +229,8 @@ class Transport:
 
     @property
     def idle(self) -> bool:
-        """Nothing in flight and every staging buffer back in its pool."""
+        """Nothing in flight and no collective waiting to be posted (so every staging buffer
+        is back in its pool)."""
         return not self.inflight and not any(q for q in self.queues.values())
 
 
