@@ -74,6 +74,18 @@ class Result:
     def output(self) -> str:
         return self.stdout + self.stderr
 
+    @property
+    def program_stderr(self) -> str:
+        """stderr without the launcher's own notice: Open MPI's mpirun adds a block between
+        lines of dashes when a rank exits non-zero ("Primary job terminated normally, ...")."""
+        kept, inside = [], False
+        for line in self.stderr.splitlines(keepends=True):
+            if line.startswith("-" * 20):
+                inside = not inside
+            elif not inside:
+                kept.append(line)
+        return "".join(kept)
+
 
 def python() -> list[str]:
     return [sys.executable]

@@ -185,7 +185,7 @@ def test_a_resume_refuses_another_model_naming_the_field(one_checkpoint):
         str(one_checkpoint), "--resume", "auto", timeout=60,
     )  # fmt: skip
     assert r.returncode == 2, r.output
-    assert r.stderr.count("\n") == 1
+    assert r.program_stderr.count("\n") == 1
     assert "holds a model with --heads 2, this run has --heads 4" in r.stderr
     assert "Traceback" not in r.output
 
@@ -353,7 +353,7 @@ def test_disk_full_on_a_real_tmpfs(tmp_path):
     assert "status=2" in r.stdout, r.output
     assert r.stderr.count("mpipipe: error: could not save step_0000") == 1, r.stderr
     assert "ENOSPC (No space left on device)" in r.stderr and "Traceback" not in r.output
-    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.program_stderr.count("\n") == 1, r.stderr
     saved = [line for line in r.stdout.splitlines() if line.startswith("step_0000")]
     assert len(saved) >= 2 and ".tmp-step" not in r.stdout, r.stdout  # dirs, then latest
     assert saved[-1] == saved[-2], r.stdout  # latest names the newest complete one
@@ -372,7 +372,7 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_step_one(tmp_path, kind)
                 *QUIET, "--steps", "3", "--checkpoint-dir", f"{mnt}/ck"]  # fmt: skip
         r = in_tmpfs("ro,size=64k", mnt, argv)
         assert "is not writable" in r.stderr and "EROFS" in r.stderr, r.output
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.output
+    assert r.returncode == 2 and r.program_stderr.count("\n") == 1, r.output
     assert "step 1/" not in r.stdout and "Traceback" not in r.output
 
 
