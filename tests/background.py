@@ -60,7 +60,7 @@ class Job:
             time.sleep(0.1)
 
     def pids(self, timeout: float = 60) -> list[int]:
-        """The ranks' process ids (the marker must not contain "mpiexec")."""
+        """The ranks' process ids, rank 0 first (the marker must not contain "mpiexec")."""
         deadline = time.time() + timeout
         while len(found := _ranks_of(self.marker)) < self.ranks and time.time() < deadline:
             time.sleep(0.1)
@@ -80,13 +80,22 @@ class Job:
 
 
 def _ranks_of(marker: str) -> list[int]:
-    pids = []
+    """Process ids in rank order, from the rank that MPICH's (PMI_RANK) or Open MPI's
+    (OMPI_COMM_WORLD_RANK) launcher put in each rank's environment: the order of process ids is
+    not the order of ranks."""
+    ranked = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                env = dict(
+                    kv.split(b"=", 1)
+                    for kv in (p / "environ").read_bytes().split(b"\0")
+                    if b"=" in kv
+                )
             except OSError:
                 continue
-            if marker in cmd and "python" in cmd and "mpiexec" not in cmd:
-                pids.append(int(p.name))
-    return sorted(pids)
+            rank = env.get(b"PMI_RANK", env.get(b"OMPI_COMM_WORLD_RANK"))
+            if marker in cmd and "python" in cmd and "mpiexec" not in cmd and rank is not None:
+                ranked.append((int(rank), int(p.name)))
+    return [pid for _, pid in sorted(ranked)]

@@ -37,13 +37,13 @@ def test_sigint_to_the_launcher_finishes_the_step_saves_and_exits_zero(tmp_path)
 
 
 def test_a_second_sigint_aborts_at_once_with_130(tmp_path):
-    """Rank 1 hangs at step 3 (MPIPIPE_STALL) and rank 0 waits for it inside MPI, where no
-    Python handler runs; two SIGINTs to rank 0 end the job with 130 within seconds."""
+    """Rank 1 hangs at step 3 (--inject-fault stall) and rank 0 waits for it inside MPI, where
+    no Python handler runs; two SIGINTs to rank 0 end the job with 130 within seconds."""
     flags = [*TINY, "--steps", "50", "--checkpoint-dir", str(tmp_path / "ck")]
-    job = Job(2, flags, tmp_path, MPIPIPE_STALL="1:2")
+    job = Job(2, [*flags, "--inject-fault", "stall@1:2"], tmp_path)
     rank0 = job.pids()[0]
-    job.wait_for(r"step +1/")
-    time.sleep(1.0)  # into the stall
+    job.wait_for(r"step +1/")  # rank 1 stalls at the start of step 3, a few ms later
+    time.sleep(1.0)  # rank 0 now waits inside MPI for rank 1's activations
     os.kill(rank0, signal.SIGINT)
     job.wait_for("a second one aborts")
     t0 = time.perf_counter()
