@@ -1,6 +1,7 @@
 """The `mpi` marker: tests that start the program through tests/mpirun.py (under mpiexec, or as
-one process that still initializes MPI). CI runs the whole suite under one MPI, then
-`pytest -m mpi` under a second one.
+one process that still initializes MPI). CI runs the whole suite under MPICH, then
+`pytest -m openmpi` (a chosen subset of the `mpi` tests: one per path that can differ between MPI
+libraries) under Open MPI.
 
 A test is marked when its body, a fixture it uses, or a function of its module that either
 calls reaches `mpirun.run`, `mpirun.train` or `mpirun.mpiexec` (read from the compiled code, so
@@ -55,6 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "mpich_launcher: tests a behaviour of MPICH's mpiexec itself (pass 1 only)"
     )
+    config.addinivalue_line(
+        "markers",
+        "openmpi: CI runs it again under Open MPI (pass 2): one test per path that can differ "
+        "between MPI libraries (launch, p2p bytes, collectives, abort, signals, staging)",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,6 +71,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         funcs = [item.function, *(vars(module).get(f) for f in item.fixturenames)]
         if any(f is not None and _launches(f, module, set()) for f in funcs):
             item.add_marker(pytest.mark.mpi)
+    for item in items:
+        if item.get_closest_marker("openmpi") and not item.get_closest_marker("mpi"):
+            raise pytest.UsageError(f"{item.nodeid} is marked openmpi but launches no MPI job")
 
 
 @pytest.fixture(autouse=True)

@@ -101,7 +101,7 @@ def test_any_layout_loads_any_checkpoint(tmp_path):
         assert_same(tensors(d / "step_000006"), want, rel)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.openmpi), 4])
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, ranks):
     d, ref = tmp_path / "ck", tmp_path / "ref"
     r = mpirun.train(
@@ -272,6 +272,7 @@ def test_eval_and_generate(saved):
     assert r.stdout.startswith("def ") and r.stdout == one.stdout  # greedy: same on any layout
 
 
+@pytest.mark.openmpi  # signals to a rank under either launcher
 @pytest.mark.parametrize("sig, ranks", [("SIGTERM", 2), ("SIGUSR1", 4)])
 def test_preemption_saves_and_exits_75_for_a_requeue(tmp_path, sig, ranks):
     """SIGTERM/SIGUSR1 (the scheduler before the time limit): every rank finishes the step, the

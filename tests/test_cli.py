@@ -63,6 +63,7 @@ def test_bad_input_fails_fast_with_one_clear_message(case, ranks, tiny_text):
     assert r.seconds < 30
 
 
+@pytest.mark.openmpi  # the launcher ends every rank when one raises
 @pytest.mark.parametrize("grid", [["--pp", "4"], ["--pp", "2", "--dp", "2"]])
 def test_a_rank_that_raises_ends_the_whole_job(grid):
     flags = [*SMALL, *grid, "--steps", "50", "--inject-fault", "raise@2:3"]

@@ -54,9 +54,21 @@ def reference(tmp_path_factory):
         ("pp2-interleaved-staged", 2, ["--pp", "2", "--schedule", "interleaved", *STAGED], False),
         ("pp2-zbh1-staged", 2, ["--pp", "2", "--schedule", "zb-h1", *STAGED], False),
         ("pp2-zbv-staged", 2, ["--pp", "2", "--schedule", "zbv", *STAGED], False),
-        ("pp2xdp2-staged", 4, ["--pp", "2", "--dp", "2", *STAGED], False),
+        pytest.param(
+            "pp2xdp2-staged",
+            4,
+            ["--pp", "2", "--dp", "2", *STAGED],
+            False,
+            marks=pytest.mark.openmpi,  # pinned host buffers, not CUDA-aware
+        ),
         ("pp2xdp2-staged-recompute", 4, ["--pp", "2", "--recompute", "full", *STAGED], False),
-        ("pp2-aware", 2, ["--pp", "2", *AWARE], True),
+        pytest.param(
+            "pp2-aware",
+            2,
+            ["--pp", "2", *AWARE],
+            True,
+            marks=pytest.mark.openmpi,  # device buffers handed to MPI
+        ),
         ("pp2xdp2-aware-selective", 4, ["--pp", "2", "--recompute", "selective", *AWARE], True),
     ],
 )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests import mpirun
 
 
+@pytest.mark.openmpi  # the Python API under mpiexec
 def test_custom_model_on_four_ranks():
     r = mpirun.run(["examples/custom_model.py"], n=4, timeout=120)
     assert r.returncode == 0, r.output

@@ -111,6 +111,7 @@ def case_argv(reader: str, d: Path, tmp: Path) -> list[str]:
     }[reader]
 
 
+@pytest.mark.openmpi  # one line per rank, without the launcher's own notice
 def test_every_file_in_every_broken_form_gets_one_line_on_every_rank(one_checkpoint, tmp_path):
     """One launch of 2 ranks runs every (file, form, reader): each ends with its documented
     status (on both ranks for train; the ckpt tools use no MPI and run on rank 0), an error is

@@ -33,6 +33,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.openmpi  # every schedule's messages, bitwise
 @pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
