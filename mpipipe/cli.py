@@ -150,7 +150,8 @@ def cmd_train(argv: list[str]) -> int:
 def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     """Everything `train` checks, then where every rank would run and what it would do. The
     device and transport come from the rank runtime's own functions; no model is built."""
-    from mpipipe.job import agree, describe, finalize, prepare
+    from mpipipe.job import agree, describe, finalize, prepare, scan_tokens
+    from mpipipe.memory import per_rank, table
     from mpipipe.parallel.grid import Grid
     from mpipipe.runtime import make_transport, place
     from mpipipe.schedule.render import summary, timeline
@@ -158,6 +159,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
+        agree(grid.world, lambda: scan_tokens(job, grid))  # ids outside the vocabulary
         device = agree(grid.world, lambda: place(job, grid))
         job = finalize(job, grid.world, device.xp)
         _, policy = make_transport(job, device)
@@ -173,6 +175,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
         print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}")
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
+    print(table(per_rank(job)))
     print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 
