@@ -16,6 +16,12 @@ Checkpoints and resuming:
     mpiexec -n 2 python -m mpipipe eval --resume ckpt
     python -m mpipipe generate --resume ckpt --prompt "def " --tokens 200
 
+Data: token files (any tokenizer's ids, or bytes encoded here), then train on them:
+    python -m mpipipe data encode notes/ 'src/**/*.py' -o corpus.bin
+    python -m mpipipe data inspect corpus.bin
+    mpiexec -n 4 python -m mpipipe train --data corpus.bin --pp 2
+    mpiexec -n 16 python -m mpipipe train --model gpt2-small --data owt.bin --dry-run
+
 What the machine offers (MPI library, CUDA-aware verdict, GPUs per rank):
     mpiexec -n 2 python -m mpipipe doctor
 
@@ -281,6 +287,13 @@ def cmd_doctor(argv: list[str]) -> int:
     return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    """python -m mpipipe data encode IN... -o OUT.bin | data inspect FILE (no MPI needed)."""
+    from mpipipe.data.tools import main as data
+
+    return data(argv)
+
+
 def cmd_study(argv: list[str]) -> int:
     from mpipipe.study import main as study
 
@@ -295,6 +308,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "ckpt": cmd_ckpt,
     "doctor": cmd_doctor,
+    "data": cmd_data,
 }
 
 
