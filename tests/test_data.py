@@ -216,3 +216,14 @@ def test_an_id_outside_the_vocabulary_stops_every_rank_before_work(tmp_path):
     assert r.returncode == 2, r.output
     assert r.stderr.count("mpipipe: error:") == 1, r.stderr
     assert "token id 60 at token offset 3999 is outside the vocabulary of 50" in r.stderr
+
+
+def test_gpt2_small_dry_run_on_sixteen_ranks():
+    """The layout (pp 8 x dp 2: 12 blocks allow at most 8 stages dividing 16) and the memory
+    table, with no model built: about 8 s on 2 cores."""
+    r = mpirun.train(16, "--model", "gpt2-small", "--dry-run", timeout=60)
+    assert r.returncode == 0, r.output
+    assert "pp=8 x dp=2" in r.stdout and "  15  " in r.stdout  # rank 15 in the placement
+    table = r.stdout.split("memory per pipeline rank")[1].splitlines()[2:10]
+    assert [row.split()[0] for row in table] == [str(k) for k in range(8)]
+    assert "block11..head" in table[7] and "embed..block1" in table[0]

@@ -1,11 +1,12 @@
 """Token sources behind `--data`: text (bytes), flat `.bin` token files, HDF5 token datasets.
 
-A source is one file's tokens, opened lazily and read by range: `.bin` and text files through a
-read-only `np.memmap` (only the pages a window touches are read), HDF5 through hyperslab reads.
+A source is one file's tokens, opened lazily and read by range: `.bin` and text files by
+positional reads of only that range (`os.pread`; see `Source.read` for why not a memory map),
+HDF5 through hyperslab reads.
 `resolve` turns a `--data` spec (a file, a folder, a glob, each optionally `...h5:/dataset`) into
 sources in sorted order; `check` validates sizes and metadata without reading tokens, and
-`scan` reads a range in chunks (plain reads, nothing stays mapped) to refuse an id outside the
-vocabulary, naming the file and the offset.
+`scan` reads a range in chunks to refuse an id outside the vocabulary, naming the file and the
+offset.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mpipipe.errors import ConfigError
 TOKEN_DTYPES = ("uint16", "uint32")
 BYTES_VOCAB = 256
 H5_SUFFIXES = (".h5", ".hdf5")
-SCAN_CHUNK = 1 << 22  # tokens per read when scanning for ids outside the vocabulary
+SCAN_CHUNK = 1 << 20  # tokens per read when scanning for ids outside the vocabulary
 
 
 def builtin_files() -> list[Path]:
@@ -55,7 +56,8 @@ class Source:
         return f"{self.path}:{self.name}" if self.kind == "h5" else str(self.path)
 
     def array(self) -> Any:
-        """The tokens as a lazily read array (memmap or h5py dataset); nothing is read yet."""
+        """The tokens as a lazily read array (h5py dataset, or an open file for positional
+        reads); nothing is read yet."""
         if self._handle is None:
             try:
                 if self.kind == "h5":
@@ -63,23 +65,32 @@ class Source:
 
                     self._handle = h5py.File(self.path, "r")[self.name]
                 else:
-                    self._handle = np.memmap(self.path, self.dtype, mode="r", shape=self.length)
+                    self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close()
             except OSError as e:  # it opened at the check: it changed, or the disk failed
                 raise ConfigError(f"--data {self}: cannot be read ({e})") from None
         return self._handle
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        """Tokens [lo, hi) as a NumPy array (a copy of only that range)."""
-        return np.asarray(self.array()[lo:hi])
+        """Tokens [lo, hi) as a NumPy array: a copy of only that range. Files are read with
+        positional reads rather than through a memory map: mapped pages count as this
+        process's resident memory and pile up as random windows touch the whole file over a
+        long run, while read pages stay in the kernel's shared page cache."""
+        handle = self.array()
+        if self.kind == "h5":
+            return np.asarray(handle[lo:hi])
+        size = self.dtype.itemsize
+        data = os.pread(handle.fileno(), (hi - lo) * size, lo * size)
+        if len(data) != (hi - lo) * size:
+            raise ConfigError(f"--data {self}: shorter than when checked (did it change?)")
+        return np.frombuffer(data, self.dtype)
 
     def scan(self, lo: int, hi: int, vocab: int) -> None:
-        """Refuse an id >= vocab in tokens [lo, hi), reading SCAN_CHUNK tokens at a time with
-        plain reads (a page cache hit, not resident memory of this process)."""
+        """Refuse an id >= vocab in tokens [lo, hi), reading SCAN_CHUNK tokens at a time."""
         if self.kind == "bytes" and vocab >= BYTES_VOCAB:
             return
         for a in range(lo, hi, SCAN_CHUNK):
             b = min(hi, a + SCAN_CHUNK)
-            chunk = self._plain_read(a, b)
+            chunk = self.read(a, b)
             bad = (chunk >= vocab) | (chunk < 0) if chunk.dtype.kind == "i" else chunk >= vocab
             if bad.any():
                 at = a + int(np.argmax(bad))
@@ -89,17 +100,9 @@ class Source:
                     "more if the file is right, or re-encode it with the model's tokenizer)"
                 )
 
-    def _plain_read(self, lo: int, hi: int) -> np.ndarray:
-        if self.kind == "h5":
-            return self.read(lo, hi)
-        size = self.dtype.itemsize
-        with open(self.path, "rb") as fh:
-            fh.seek(lo * size)
-            return np.frombuffer(fh.read((hi - lo) * size), self.dtype)
-
     def close(self) -> None:
-        if self.kind == "h5" and self._handle is not None:
-            self._handle.file.close()
+        if self._handle is not None:
+            (self._handle.file if self.kind == "h5" else self._handle).close()
         self._handle = None
 
 
