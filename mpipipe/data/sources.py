@@ -67,7 +67,7 @@ class Source:
                 else:
                     self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close()
             except OSError as e:  # it opened at the check: it changed, or the disk failed
-                raise ConfigError(f"--data {self}: cannot be read ({e})") from None
+                raise RuntimeError(f"--data {self}: cannot be read ({e})") from None
         return self._handle
 
     def read(self, lo: int, hi: int) -> np.ndarray:
@@ -81,7 +81,8 @@ class Source:
         size = self.dtype.itemsize
         data = os.pread(handle.fileno(), (hi - lo) * size, lo * size)
         if len(data) != (hi - lo) * size:
-            raise ConfigError(f"--data {self}: shorter than when checked (did it change?)")
+            # mid-run on one rank: an exception that aborts every rank, not a ConfigError
+            raise RuntimeError(f"--data {self}: shorter than when checked (did it change?)")
         return np.frombuffer(data, self.dtype)
 
     def scan(self, lo: int, hi: int, vocab: int) -> None:
