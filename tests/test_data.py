@@ -227,3 +227,12 @@ def test_gpt2_small_dry_run_on_sixteen_ranks():
     table = r.stdout.split("memory per pipeline rank")[1].splitlines()[2:10]
     assert [row.split()[0] for row in table] == [str(k) for k in range(8)]
     assert "block11..head" in table[7] and "embed..block1" in table[0]
+
+
+def test_the_token_file_example_writes_a_corpus_train_reads(tmp_path):
+    out = tmp_path / "ids.bin"
+    r = mpirun.run(["examples/token_file.py", str(out)], timeout=60)
+    assert r.returncode == 0, r.output
+    ds = dataset(str(out), 16)
+    assert ds.vocab == 50257 and len(ds.train) == 2800
+    assert ds.train.read(0, 2800).max() == 50256  # the end-of-text id separates documents
