@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CORE = ["bench_kernels.py", "bench_step.py", "bench_p2p.py", "bench_host_syncs.py"]
-MORE = ["bench_schedules.py", "bench_data_parallel.py", "bench_checkpoint.py"]
+MORE = ["bench_schedules.py", "bench_data_parallel.py", "bench_checkpoint.py", "bench_data.py"]
 
 
 def main() -> int:

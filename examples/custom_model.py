@@ -57,11 +57,12 @@ class Blobs:
 
     centers = np.random.default_rng(0).normal(scale=2.0, size=(CLASSES, D_IN))
 
-    def batch(self, step: int, split: str, size: int):
+    def batch(self, step: int, split: str, size: int, rows: range):
+        """Rows `rows` of the global batch of `size` samples (a replica's slice)."""
         rng = np.random.default_rng([1 if split == "train" else 2, step])
         y = rng.integers(0, CLASSES, size=size)
         x = self.centers[y] + rng.normal(size=(size, D_IN))
-        return x.astype(np.float32), y
+        return x[rows].astype(np.float32), y[rows]
 
 
 cfg = TrainConfig(

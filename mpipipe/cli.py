@@ -16,6 +16,12 @@ Checkpoints and resuming:
     mpiexec -n 2 python -m mpipipe eval --resume ckpt
     python -m mpipipe generate --resume ckpt --prompt "def " --tokens 200
 
+Data: token files (any tokenizer's ids, or bytes encoded here), then train on them:
+    python -m mpipipe data encode notes/ 'src/**/*.py' -o corpus.bin
+    python -m mpipipe data inspect corpus.bin
+    mpiexec -n 4 python -m mpipipe train --data corpus.bin --pp 2
+    mpiexec -n 16 python -m mpipipe train --model gpt2-small --data owt.bin --dry-run
+
 What the machine offers (MPI library, CUDA-aware verdict, GPUs per rank):
     mpiexec -n 2 python -m mpipipe doctor
 
@@ -150,7 +156,8 @@ def cmd_train(argv: list[str]) -> int:
 def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     """Everything `train` checks, then where every rank would run and what it would do. The
     device and transport come from the rank runtime's own functions; no model is built."""
-    from mpipipe.job import agree, describe, finalize, prepare
+    from mpipipe.job import agree, describe, finalize, prepare, scan_tokens
+    from mpipipe.memory import per_rank, table
     from mpipipe.parallel.grid import Grid
     from mpipipe.runtime import make_transport, place
     from mpipipe.schedule.render import summary, timeline
@@ -158,6 +165,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
     try:
+        agree(grid.world, lambda: scan_tokens(job, grid))  # ids outside the vocabulary
         device = agree(grid.world, lambda: place(job, grid))
         job = finalize(job, grid.world, device.xp)
         _, policy = make_transport(job, device)
@@ -173,6 +181,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
         print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}")
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
+    print(table(per_rank(job)))
     print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 
@@ -278,6 +287,13 @@ def cmd_doctor(argv: list[str]) -> int:
     return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    """python -m mpipipe data encode IN... -o OUT.bin | data inspect FILE (no MPI needed)."""
+    from mpipipe.data.tools import main as data
+
+    return data(argv)
+
+
 def cmd_study(argv: list[str]) -> int:
     from mpipipe.study import main as study
 
@@ -292,6 +308,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "ckpt": cmd_ckpt,
     "doctor": cmd_doctor,
+    "data": cmd_data,
 }
 
 

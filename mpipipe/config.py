@@ -23,7 +23,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-MODELS = ("gpt", "mlp")
+# GPT-2 shapes as published (layers, d_model, heads, seq_len, vocab); "gpt2-tiny" is the same
+# vocabulary at a size that trains in seconds. A flag or TOML key given explicitly wins.
+PRESETS: dict[str, dict[str, int]] = {
+    name: dict(zip(("layers", "d_model", "heads", "seq_len", "vocab"), shape, strict=True))
+    for name, shape in {
+        "gpt2-tiny": (2, 32, 2, 32, 50257),
+        "gpt2-small": (12, 768, 12, 1024, 50257),
+        "gpt2-medium": (24, 1024, 16, 1024, 50257),
+        "gpt2-large": (36, 1280, 20, 1024, 50257),
+        "gpt2-xl": (48, 1600, 25, 1024, 50257),
+    }.items()
+}
+MODELS = ("gpt", "mlp", *PRESETS)
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("float32", "float64", "fp32", "fp16", "bf16")
 
@@ -34,12 +46,27 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = _opt("gpt", "model family", choices=MODELS)
+    model: str = _opt(
+        "gpt",
+        "model family, or a GPT-2 preset that sets --layers, --d-model, --heads, --seq-len and "
+        "--vocab (each still overridable)",
+        choices=MODELS,
+    )
     layers: int = _opt(4, "number of transformer blocks (gpt) or hidden layers (mlp)")
     d_model: int = _opt(128, "model width")
     heads: int = _opt(4, "attention heads (must divide --d-model)")
     seq_len: int = _opt(128, "tokens per sample")
-    data: str | None = _opt(None, "text file, folder or glob (default: built-in corpus)")
+    data: str | None = _opt(
+        None,
+        "text file, token file (OUT.bin with OUT.bin.json), HDF5 token dataset (FILE.h5:/NAME), "
+        "a folder or a quoted glob of them (default: built-in corpus)",
+    )
+    eval_data: str | None = _opt(None, "held-out data like --data (default: --holdout of it)")
+    holdout: float = _opt(0.1, "fraction of --data held out for eval (without --eval-data)")
+    data_dtype: str | None = _opt(
+        None, "token dtype of .bin files without a sidecar", choices=("uint16", "uint32")
+    )
+    vocab: int | None = _opt(None, "vocabulary size (default: from the data's metadata)")
     global_batch: int = _opt(32, "samples per optimizer step")
     microbatches: int = _opt(4, "micro-batches per step (must divide --global-batch)")
     pp: int | None = _opt(None, "pipeline stages (default: see --dp)")
@@ -144,6 +171,11 @@ class TrainConfig:
         """Samples per micro-batch on one replica."""
         return self.global_batch // ((self.dp or 1) * self.microbatches)
 
+    @property
+    def is_gpt(self) -> bool:
+        """A GPT decoder: `gpt` or one of the GPT-2 presets."""
+        return self.model == "gpt" or self.model in PRESETS
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -178,7 +210,13 @@ class TrainConfig:
                 f"--microbatches {self.microbatches} does not divide --global-batch "
                 f"{self.global_batch} (choose a divisor of {self.global_batch}, e.g. {near})"
             )
-        if self.model == "gpt" and self.d_model % self.heads:
+        if self.vocab is not None and self.vocab < 1:
+            raise ConfigError(f"--vocab {self.vocab} must be at least 1")
+        if self.holdout == 0 and not self.eval_data:
+            raise ConfigError(
+                "--holdout 0 leaves no eval split (give --holdout 0.1, or --eval-data PATH)"
+            )
+        if self.is_gpt and self.d_model % self.heads:
             raise ConfigError(
                 f"--heads {self.heads} does not divide --d-model {self.d_model} "
                 "(choose a divisor, e.g. --heads 4 with --d-model 128)"
@@ -266,6 +304,7 @@ _RANGES = {
     "peak_tflops": (NON_NEGATIVE, "0: measure"),
     "min_lr_ratio": ("a number in [0, 1]", "0.1"),
     "momentum": ("a number in [0, 1)", "0.9"),
+    "holdout": ("a number in [0, 1)", "0.1"),
     "warmup": (COUNT, "20"),
     "save_every": (COUNT, "100, or 0: only at the end"),
     "keep_last": (COUNT, "3, or 0: keep all"),
@@ -356,7 +395,7 @@ def load_toml(path: str) -> dict[str, Any]:
 
 
 def build(flags: dict[str, Any], config_file: str | None = None) -> TrainConfig:
-    """defaults < TOML file < flags (flags given as None are 'not given')."""
+    """defaults < --model preset < TOML file < flags (flags given as None are 'not given')."""
     values = load_toml(config_file) if config_file else {}
     values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**{**PRESETS.get(values.get("model", ""), {}), **values})

@@ -13,9 +13,10 @@ from mpi4py import MPI
 
 from mpipipe import checkpoint
 from mpipipe.config import TrainConfig
+from mpipipe.data import BYTES_VOCAB
 from mpipipe.errors import ConfigError
 from mpipipe.executor import MicroBatches
-from mpipipe.job import Job, agree, prepare
+from mpipipe.job import Job, agree, prepare, scan_tokens
 from mpipipe.parallel.grid import Grid
 from mpipipe.runtime import Runtime, place
 from mpipipe.xp import to_numpy
@@ -57,8 +58,10 @@ class _Pipeline:
     """A loaded model on this launch's pipeline, on the backend the training used (the rank
     runtime decides the device and the transport, as for training), running forward-only."""
 
-    def __init__(self, job: Job, step_dir: Any, comm: MPI.Comm):
+    def __init__(self, job: Job, step_dir: Any, comm: MPI.Comm, reads: bool = False):
         self.job, self.grid = job, Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+        if reads:  # ids outside the vocabulary, before the model is built
+            agree(self.grid.world, lambda: scan_tokens(job, self.grid))
         device = agree(self.grid.world, lambda: place(job, self.grid))
         self.rt = Runtime(job, self.grid, device, training=False)
         self.step = agree(
@@ -82,10 +85,10 @@ def evaluate(path: str, batches: int, comm: MPI.Comm | None = None) -> float:
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     cfg = job.cfg  # with this launch's layout: each replica takes its slice of each batch
     m = cfg.microbatches * (cfg.dp or 1)
-    pipe = _Pipeline(job, step_dir, comm)
+    pipe = _Pipeline(job, step_dir, comm, reads=True)
     total = 0.0
     for i in range(batches):
-        x, y = job.dataset.batch(i, "eval", cfg.global_batch)
+        x, y = job.dataset.batch(i, "eval", cfg.global_batch, pipe.rt.rows)
         losses = pipe.exec.run(pipe.rt.micro_batches(x, y))
         total += pipe.grid.world.allreduce(sum(losses), op=MPI.SUM) / m
     loss = total / batches
@@ -113,8 +116,13 @@ def generate(
     if tokens < 0 or temperature < 0 or top_k < 0:
         raise ConfigError("--tokens, --temperature and --top-k must be >= 0")
     step_dir, cfg = agree(comm, lambda: config_of(path))  # a problem on any rank stops all
-    if cfg.model != "gpt":
+    if not cfg.is_gpt:
         raise ConfigError(f"generate needs a gpt checkpoint; {step_dir} holds a {cfg.model}")
+    if cfg.vocab not in (None, BYTES_VOCAB):
+        raise ConfigError(
+            f"generate samples bytes; {step_dir} was trained on a vocabulary of {cfg.vocab} "
+            "(decode its ids with the tokenizer that made the data)"
+        )
     cfg = cfg.replace(global_batch=1, microbatches=1)
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
     pipe = _Pipeline(job, step_dir, comm)

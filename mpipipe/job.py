@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mpi4py import MPI
 
 from mpipipe import schedule
 from mpipipe.config import TrainConfig
-from mpipipe.data import ByteDataset, resolve
+from mpipipe.data import BYTES_VOCAB, TokenDataset, open_dataset
 from mpipipe.emulate import Emulation, body_per_stage
 from mpipipe.errors import ConfigError
 from mpipipe.model import Model, gpt, mlp
@@ -25,13 +25,18 @@ from mpipipe.partition import split, uniform
 from mpipipe.profile import layer_times
 from mpipipe.xp import dtype_of, get, resolve_backend
 
+if TYPE_CHECKING:
+    from mpipipe.parallel.grid import Grid
+
 T = TypeVar("T")
 
 
 def build_model(cfg: TrainConfig) -> Model:
-    if cfg.model == "gpt":
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len)
-    return mlp(cfg.layers, cfg.d_model, cfg.seq_len)
+    """The model `cfg` names (a recipe: nothing is allocated); vocabulary --vocab, else bytes."""
+    vocab = cfg.vocab or BYTES_VOCAB
+    if cfg.is_gpt:
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab)
+    return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 
 @dataclass
@@ -51,8 +56,14 @@ class Job:
 def prepare(
     cfg: TrainConfig, world_size: int, model: Model | None = None, dataset: Any = None
 ) -> Job:
-    """All validation, cheap and identical on every rank; raises ConfigError with the fix."""
+    """All validation, cheap and identical on every rank; raises ConfigError with the fix. The
+    data's metadata is read (not its tokens) and fills in --vocab when it was not given."""
     cfg = cfg.validate()
+    if dataset is None:
+        dataset = open_dataset(cfg)
+        cfg = cfg.replace(vocab=cfg.vocab or dataset.vocab)
+    elif hasattr(dataset, "check"):
+        dataset.check()
     model = model or build_model(cfg)
     body = [s.body for s in model.layers]
     hand = _read_schedule_file(cfg) if cfg.schedule_file else None
@@ -85,10 +96,6 @@ def prepare(
             f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
             f"message tags up to {top} > 32767 (use fewer micro-batches)"
         )
-    if dataset is None:
-        dataset = ByteDataset(resolve(cfg.data), cfg.seq_len, cfg.seed)
-    if hasattr(dataset, "check"):
-        dataset.check()
     try:
         backend, _ = resolve_backend(cfg.backend)
         get(backend)  # CuPy importable, when asked for
@@ -152,6 +159,19 @@ def _read_schedule_file(cfg: TrainConfig) -> schedule.Plan:
         raise ConfigError(f"--schedule-file {path}: {e}") from None
 
 
+def scan_tokens(job: Job, grid: Grid) -> None:
+    """Refuse a token id outside the vocabulary before any heavy work: the ranks that read data
+    (the first and last stage of every replica) each scan their share of the files once. Call
+    through `agree`, so a bad id found by one rank stops every rank with its message."""
+    if not isinstance(job.dataset, TokenDataset) or job.cfg.vocab is None:
+        return
+    plan = job.plan
+    readers = sorted({plan.owner(0)[0], plan.owner(plan.n_stages - 1)[0]})
+    if grid.stage_rank in readers:
+        part = grid.replica * len(readers) + readers.index(grid.stage_rank)
+        job.dataset.scan(part, grid.dp * len(readers), job.cfg.vocab)
+
+
 def agree(comm: MPI.Comm, work: Callable[[], T]) -> T:
     """Run `work` on every rank; if it raised ConfigError anywhere, raise it everywhere.
 
@@ -191,6 +211,7 @@ def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
     meta = job.model.meta
     what = (
         f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
+        + (f", vocabulary {meta['vocab']}" if meta.get("vocab") else "")
         if "kind" in meta
         else f"custom model of {len(job.model.layers)} layers"
     )

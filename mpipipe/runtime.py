@@ -131,16 +131,28 @@ class Runtime:
             on_layer_final=reducer.layer_ready if reducer is not None else None,
         )
 
+    @property
+    def rows(self) -> range:
+        """My replica's disjoint slice of every global batch (rows of the batch): the union of
+        the replicas' slices is the batch the single-process run sees."""
+        per = self.job.plan.microbatches * self.job.cfg.micro_batch
+        return range(self.grid.replica * per, (self.grid.replica + 1) * per)
+
+    @property
+    def reads_data(self) -> bool:
+        """Only the first stage (inputs) and the last (targets) touch data."""
+        return self.first or self.last
+
     def micro_batches(self, x: Any, y: Any) -> MicroBatches:
-        """My replica's disjoint slice of a global batch (host arrays), split into micro-batches
-        and moved to my device; only the first stage gets inputs, only the last targets."""
-        if not (self.first or self.last):
+        """My replica's rows of a batch (host arrays, `self.rows` of the global batch) split
+        into micro-batches and moved to my device; only the first stage gets inputs, only the
+        last targets."""
+        if not self.reads_data:
             return MicroBatches(None, None)
         m, b = self.job.plan.microbatches, self.job.cfg.micro_batch
-        lo = self.grid.replica * m * b
 
         def split(a: Any) -> Sequence[Any]:
-            return [self.xp.asarray(a[lo + i * b : lo + (i + 1) * b]) for i in range(m)]
+            return [self.xp.asarray(a[i * b : (i + 1) * b]) for i in range(m)]
 
         return MicroBatches(split(x) if self.first else None, split(y) if self.last else None)
 

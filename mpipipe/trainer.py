@@ -26,7 +26,7 @@ from mpipipe import checkpoint, optim, schedule
 from mpipipe.config import TrainConfig
 from mpipipe.errors import NonFiniteError
 from mpipipe.faults import Faults
-from mpipipe.job import agree, describe, finalize, prepare
+from mpipipe.job import agree, describe, finalize, prepare, scan_tokens
 from mpipipe.metrics import (
     MetricsFile,
     log_line,
@@ -82,6 +82,7 @@ def train(
         job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
         grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
         try:
+            agree(grid.world, lambda: scan_tokens(job, grid))  # ids outside the vocabulary
             device = agree(grid.world, lambda: place(job, grid))  # e.g. more ranks than GPUs
             job = finalize(job, grid.world, device.xp)  # --partition time: timed on the device
             return _Run(Runtime(job, grid, device), out, preemption).loop()
@@ -111,9 +112,6 @@ class _Run:
         self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
         self.faults = Faults.parse(cfg.inject_fault)
         self.preemption = preemption
-        reads = (rt.first or rt.last) and hasattr(self.job.dataset, "tokens")
-        # read the data now (a long first read is not a hang), a read error stops every rank
-        agree(world, lambda: self.job.dataset.tokens if reads else None)
         self.layout = self.grid.layout()
         self.watchdog = Watchdog(cfg.timeout_s, world.Get_rank(), world.Abort)
         assert rt.train_exec is not None
@@ -151,9 +149,10 @@ class _Run:
         )
 
     def batch(self, step: int, split: str) -> Any:
-        if not (self.rt.first or self.rt.last):
+        """My replica's rows of the step's global batch; ranks of middle stages read nothing."""
+        if not self.rt.reads_data:
             return self.rt.micro_batches(None, None)
-        x, y = self.job.dataset.batch(step, split, self.cfg.global_batch)
+        x, y = self.job.dataset.batch(step, split, self.cfg.global_batch, self.rt.rows)
         return self.rt.micro_batches(x, y)
 
     def predicted(self, costs: np.ndarray) -> schedule.Report:

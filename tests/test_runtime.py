@@ -119,12 +119,9 @@ def test_every_optimizer_follows_one_protocol(name):
 def test_a_data_file_that_cannot_be_read_is_one_clear_error(tmp_path):
     """(As root, permissions cannot make a file unreadable; a directory where a file is expected
     fails the same open.)"""
-    from mpipipe.data import ByteDataset
+    from mpipipe.data.sources import open_source
 
-    good = tmp_path / "a.txt"
-    good.write_bytes(b"x" * 1000)
     bad = tmp_path / "b.txt"
     bad.mkdir()
-    ds = ByteDataset([good, bad], seq_len=8, seed=0)
     with pytest.raises(ConfigError, match=r"--data .*b\.txt: cannot be read \(Is a directory\)"):
-        ds.check()
+        open_source(bad, None, None, "--data")

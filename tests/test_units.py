@@ -9,7 +9,7 @@ import pytest
 
 from mpipipe import optim
 from mpipipe.config import TrainConfig, build, load_toml
-from mpipipe.data import ByteDataset, builtin_files, resolve
+from mpipipe.data import Corpus, TokenDataset, builtin_files, resolve
 from mpipipe.errors import ConfigError
 from mpipipe.partition import uniform
 
@@ -100,16 +100,17 @@ def test_builtin_corpus_is_the_stdlib():
 
 def test_batches_are_deterministic_and_shifted(tmp_path):
     (tmp_path / "a.txt").write_bytes(bytes(range(256)) * 20)
-    ds = ByteDataset(resolve(str(tmp_path)), seq_len=16, seed=3)
+    ds = TokenDataset(Corpus(resolve(str(tmp_path))), seq_len=16, seed=3)
     x, y = ds.batch(5, "train", 4)
-    x2, y2 = ByteDataset(resolve(str(tmp_path / "*.txt")), 16, 3).batch(5, "train", 4)
+    x2, y2 = TokenDataset(Corpus(resolve(str(tmp_path / "*.txt"))), 16, 3).batch(5, "train", 4)
     assert x.shape == y.shape == (4, 16) and x.dtype == np.int64
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
     assert not np.array_equal(x, ds.batch(6, "train", 4)[0])
     xe, _ = ds.batch(0, "eval", 4)  # held-out windows come from the last 10 % of the bytes
-    cut = ds.size - int(ds.size * 0.1)
-    assert all((ds.tokens[cut : cut + 300] == row[0]).any() for row in xe)
+    n = len(ds.train)
+    cut = n - int(n * 0.1)
+    assert all((ds.train.read(cut, n) == row[0]).any() for row in xe)
 
 
 def test_data_errors(tmp_path):
@@ -117,7 +118,7 @@ def test_data_errors(tmp_path):
         resolve("nowhere.txt")
     (tmp_path / "tiny.txt").write_text("x" * 200)
     with pytest.raises(ConfigError, match="--seq-len 64 is larger than the data allows"):
-        ByteDataset(resolve(str(tmp_path / "tiny.txt")), 64, 0).check()
+        TokenDataset(Corpus(resolve(str(tmp_path / "tiny.txt"))), 64, 0).check()
 
 
 # -- optimizers --------------------------------------------------------------------------------

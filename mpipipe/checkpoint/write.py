@@ -197,12 +197,14 @@ def _write_manifest(tmp: Path, step: int, shards: list[Shard], job: Any, grid: A
 
     cfg = job.cfg
     data = os.path.abspath(cfg.data) if cfg.data else None  # a glob stays a glob
+    eval_data = os.path.abspath(cfg.eval_data) if cfg.eval_data else None
     manifest = {
         "magic": MAGIC,
         "version": VERSION,
         "step": step,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {**cfg.to_dict(), "data": data},  # eval and generate run from anywhere
+        # absolute data paths: eval and generate run from anywhere
+        "config": {**cfg.to_dict(), "data": data, "eval_data": eval_data},
         "model": {"layers": [s.name for s in job.model.layers], "meta": job.model.meta},
         "schedule": job.plan.name,
         "layout": {
