@@ -99,10 +99,14 @@ def run(
     **extra_env: str,
 ) -> Result:
     """Run `python ARGS` on `n` ranks through mpiexec (n=None: a plain single process). Standard
-    output is captured in Result.stdout unless `stdout` (a file, a terminal) takes it."""
+    output is captured in Result.stdout unless `stdout` (a file, a terminal) takes it. A script
+    (ARGS[0] ends in .py) runs under mpi4py's runner (`python -m mpi4py SCRIPT`): an exception
+    on one rank aborts every rank, so a crash fails in seconds with its traceback instead of
+    leaving the other ranks waiting until the timeout."""
     cmd = [sys.executable, *args]
     if n is not None:
-        cmd = [*launcher().command(n), *cmd]
+        runner = ["-m", "mpi4py"] if args and args[0].endswith(".py") else []
+        cmd = [*launcher().command(n), sys.executable, *runner, *args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,

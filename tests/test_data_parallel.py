@@ -42,6 +42,14 @@ def assert_matches(ref: dict, ref_layout: str, got: dict, layout: str) -> None:
 
 
 GRIDS = [(1, 2), (2, 2), (4, 2), (2, 4)]
+# layout options that change how replicas sum gradients or which ranks hold what, on pp 2 x dp 2
+# (the default bucket is 0.01 MB: a bucket per few tensors)
+OPTIONS = [
+    "pp=2,overlap=off",  # every bucket starts after the last backward action
+    "pp=2,bucket_mb=100",  # one bucket for the whole stage
+    "pp=2,rank_order=pp",  # a pipeline's stages on adjacent ranks
+    "pp=2,recompute=full,partition=params",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +57,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
     out = {(1, 1): layouts(tmp / "ref.npz", ["pp=1"], 1)}
     for pp, dp in GRIDS:
+        extra = OPTIONS if (pp, dp) == (2, 2) else []
         out[(pp, dp)] = layouts(
             tmp / f"pp{pp}dp{dp}.npz",
-            [f"pp={pp},schedule={s}" for s in ("gpipe", "1f1b")],
+            [*(f"pp={pp},schedule={s}" for s in ("gpipe", "1f1b")), *extra],
             pp * dp,
         )
     return out
@@ -62,6 +71,11 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 def test_grid_equals_single_process(runs, pp, dp, name):
     assert_matches(runs[(1, 1)], "pp=1", runs[(pp, dp)], f"pp={pp},schedule={name}")
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_layout_options_equal_single_process(runs, option):
+    assert_matches(runs[(1, 1)], "pp=1", runs[(2, 2)], option)
 
 
 def test_replicas_stay_identical(tmp_path):

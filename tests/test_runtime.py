@@ -125,3 +125,18 @@ def test_a_data_file_that_cannot_be_read_is_one_clear_error(tmp_path):
     bad.mkdir()
     with pytest.raises(ConfigError, match=r"--data .*b\.txt: cannot be read \(Is a directory\)"):
         open_source(bad, None, None, "--data")
+
+
+def test_a_test_script_that_raises_on_one_rank_fails_in_seconds(tmp_path):
+    """tests/mpirun.py runs scripts under mpi4py's runner: rank 1's exception aborts the job
+    while rank 0 waits in a barrier (without it, rank 0 waits until the launcher's timeout)."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "from mpi4py import MPI\n"
+        "if MPI.COMM_WORLD.rank == 1:\n"
+        "    raise RuntimeError('boom on rank 1')\n"
+        "MPI.COMM_WORLD.Barrier()\n"
+    )
+    r = mpirun.run([str(script)], n=2, timeout=100)
+    assert r.returncode != 0 and "boom on rank 1" in r.stderr, r.output
+    assert r.seconds < 50, r.seconds  # a hang would reach the 100 s timeout
