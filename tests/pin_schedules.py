@@ -4,9 +4,11 @@
     python -m tests.pin_schedules --write   # rewrite the file after a deliberate change
 
 `rows` holds the exact action list of every rank for small cases, one string per rank, as in a
-timing diagram; `table` holds, for larger cases, each plan's simulated bubble and step time
-(unit costs, and F=1,B=2,W=1), its peak stash per rank, and a digest of its rows, so that any
-other order (a different but valid ZB-V, say) shows up even where the bubble does not move.
+timing diagram, and `lowered` the same with the sends and receives `lower` adds (where each
+receive is posted decides how much a message overlaps compute). `table` holds, for larger
+cases, each plan's simulated bubble and step time (unit costs, and F=1,B=2,W=1), its peak stash
+per rank, and a digest of its rows, so that any other order (a different but valid ZB-V, say)
+shows up even where the bubble does not move.
 tests/test_schedule_pins.py compares the builders with the committed file; review the diff of
 a rewrite like any other change of behaviour.
 """
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mpipipe.schedule import SCHEDULES, Costs, Plan, build, check, forward_only
+from mpipipe.schedule import SCHEDULES, Costs, Plan, build, check, forward_only, lower
 
 PATH = Path(__file__).parent / "data" / "schedules.json"
 SKEWED = Costs(f=1, b=2, w=1)
@@ -87,6 +89,7 @@ def row_entry(name: str, pp: int, m: int, v: int | None) -> dict[str, Any]:
         "v": v,
         "stages": [list(s) for s in plan.stages],
         "rows": rows(plan),
+        "lowered": rows(lower(plan)),
     }
 
 

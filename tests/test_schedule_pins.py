@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpipipe.schedule import SCHEDULES
+from mpipipe.schedule import SCHEDULES, lower
 from tests import pin_schedules as pins
 
 GOLDEN = pins.load()
@@ -36,6 +36,7 @@ def test_exact_rows(case):
     plan = pins.plan_for(case["schedule"], case["pp"], case["m"], case["v"])
     assert [list(s) for s in plan.stages] == case["stages"]
     assert pins.rows(plan) == case["rows"], REGENERATE
+    assert pins.rows(lower(plan)) == case["lowered"], REGENERATE
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
