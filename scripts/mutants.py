@@ -322,6 +322,8 @@ MUTANTS = [
         "1.0 / plan.microbatches if loss_scale",
         "1.0 / plan.pp if loss_scale",
         TRANSPARENCY,
+        "equivalent in the program: the runtime always passes the training executor its scale, "
+        "1 / (m dp); the default reaches only forward-only executors, which compute no gradient",
     ),
     m(
         "executor-gradient-mailbox",
@@ -345,6 +347,9 @@ MUTANTS = [
         "for b in range(len(self.buckets)):\n            self._start(b)",
         "for b in range(len(self.buckets) - 1):\n            self._start(b)",
         DP,
+        "covered by issue #20 item 4: with --overlap on (the default, and every numeric test) "
+        "layer_ready starts each bucket; only --overlap off relies on this loop, and no test "
+        "compares its numbers yet",
     ),
     m(
         "ckpt-slots-dropped",
