@@ -238,3 +238,10 @@ def test_timeline_one_column_per_slot():
         "rank  1 |.. F0 B0 ~~ W0 F1 B1 ~~ W1 .. ..",
     ]
     assert "peak stashed activations per rank: [2, 1]" in summary(report)
+
+
+def test_latency_is_paid_between_ranks_only():
+    # F0 [0, 1] | hop | F0 [1.5, 2.5], B0 [2.5, 3.5], W0 | hop | B0 [4, 5], W0 [5, 6]
+    assert check(gpipe(2, 1), Costs(latency=0.5)).step_time == 6.0
+    # one rank running both arms of the V hands over locally: no hop, no latency
+    assert check(zbv(1, 2), Costs(latency=0.5)).step_time == 12.0
