@@ -40,7 +40,10 @@ OPTIM = ["tests/test_optim.py"]
 KERNELS = ["tests/test_layers.py"]
 DATA = ["tests/test_units.py"]
 TRANSPARENCY = ["tests/test_transparency.py"]  # mpiexec, 1, 2 and 4 ranks
-DP = ["tests/test_data_parallel.py::test_grid_equals_single_process"]  # mpiexec
+DP = [
+    "tests/test_data_parallel.py::test_grid_equals_single_process",
+    "tests/test_data_parallel.py::test_layout_options_equal_single_process",
+]  # mpiexec
 CKPT = [
     "tests/test_checkpoint.py::test_ten_plus_ten_equals_twenty_bitwise",
     "tests/test_checkpoint.py::test_flipped_byte_is_refused_naming_file_and_dataset",
@@ -347,9 +350,9 @@ MUTANTS = [
         "for b in range(len(self.buckets)):\n            self._start(b)",
         "for b in range(len(self.buckets) - 1):\n            self._start(b)",
         DP,
-        "covered by issue #20 item 4: with --overlap on (the default, and every numeric test) "
-        "layer_ready starts each bucket; only --overlap off relies on this loop, and no test "
-        "compares its numbers yet",
+        "a test gap: with --overlap on layer_ready starts each bucket, so only --overlap off "
+        "relies on this loop, and test_layout_options_equal_single_process[pp=2,overlap=off] "
+        "compares its numbers with one process",
     ),
     m(
         "ckpt-slots-dropped",
