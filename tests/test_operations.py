@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import shlex
@@ -72,9 +73,9 @@ def test_job_script_syntax_and_command_lines(script):
 def test_dry_run_shows_placement_and_schedule():
     r = mpirun.train(4, "--dry-run", "--pp", "2", "--microbatches", "2", timeout=60)
     assert r.returncode == 0, r.output
-    rows = [
-        line.split() for line in r.stdout.splitlines() if re.match(r"^\s+\d+\s+\S+\s+\d", line)
-    ]
+    lines = r.stdout.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("rank  host"))) + 1 :]
+    rows = [line.split() for line in itertools.takewhile(lambda x: x.startswith(" "), table)]
     assert [(int(w[0]), int(w[2]), w[3], int(w[4]), int(w[5])) for w in rows] == [
         (0, 0, "cpu", 0, 0),
         (1, 1, "cpu", 0, 1),
