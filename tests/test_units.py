@@ -115,8 +115,8 @@ def test_batches_are_deterministic_and_shifted(tmp_path):
 
 def test_train_windows_never_read_the_held_out_bytes(tmp_path):
     # 900 training bytes below 100, then the held-out tenth: 100 bytes of 255
-    (tmp_path / "a.bin").write_bytes(bytes(range(100)) * 9 + bytes([255]) * 100)
-    ds = ByteDataset(resolve(str(tmp_path / "a.bin")), seq_len=8, seed=0)
+    (tmp_path / "a.txt").write_bytes(bytes(range(100)) * 9 + bytes([255]) * 100)
+    ds = TokenDataset(Corpus(resolve(str(tmp_path / "a.txt"))), seq_len=8, seed=0)
     for step in range(50):
         x, y = ds.batch(step, "train", 16)
         assert x.max() < 100 and y.max() < 100, step
