@@ -12,6 +12,7 @@ train, `--dry-run` (placement and policy only: it builds no model), eval, genera
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,11 +59,40 @@ def share_cores(local_size: int, env: Mapping[str, str] = os.environ) -> int | N
     return threads
 
 
+# glibc's mallopt parameters, and the size up to which freed host memory stays in the heap
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_BYTES = 1 << 30
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def reuse_host_memory(env: Mapping[str, str] = os.environ) -> bool:
+    """Keep freed host arrays in the C heap for the next micro-batch instead of handing them
+    back to the kernel. glibc serves large requests with mmap and trims the heap's free top, so
+    a step's temporaries (activations, gradients, attention scores: MiBs each) were mapped,
+    page-faulted and unmapped again every micro-batch: a third of a 1-rank default step was
+    kernel time (measured: `benchmarks/bench_step.py`). Raising glibc's mmap and trim
+    thresholds to 1 GiB (`mallopt`) keeps them; a step reaches the same peak every time, so the
+    heap holds no more than that peak. Returns False, changing nothing, where the user set
+    glibc's MALLOC_*_ variables or GLIBC_TUNABLES, or where the C library is not glibc."""
+    if any(v in env for v in (*MALLOC_SETTINGS, "GLIBC_TUNABLES")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BYTES) and mallopt(M_TRIM_THRESHOLD, HEAP_BYTES))
+
+
 def place(job: Job, grid: Grid) -> Device:
     """Choose and select this rank's device from its node-local rank; raises ConfigError (e.g.
     more ranks than GPUs on a node) so that `agree` can stop every rank together. Ranks that
-    share a node's cores share them out (see `share_cores`)."""
+    share a node's cores share them out (see `share_cores`); freed host memory is kept for
+    reuse (see `reuse_host_memory`)."""
     share_cores(grid.local_size)
+    reuse_host_memory()
     xp, dtype = get(job.backend), dtype_of(job.cfg.dtype)
     if job.backend != "cupy":
         return Device("numpy", xp, dtype, "cpu")

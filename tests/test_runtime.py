@@ -4,6 +4,7 @@ with the world, typed optimizers, fault hooks, non-finite numbers, 16-bit messag
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -140,3 +141,12 @@ def test_a_test_script_that_raises_on_one_rank_fails_in_seconds(tmp_path):
     r = mpirun.run([str(script)], n=2, timeout=100)
     assert r.returncode != 0 and "boom on rank 1" in r.stderr, r.output
     assert r.seconds < 50, r.seconds  # a hang would reach the 100 s timeout
+
+
+def test_freed_host_memory_is_kept_unless_the_user_set_the_allocator():
+    from mpipipe.runtime import reuse_host_memory
+
+    assert reuse_host_memory({"MALLOC_TRIM_THRESHOLD_": "0"}) is False  # the user's choice
+    assert reuse_host_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is False
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert reuse_host_memory({}) is glibc  # mallopt accepted both settings
