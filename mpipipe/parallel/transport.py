@@ -155,8 +155,9 @@ class Transport:
         )
 
     # -- collectives ---------------------------------------------------------------------------
-    def iallreduce(self, comm: MPI.Comm, buf: Array) -> Request:
-        """In-place SUM of `buf` over `comm`, started in call order on every rank."""
+    def iallreduce(self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM) -> Request:
+        """In-place reduction (SUM unless `op`) of `buf` over `comm`, started in call order on
+        every rank."""
         if is_half(buf.dtype):
             raise TypeError(
                 f"all-reduce of {buf.dtype}: reduce 16-bit floats in a float32 copy (MPI "
@@ -165,7 +166,7 @@ class Transport:
         queue = self.queues.setdefault(id(comm), deque())
 
         def post(target: Array) -> Callable[[], MPI.Request]:
-            return lambda: comm.Iallreduce(MPI.IN_PLACE, target, op=MPI.SUM)
+            return lambda: comm.Iallreduce(MPI.IN_PLACE, target, op=op)
 
         if not self.ops.is_device(buf):
             return self._track(Request(self, None, post(buf), queue=queue))
