@@ -100,7 +100,8 @@ class Runtime:
         self.transport, self.policy = make_transport(job, device)
         self.tp: TensorGroup = SINGLE
         if grid.tp_comm is not None:
-            self.tp = TpGroup(grid.tp_comm, self.transport)
+            own_core = grid.local_size <= (os.cpu_count() or 1)  # else spinning steals cores
+            self.tp = TpGroup(grid.tp_comm, self.transport, 1e-3 if own_core else None)
         compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute, self.tp)
         if job.emulated is not None:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)

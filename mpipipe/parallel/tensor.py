@@ -91,8 +91,13 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 class TpGroup:
     """A tp communicator behind the rank's transport (see the module docstring)."""
 
-    def __init__(self, comm: MPI.Comm, transport: Transport) -> None:
-        self.comm, self.transport = comm, transport
+    def __init__(self, comm: MPI.Comm, transport: Transport, spin_s: float | None = None) -> None:
+        """`spin_s`: how long a wait spins before it backs off to sleeps (default the
+        transport's 50 us). An all-reduce of a small activation takes tens of microseconds, and
+        a sleep costs more than that, so a rank with a core of its own spins longer (the
+        runtime passes 1 ms); on an oversubscribed node spinning would steal the core of the
+        rank it waits for."""
+        self.comm, self.transport, self.spin_s = comm, transport, spin_s
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.calls = 0  # all-reduces issued (tests count them per block and micro-batch)
 
@@ -102,7 +107,7 @@ class TpGroup:
         buf = x.astype("float32") if half else x
         if not buf.flags.c_contiguous:
             buf = buf.copy()
-        self.transport.wait(self.transport.iallreduce(self.comm, buf, _OPS[op]))
+        self.transport.allreduce_now(self.comm, buf, _OPS[op], self.spin_s)
         return buf.astype(x.dtype) if half else buf
 
 

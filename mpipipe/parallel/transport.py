@@ -185,6 +185,20 @@ class Transport:
             )
         )
 
+    def allreduce_now(
+        self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM, spin_s: float | None = None
+    ) -> None:
+        """An in-place reduction whose result the caller needs at once (tensor parallelism),
+        waited for by polling. A host array is posted to MPI at once, without a tracked
+        request: the caller waits for it before issuing anything else on `comm`, so there is no
+        order to keep, and the request bookkeeping would double the latency of small messages.
+        A device array takes `iallreduce`'s path (directly after its kernels, or staged).
+        `spin_s`: how long to spin before backing off (default the transport's)."""
+        if self.ops.is_device(buf):
+            self.wait(self.iallreduce(comm, buf, op), spin_s)
+            return
+        self.wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=op), spin_s)
+
     def allreduce(self, comm: MPI.Comm, host: Any, op: MPI.Op = MPI.SUM) -> None:
         """A blocking in-place reduction of a small host array (the step's statistics)."""
         comm.Allreduce(MPI.IN_PLACE, host, op=op)
@@ -209,13 +223,13 @@ class Transport:
             return req.done
         return bool(req.Test())
 
-    def wait(self, req: Any) -> None:
+    def wait(self, req: Any, spin_s: float | None = None) -> None:
         """Spin on `test` for `spin_s`, then poll with a back-off sleep: MPICH busy-spins in a
         blocking wait, which on an oversubscribed node steals the cores that computing ranks
         need; the back-off caps the added latency at `max_sleep_s`."""
         if self.test(req):
             return
-        deadline = time.perf_counter() + self.spin_s
+        deadline = time.perf_counter() + (self.spin_s if spin_s is None else spin_s)
         while time.perf_counter() < deadline:
             if self.test(req):
                 return
