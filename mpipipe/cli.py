@@ -163,7 +163,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     from mpipipe.schedule.render import summary, timeline
 
     job = agree(comm, lambda: prepare(cfg, comm.Get_size()))
-    grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+    grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order, job.cfg.tp)
     try:
         agree(grid.world, lambda: scan_tokens(job, grid))  # ids outside the vocabulary
         device = agree(grid.world, lambda: place(job, grid))
@@ -176,9 +176,9 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
         return
     print(describe(job, layout))
     print(f"transport: {policy}")
-    print("rank  host              local  device  stage  replica")
-    for rank, host, local, dev, stage, replica in placement:
-        print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}")
+    print("rank  host              local  device  stage  replica  tp")
+    for rank, host, local, dev, stage, replica, shard in placement:
+        print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}  {shard:>2}")
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
     print(table(per_rank(job)))

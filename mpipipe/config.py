@@ -75,8 +75,15 @@ class TrainConfig:
         "data-parallel replicas (default: ranks / pp; with neither flag, pp is the largest "
         "divisor of the ranks that the layers allow, the rest dp)",
     )
+    tp: int = _opt(
+        1,
+        "tensor-parallel ranks per stage (Megatron: heads, MLP and vocabulary split; must divide "
+        "--heads and the vocabulary); the tp group is innermost in rank numbers",
+    )
     rank_order: str = _opt(
-        "dp", "which dimension is contiguous in rank numbers", choices=("dp", "pp")
+        "dp",
+        "which of pp and dp is contiguous in rank numbers (after tp, always innermost)",
+        choices=("dp", "pp"),
     )
     bucket_mb: float = _opt(25.0, "gradient all-reduce bucket size in MB")
     overlap: str = _opt(
@@ -169,7 +176,7 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         """Samples per micro-batch on one replica."""
-        return self.global_batch // ((self.dp or 1) * self.microbatches)
+        return self.global_batch // ((self.dp or 1) * self.microbatches)  # tp ranks share it
 
     @property
     def is_gpt(self) -> bool:
@@ -221,10 +228,20 @@ class TrainConfig:
                 f"--heads {self.heads} does not divide --d-model {self.d_model} "
                 "(choose a divisor, e.g. --heads 4 with --d-model 128)"
             )
-        for name in ("pp", "dp"):
+        for name in ("pp", "dp", "tp"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} {value} must be at least 1")
+        if self.tp > 1:
+            if not self.is_gpt:
+                raise ConfigError(
+                    f"--tp {self.tp} needs a GPT model (--model {self.model} has no attention "
+                    "heads to split: use --tp 1, or --model gpt)"
+                )
+            from mpipipe.parallel.tensor import check  # noqa: PLC0415 - loads mpi4py
+
+            if problem := check(self.heads, self.d_model, self.vocab or self.tp, self.tp):
+                raise ConfigError(problem)
         if self.resume == "auto" and not self.checkpoint_dir:
             raise ConfigError("--resume auto needs --checkpoint-dir (where to look)")
         from mpipipe.faults import Faults  # noqa: PLC0415 - avoid an import cycle
@@ -237,20 +254,31 @@ class TrainConfig:
         return self
 
     def layout(self, world_size: int, max_pp: int) -> TrainConfig:
-        """Fill in (pp, dp) for `world_size` ranks; `max_pp` is the most stages the model's
-        layers allow. With neither given: the largest pp <= max_pp dividing the world size."""
-        pp, dp, n = self.pp, self.dp, world_size
-        if pp is not None and dp is not None and pp * dp != n:
+        """Fill in (pp, dp) for `world_size` ranks, of which each tp consecutive ones split one
+        stage; `max_pp` is the most stages the model's layers allow. With neither given: the
+        largest pp <= max_pp dividing world size / tp."""
+        if world_size % self.tp:
+            n = world_size
             raise ConfigError(
-                f"--pp {pp} x --dp {dp} = {pp * dp} but {n} rank{'s were' if n > 1 else ' was'} "
-                "launched "
-                f"(launch {pp * dp} ranks, or make pp x dp = {n})"
+                f"the world size {n} is not a multiple of --tp {self.tp} (launch a multiple of "
+                f"{self.tp} ranks, or pick --tp dividing {n})"
+            )
+        pp, dp, n = self.pp, self.dp, world_size // self.tp
+        tp = f" x --tp {self.tp}" if self.tp > 1 else ""
+        if pp is not None and dp is not None and pp * dp != n:
+            want, launched = pp * dp * self.tp, world_size
+            raise ConfigError(
+                f"--pp {pp} x --dp {dp}{tp} = {want} but {launched} "
+                f"rank{'s were' if launched > 1 else ' was'} launched (launch {want} ranks, or "
+                f"make pp x dp{' x tp' if tp else ''} = {launched})"
             )
         for name, value in (("pp", pp), ("dp", dp)):
             if value is not None and n % value:
+                per = f" / --tp {self.tp} = {n}" if tp else ""
                 raise ConfigError(
-                    f"the world size {n} is not a multiple of --{name} {value} "
-                    f"(launch a multiple of {value} ranks, or pick --{name} dividing {n})"
+                    f"the world size {world_size}{per} is not a multiple of --{name} {value} "
+                    f"(launch a multiple of {value * self.tp} ranks, or pick --{name} dividing "
+                    f"{n})"
                 )
         if pp is None and dp is None:
             pp = max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, max_pp))

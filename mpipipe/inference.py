@@ -43,6 +43,7 @@ def config_of(path: str) -> tuple[Any, TrainConfig]:
     cfg = cfg.replace(
         pp=None,
         dp=None,
+        tp=1,  # layout-free checkpoints: eval and generate run without tensor parallelism
         resume=None,
         checkpoint_dir=None,
         metrics_file=None,

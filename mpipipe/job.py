@@ -64,6 +64,11 @@ def prepare(
         cfg = cfg.replace(vocab=cfg.vocab or dataset.vocab)
     elif hasattr(dataset, "check"):
         dataset.check()
+    if cfg.tp > 1:  # the vocabulary is known now (from the data, when not given)
+        from mpipipe.parallel.tensor import check  # noqa: PLC0415
+
+        if problem := check(cfg.heads, cfg.d_model, cfg.vocab or BYTES_VOCAB, cfg.tp):
+            raise ConfigError(problem)
     model = model or build_model(cfg)
     body = [s.body for s in model.layers]
     hand = _read_schedule_file(cfg) if cfg.schedule_file else None
@@ -167,7 +172,7 @@ def scan_tokens(job: Job, grid: Grid) -> None:
         return
     plan = job.plan
     readers = sorted({plan.owner(0)[0], plan.owner(plan.n_stages - 1)[0]})
-    if grid.stage_rank in readers:
+    if grid.stage_rank in readers and grid.tp_rank == 0:  # a tp group reads the same rows
         part = grid.replica * len(readers) + readers.index(grid.stage_rank)
         job.dataset.scan(part, grid.dp * len(readers), job.cfg.vocab)
 
@@ -192,7 +197,7 @@ def agree(comm: MPI.Comm, work: Callable[[], T]) -> T:
     return job  # type: ignore[return-value]
 
 
-def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
+def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
     """What rank 0 prints at start: model, grid, schedule, stages and where every rank runs."""
     cfg, plan = job.cfg, job.plan
     names = [s.name for s in job.model.layers]
@@ -216,9 +221,10 @@ def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
         else f"custom model of {len(job.model.layers)} layers"
     )
     sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
+    tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
     lines = [
-        f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp} ({cfg.rank_order} "
-        f"contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
+        f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp}{tp} ({first}"
+        f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
         f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
         f"{job.report.bubble:.2f} ({sim})",
         f"stages ({cfg.partition} partition): {' | '.join(parts)}",
@@ -230,7 +236,9 @@ def describe(job: Job, layout: list[tuple[int, int, int, str]]) -> str:
             f"{max(t) / (sum(t) / len(t)):.3f}"
         )
     by_stage: dict[int, list[str]] = {}
-    for rank, stage, _replica, host in sorted(layout, key=lambda t: (t[1], t[2])):
-        by_stage.setdefault(stage, []).append(f"{rank}@{host}")
+    for rank, stage, _replica, host, shard in sorted(layout, key=lambda t: (t[1], t[2], t[4])):
+        by_stage.setdefault(stage, []).append(
+            f"{rank}@{host}" + (f"/tp{shard}" if cfg.tp > 1 else "")
+        )
     lines += [f"  stage {s}: ranks {' '.join(v)}" for s, v in sorted(by_stage.items())]
     return "\n".join(lines)

@@ -23,6 +23,11 @@ from mpipipe.kernels.layernorm import (
     layernorm_forward,
 )
 from mpipipe.kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
+from mpipipe.kernels.vocab_parallel import (
+    vocab_embedding_backward_weight,
+    vocab_embedding_forward,
+)
+from mpipipe.parallel.tensor import SINGLE, Split, TensorGroup
 from mpipipe.xp import Array
 
 
@@ -31,19 +36,28 @@ class Init:
     """Where a layer's parameters come from: a seeded generator, the dtype and the array module.
 
     Values are drawn in float64 on the host in a fixed order and then cast, so a layer's initial
-    parameters depend only on (seed, global layer index), never on the rank that builds it.
+    parameters depend only on (seed, global layer index), never on the rank that builds it. With
+    tensor parallelism (`tp`, the group of ranks sharing the layer) a split parameter is drawn
+    whole and then cut (`Split`), so the shards are exactly the single-process tensor's pieces;
+    the whole tensor exists on the host only while it is cut.
     """
 
     rng: np.random.Generator
     dtype: np.dtype
     xp: ModuleType
+    tp: TensorGroup = SINGLE
 
     @classmethod
-    def for_layer(cls, seed: int, index: int, dtype: Any, xp: ModuleType) -> Init:
-        return cls(np.random.default_rng([seed, index]), np.dtype(dtype), xp)
+    def for_layer(
+        cls, seed: int, index: int, dtype: Any, xp: ModuleType, tp: TensorGroup = SINGLE
+    ) -> Init:
+        return cls(np.random.default_rng([seed, index]), np.dtype(dtype), xp, tp)
 
-    def normal(self, shape: tuple[int, ...], std: float) -> Array:
-        return self.xp.asarray(self.rng.normal(0.0, std, size=shape).astype(self.dtype))
+    def normal(self, shape: tuple[int, ...], std: float, split: Split | None = None) -> Array:
+        whole = self.rng.normal(0.0, std, size=shape)
+        if split is not None and self.tp.size > 1:
+            whole = split.shard(whole, self.tp.size, self.tp.rank)
+        return self.xp.asarray(whole.astype(self.dtype))
 
     def zeros(self, shape: tuple[int, ...]) -> Array:
         return self.xp.zeros(shape, dtype=self.dtype)
@@ -55,6 +69,7 @@ class Init:
 class Layer(Protocol):
     params: dict[str, Array]
     grads: dict[str, Array]
+    splits: dict[str, Split]  # tensor parallelism: how each shard in `params` was cut
 
     def forward(self, x: Array) -> tuple[Array, Any]: ...
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array | None, Any]: ...
@@ -72,6 +87,7 @@ class Base:
     def __init__(self, params: dict[str, Array]) -> None:
         self.params = params
         self.grads = {k: v * 0 for k, v in params.items()}
+        self.splits: dict[str, Split] = {}  # tensor parallelism: how each shard was cut
 
     def recompute_selectively(self) -> None:
         """Nothing is cheap to recompute in most layers; attention overrides this."""
@@ -86,6 +102,8 @@ class Base:
         for k, v in child.params.items():
             self.params[f"{prefix}.{k}"] = v
             self.grads[f"{prefix}.{k}"] = child.grads[k]
+        for k, split in child.splits.items():
+            self.splits[f"{prefix}.{k}"] = split
 
 
 class Linear(Base):
@@ -104,6 +122,44 @@ class Linear(Base):
     def backward_weight(self, wctx: Any) -> None:
         dy, x = wctx
         linear_backward_weight(dy, x, self.grads["w"], self.grads.get("b"))
+
+
+class ColumnLinear(Linear):
+    """Column-parallel Linear (Megatron): my columns of w and b, so my slice of the output; its
+    input gradient is a partial sum over the group, all-reduced in backward (Megatron's `f`).
+    `blocks`: the output is several fused matrices (qkv: 3), each split across the group."""
+
+    def __init__(self, init: Init, c_in: int, c_out: int, std: float = 0.02,
+                 bias: bool = True, blocks: int = 1) -> None:  # fmt: skip
+        self.tp, split = init.tp, Split(1, blocks)
+        p = {"w": init.normal((c_in, c_out), std, split)}
+        if bias:
+            p["b"] = init.zeros((c_out // self.tp.size,))
+        Base.__init__(self, p)
+        self.splits = {"w": split, **({"b": Split(0, blocks)} if bias else {})}
+
+    def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
+        dx = linear_backward_input(dy, self.params["w"])  # (..., Cin), my columns' share
+        return self.tp.all_reduce(dx), (dy, ctx)
+
+
+class RowLinear(Linear):
+    """Row-parallel Linear (Megatron): my rows of w take my slice of the input; the partial
+    products are all-reduced in forward (Megatron's `g`), then the whole, replicated bias is
+    added. The input gradient is my slice, with no collective."""
+
+    def __init__(self, init: Init, c_in: int, c_out: int, std: float = 0.02) -> None:
+        self.tp = init.tp
+        Base.__init__(
+            self, {"w": init.normal((c_in, c_out), std, Split(0)), "b": init.zeros((c_out,))}
+        )
+        self.splits = {"w": Split(0)}
+
+    def forward(self, x: Array) -> tuple[Array, Any]:
+        out, ctx = linear_forward(x, self.params["w"], None)  # (..., Cout), partial
+        out = self.tp.all_reduce(out)
+        out += self.params["b"]
+        return out, ctx
 
 
 class LayerNorm(Base):
@@ -136,14 +192,25 @@ class GELU(Base):
 
 
 class Embedding(Base):
-    """Token + learned position embedding: tokens (B, T) -> (B, T, C). First layer only."""
+    """Token + learned position embedding: tokens (B, T) -> (B, T, C). First layer only. With
+    tensor parallelism the token embedding is split by vocabulary rows (kernels/vocab_parallel)
+    and the position embedding is replicated."""
 
     def __init__(self, init: Init, vocab: int, c: int, max_len: int):
+        self.tp = init.tp
         super().__init__(
-            {"wte": init.normal((vocab, c), 0.02), "wpe": init.normal((max_len, c), 0.01)}
+            {
+                "wte": init.normal((vocab, c), 0.02, Split(0)),
+                "wpe": init.normal((max_len, c), 0.01),
+            }
         )
+        self.splits = {"wte": Split(0)}
+        self.lo = self.tp.rank * (vocab // self.tp.size)  # my first vocabulary row
 
     def forward(self, x: Array) -> tuple[Array, Any]:
+        if self.tp.size > 1:
+            p = self.params
+            return vocab_embedding_forward(x, p["wte"], p["wpe"], self.lo, self.tp.all_reduce)
         return embedding_forward(x, self.params["wte"], self.params["wpe"])
 
     def backward_input(self, dy: Array, ctx: Any) -> tuple[None, Any]:
@@ -151,6 +218,9 @@ class Embedding(Base):
 
     def backward_weight(self, wctx: Any) -> None:
         dy, tokens = wctx
+        if self.tp.size > 1:
+            vocab_embedding_backward_weight(dy, tokens, self.grads["wte"], self.grads["wpe"])
+            return
         embedding_backward_weight(dy, tokens, self.grads["wte"], self.grads["wpe"])
 
 
@@ -191,14 +261,16 @@ class Sequential(Base):
 
 
 class Attention(Sequential):
-    """Causal multi-head self-attention: qkv projection, attention core, output projection."""
+    """Causal multi-head self-attention: qkv projection, attention core, output projection. With
+    tensor parallelism each rank of the group computes n_head / tp heads: qkv column-parallel
+    (q, k and v each split by heads), the output projection row-parallel."""
 
     def __init__(self, init: Init, c: int, n_head: int, proj_std: float = 0.02):
         super().__init__(
             [
-                ("qkv", Linear(init, c, 3 * c)),
-                ("core", _AttentionCore(n_head)),
-                ("proj", Linear(init, c, c, std=proj_std)),
+                ("qkv", ColumnLinear(init, c, 3 * c, blocks=3)),
+                ("core", _AttentionCore(n_head // init.tp.size)),
+                ("proj", RowLinear(init, c, c, std=proj_std)),
             ]
         )
 
@@ -223,15 +295,16 @@ class _AttentionCore(Base):
 
 
 class MLP(Sequential):
-    """Linear (C -> 4C), GELU, Linear (4C -> C)."""
+    """Linear (C -> 4C), GELU, Linear (4C -> C); with tensor parallelism the first is
+    column-parallel, the second row-parallel (the hidden units are split across the group)."""
 
     def __init__(self, init: Init, c: int, hidden: int | None = None, proj_std: float = 0.02):
         h = hidden or 4 * c
         super().__init__(
             [
-                ("fc", Linear(init, c, h)),
+                ("fc", ColumnLinear(init, c, h)),
                 ("gelu", GELU()),
-                ("proj", Linear(init, h, c, std=proj_std)),
+                ("proj", RowLinear(init, h, c, std=proj_std)),
             ]
         )
 
@@ -275,9 +348,11 @@ class Block(Sequential):
 
 
 class Head(Sequential):
-    """Final LayerNorm and the LM head (C -> V, no bias): (B, T, C) -> logits (B, T, V)."""
+    """Final LayerNorm and the LM head (C -> V, no bias): (B, T, C) -> logits (B, T, V). With
+    tensor parallelism the head is column-parallel: my vocabulary columns, (B, T, V / tp), for
+    the parallel cross-entropy (kernels/vocab_parallel)."""
 
     def __init__(self, init: Init, c: int, vocab: int):
         super().__init__(
-            [("ln_f", LayerNorm(init, c)), ("lm_head", Linear(init, c, vocab, bias=False))]
+            [("ln_f", LayerNorm(init, c)), ("lm_head", ColumnLinear(init, c, vocab, bias=False))]
         )

@@ -5,6 +5,7 @@
     Stage       my chunks, the loss, parameters by global name (stage.py)
     Executors   the lowered training plan and its forward-only twin (executor.py)
     GradReducer my stage's gradient buckets over my replicas (parallel/data_parallel.py)
+    TpGroup     with --tp: the ranks that split my stage's layers (parallel/tensor.py)
 
 train, `--dry-run` (placement and policy only: it builds no model), eval, generate and the
 `--partition time` profiler all start here; nothing else decides backends or transports.
@@ -30,6 +31,7 @@ from mpipipe.parallel.cuda_aware import verdict
 from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
 from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
+from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
 from mpipipe.parallel.transport import Transport
 from mpipipe.stage import Compute, Stage
 from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
@@ -126,10 +128,14 @@ class Runtime:
         self.xp, self.dtype = device.xp, device.dtype
         self.rank = grid.stage_rank  # my rank within my pipeline
         self.transport, self.policy = make_transport(job, device)
-        compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute)
+        self.tp: TensorGroup = SINGLE
+        if grid.tp_comm is not None:
+            own_core = grid.local_size <= (os.cpu_count() or 1)  # else spinning steals cores
+            self.tp = TpGroup(grid.tp_comm, self.transport, 1e-3 if own_core else None)
+        compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute, self.tp)
         if job.emulated is not None:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)
-        self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute)
+        self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute, self.tp)
         self.reducer: GradReducer | None = None
         if training and grid.dp > 1:
             self.reducer = GradReducer(

@@ -13,8 +13,13 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from mpipipe.kernels.loss import cross_entropy_forward, cross_entropy_forward_backward
+from mpipipe.kernels.vocab_parallel import (
+    parallel_cross_entropy_forward,
+    parallel_cross_entropy_forward_backward,
+)
 from mpipipe.layers import Init, Layer
 from mpipipe.model import Model
+from mpipipe.parallel.tensor import SINGLE, Split, TensorGroup
 from mpipipe.partition import uniform
 from mpipipe.xp import Array
 
@@ -95,18 +100,36 @@ class CrossEntropyLoss:
         return cross_entropy_forward(y, targets)
 
 
+class VocabParallelLoss:
+    """Softmax cross-entropy over logits split by vocabulary across a tp group: my columns are
+    the vocabulary rows [lo, lo + V / tp); the maxima and sums travel, never the logits."""
+
+    def __init__(self, tp: TensorGroup, vocab: int) -> None:
+        self.tp, self.lo = tp, tp.rank * (vocab // tp.size)
+
+    def forward_backward(self, y: Array, targets: Array, scale: float) -> tuple[Array, Array]:
+        return parallel_cross_entropy_forward_backward(
+            y, targets, scale, self.lo, self.tp.all_reduce
+        )
+
+    def forward(self, y: Array, targets: Array) -> Array:
+        return parallel_cross_entropy_forward(y, targets, self.lo, self.tp.all_reduce)
+
+
 @dataclass(frozen=True)
 class Compute:
-    """Real chunks: layers built from (seed, global index), so any rank builds the same ones."""
+    """Real chunks: layers built from (seed, global index), so any rank builds the same ones
+    (with tensor parallelism, the same shards: `tp` is the group sharing them)."""
 
     seed: int
     dtype: Any
     xp: ModuleType
     recompute: str = "none"
+    tp: TensorGroup = SINGLE
 
     def layers(self, model: Model, indices: range) -> list[Layer]:
         return [
-            model.layers[i].build(Init.for_layer(self.seed, i, self.dtype, self.xp))
+            model.layers[i].build(Init.for_layer(self.seed, i, self.dtype, self.xp, self.tp))
             for i in indices
         ]
 
@@ -114,6 +137,8 @@ class Compute:
         return Chunk(self.layers(model, indices), indices, self.recompute)
 
     def loss(self, model: Model) -> Loss:
+        if self.tp.size > 1:
+            return VocabParallelLoss(self.tp, int(model.meta["vocab"]))
         return CrossEntropyLoss()
 
 
@@ -124,12 +149,19 @@ class ComputeLike(Protocol):
 
 class Stage:
     """The chunks of the virtual stages `ids` (global layers `bounds[k]` each), the loss, and
-    every parameter and gradient by its global name `layers.{i}.{name}`."""
+    every parameter and gradient by its global name `layers.{i}.{name}`; with tensor
+    parallelism these are my shards, and `splits` says how each split one was cut."""
 
     def __init__(
-        self, model: Model, ids: Sequence[int], bounds: Sequence[range], compute: ComputeLike
+        self,
+        model: Model,
+        ids: Sequence[int],
+        bounds: Sequence[range],
+        compute: ComputeLike,
+        tp: TensorGroup = SINGLE,
     ) -> None:
-        self.ids = ids
+        self.ids, self.tp = ids, tp
+        self.splits: dict[str, Split] = {}
         self.loss = compute.loss(model)
         self.chunks = [compute.chunk(model, bounds[k], k) for k in ids]
         self.params: dict[str, Array] = {}
@@ -145,6 +177,8 @@ class Stage:
                     self.params[name] = layer.params[k]
                     self.grads[name] = layer.grads[k]
                     names.append(name)
+                    if tp.size > 1 and k in layer.splits:
+                        self.splits[name] = layer.splits[k]
                 self.layer_params[i] = names
 
     @classmethod

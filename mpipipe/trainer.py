@@ -36,6 +36,7 @@ from mpipipe.metrics import (
 )
 from mpipipe.model import Model
 from mpipipe.parallel.grid import Grid
+from mpipipe.parallel.tensor import owned, whole
 from mpipipe.preemption import Preemption
 from mpipipe.runtime import Runtime, place
 from mpipipe.stats import StepStats
@@ -52,6 +53,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, np.ndarray] = field(default_factory=dict)
     peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
+    param_bytes: int = 0  # bytes of the parameters this rank holds (its shards with --tp)
     preempted: str | None = None  # the signal that stopped the run early, if any
 
     @property
@@ -80,7 +82,7 @@ def train(
     # signals are handled from here on, start-up included: the run stops before step 1
     with Preemption(comm.Abort, say) as preemption:
         job = agree(comm, lambda: prepare(cfg, comm.Get_size(), model, dataset))
-        grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order)
+        grid = Grid.create(comm, job.cfg.pp, job.cfg.rank_order, job.cfg.tp)
         try:
             agree(grid.world, lambda: scan_tokens(job, grid))  # ids outside the vocabulary
             device = agree(grid.world, lambda: place(job, grid))  # e.g. more ranks than GPUs
@@ -93,15 +95,23 @@ def train(
 def layer_sq_norms(rt: Runtime) -> dict[int, float]:
     """Each of my layers' squared gradient norm, in float64 by the backend's pairwise summation
     (the same on every layout; a threaded BLAS dot would split the sum by thread count). The
-    sums stay on the device and come to the host in ONE transfer."""
+    sums stay on the device and come to the host in ONE transfer. With --tp, each rank of the
+    group counts its shards and rank 0 the replicated parameters (the grid's SUM adds them)."""
     stage = rt.stage
-    names = [n for i in sorted(stage.layer_params) for n in stage.layer_params[i]]
+    names = [
+        n
+        for i in sorted(stage.layer_params)
+        for n in stage.layer_params[i]
+        if owned(n, stage.splits, rt.tp)
+    ]
     squares = []
     for n in names:
         g64 = stage.grads[n].astype("float64", copy=False)
         squares.append((g64 * g64).sum())
     values = dict(zip(names, to_host(squares), strict=True))
-    return {i: math.fsum(values[n] for n in ns) for i, ns in stage.layer_params.items()}
+    return {
+        i: math.fsum(values[n] for n in ns if n in values) for i, ns in stage.layer_params.items()
+    }
 
 
 class _Run:
@@ -118,8 +128,14 @@ class _Run:
         self.train_exec = rt.train_exec
         self.train_exec.watchdog = rt.eval_exec.watchdog = self.watchdog
         self.tracer = Tracer(world, cfg.trace, 1, cfg.trace_steps)  # skip step 0: warm-up
-        mine = sum(int(p.size) for p in rt.stage.params.values()) if self.grid.replica == 0 else 0
-        self.n_params = world.allreduce(mine, op=MPI.SUM)
+        params, splits = rt.stage.params, rt.stage.splits
+        mine = sum(int(p.size) for n, p in params.items() if owned(n, splits, rt.tp))
+        self.n_params = world.allreduce(mine if self.grid.replica == 0 else 0, op=MPI.SUM)
+        self.param_bytes = sum(int(p.nbytes) for p in params.values())
+        self.param_bytes_range = (
+            world.allreduce(self.param_bytes, op=MPI.MIN),
+            world.allreduce(self.param_bytes, op=MPI.MAX),
+        )
         peak = cfg.peak_tflops * 1e12 or measure_peak_flops(rt.xp, rt.dtype)
         self.peak_flops = world.allreduce(peak, op=MPI.SUM)  # the whole grid's
         self.flops_per_step = model_flops_per_step(
@@ -165,7 +181,8 @@ class _Run:
         total = 0.0
         for i in range(self.cfg.eval_batches):
             losses = self.rt.eval_exec.run(self.batch(i, "eval"))
-            loss = np.array([sum(losses)], dtype=np.float64)
+            mine = sum(losses) if self.grid.tp_rank == 0 else 0.0  # a tp group's losses are equal
+            loss = np.array([mine], dtype=np.float64)
             self.rt.transport.allreduce(self.grid.world, loss)
             total += float(loss[0]) / (self.cfg.microbatches * self.grid.dp)
         return total / self.cfg.eval_batches
@@ -174,16 +191,18 @@ class _Run:
         """This rank's figures for the step (before the grid-wide reduction)."""
         ex, me = self.train_exec, self.grid.stage_rank
         st = StepStats(self.n_layers, self.n_stages, self.grid.pp)
-        if self.grid.replica == 0:  # one rank per layer and per stage fills these in
+        if self.grid.replica == 0:  # one rank per layer (per shard with --tp) fills these in
             for i, sq in layer_sq_norms(self.rt).items():
                 st.layer_sq[i] = sq
+        if self.grid.replica == 0 and self.grid.tp_rank == 0:  # and one per stage these
             counts = np.zeros_like(st.costs)
             for t0, t1, a in ex.spans:
                 kind, k = "FBW".index(a.kind), self.rt.stage.ids[a.chunk]
                 st.costs[kind, k] += t1 - t0
                 counts[kind, k] += 1
             st.costs /= np.maximum(counts, 1)
-        st.loss_sum, st.busy = sum(losses), ex.busy
+        st.loss_sum = sum(losses) if self.grid.tp_rank == 0 else 0.0  # equal over a tp group
+        st.busy = ex.busy
         st.wall, st.exposed, st.signum = ex.wall, exposed, self.preemption.signum
         st.rss_mb[me], st.stash_mb[me] = max_rss_mb(), ex.peak_stash_bytes / 2**20
         return st
@@ -242,6 +261,7 @@ class _Run:
             "step": step + 1,
             "pp": self.grid.pp,
             "dp": self.grid.dp,
+            "tp": self.grid.tp,
             "loss": loss,
             "lr": lr,
             "grad_norm": norm,
@@ -318,7 +338,12 @@ class _Run:
     def loop(self) -> TrainResult:
         cfg, world = self.cfg, self.grid.world
         self.say(describe(self.job, self.layout))
-        result = TrainResult(cfg)
+        low, high = self.param_bytes_range
+        self.say(
+            f"parameter bytes per rank: {low:,} to {high:,} ({self.n_params:,} parameters in "
+            f"all{f', split over tp={self.grid.tp}' if self.grid.tp > 1 else ''})"
+        )
+        result = TrainResult(cfg, param_bytes=self.param_bytes)
         preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
         metrics = MetricsFile(
@@ -374,7 +399,8 @@ class _Run:
             self.say(summary_line(result, time.perf_counter() - t_start))
         elif not result.preempted:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
-        result.params = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items()}
+        mine = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items()}
+        result.params = whole(mine, self.rt.stage.splits, self.rt.tp, self.grid.tp_comm)
         return result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,11 @@ def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
                         targets = [(dataset_path(name), stage.params[name])]
                         for slot, arrays in slots.items():
                             targets.append((slot_path(slot, name), arrays[name]))
+                        pick = _picker(stage, name)
                         for path, target in targets:
-                            expected, read = _read_into(f, path, target, step_dir / file, entry, m)
+                            expected, read = _read_into(
+                                f, path, target, step_dir / file, entry, m, pick
+                            )
                             checks.append((file, path, expected, pool.submit(sha256, read)))
         for file, path, expected, hashed in checks:
             if hashed.result() != expected:
@@ -309,11 +313,28 @@ def _prefetch(path: Path) -> None:
             os.close(fd)
 
 
+def _picker(stage: Any, name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """With tensor parallelism, what cuts my shard of parameter `name` out of the whole tensor
+    stored in the checkpoint (None: the target takes the whole tensor)."""
+    split, tp = stage.splits.get(name), stage.tp
+    if split is None or tp.size == 1:
+        return None
+    return lambda whole: split.shard(whole, tp.size, tp.rank)
+
+
 def _read_into(
-    f: h5py.File, path: str, target: Any, file: Path, entry: dict[str, Any], m: dict[str, Any]
+    f: h5py.File,
+    path: str,
+    target: Any,
+    file: Path,
+    entry: dict[str, Any],
+    m: dict[str, Any],
+    pick: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[str, np.ndarray]:
     """Read one dataset into `target` in place (HDF5 checks the metadata's checksums on the
-    way); return its recorded sha256 and the host array that holds the bytes read."""
+    way); return its recorded sha256 and the host array that holds the bytes read. `pick`
+    cuts a tensor-parallel shard out of the whole tensor (read whole, so its hash is checked:
+    each rank of a tp group holds one whole tensor at a time while loading)."""
     if path not in entry["tensors"]:  # never saved: another optimizer or precision
         cfg = m["config"]
         raise CheckpointError(
@@ -324,6 +345,17 @@ def _read_into(
         if path not in f:
             raise Damaged(f"{file}: dataset {path} is missing although the manifest lists it")
         ds = f[path]
+        if pick is not None:
+            value = ds[...]
+            part = pick(value) if value.ndim else value
+            if part.shape != target.shape:
+                raise CheckpointError(
+                    f"{file}: dataset {path} has shape {ds.shape}, whose tp shard "
+                    f"{part.shape} is not the model's {target.shape} (pass the model flags "
+                    "the checkpoint was trained with)"
+                )
+            copy_into(target, part)
+            return str(ds.attrs.get("sha256", "")), value
         if ds.shape != target.shape:
             raise CheckpointError(
                 f"{file}: dataset {path} has shape {ds.shape}, the model needs {target.shape} "
@@ -347,7 +379,8 @@ def inspect(step_dir: Path) -> str:
     lines = [
         f"{step_dir}: step {m['step']}, saved {m['time']}",
         f"model: {m['model']['meta'] or 'custom'} ({len(m['model']['layers'])} layers)",
-        f"layout: pp={lay['pp']} dp={lay['dp']} ({lay['rank_order']} contiguous), "
+        f"layout: pp={lay['pp']} dp={lay['dp']} tp={lay.get('tp', 1)} "
+        f"({lay['rank_order']} contiguous), "
         f"schedule {m['schedule']}, optimizer {m['optimizer']['name']} at t={m['optimizer']['t']}",
         f"versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
     ]

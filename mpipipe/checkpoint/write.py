@@ -28,6 +28,7 @@ from mpipipe.checkpoint.files import digest, fsync, h5_write, io_error, sha256
 from mpipipe.checkpoint.find import prune
 from mpipipe.errors import ConfigError
 from mpipipe.faults import Faults
+from mpipipe.parallel.tensor import whole
 from mpipipe.xp import storable
 
 Shard = dict[str, Any]  # a shard's manifest entry
@@ -61,14 +62,20 @@ def write_shard(path: Path, tensors: dict[str, Any], attrs: dict[str, Any]) -> t
     return sha, path.stat().st_size
 
 
-def shard_tensors(stage: Any, opt: Any) -> tuple[dict[str, Any], int]:
-    """This rank's parameters and optimizer slots as {dataset path: array}, and the step count."""
+def shard_tensors(stage: Any, opt: Any, tp_comm: Any = None) -> tuple[dict[str, Any], int]:
+    """This rank's parameters and optimizer slots as {dataset path: array}, and the step count.
+    With tensor parallelism (`tp_comm`, collective over the group) the tensors are whole: every
+    rank of the group gathers the shards of each split tensor (so the group's rank 0 holds one
+    whole tensor at a time on top of its shards, plus the whole set it writes)."""
     tensors = {dataset_path(k): v for k, v in stage.params.items()}
+    splits = {dataset_path(k): s for k, s in stage.splits.items()}
     t, slots = opt.state_dict()
     for slot, arrays in slots.items():
         for k, v in arrays.items():
             tensors[slot_path(slot, k)] = v
-    return tensors, t
+            if k in stage.splits:
+                splits[slot_path(slot, k)] = stage.splits[k]
+    return whole(tensors, splits, stage.tp, tp_comm), t
 
 
 def save(
@@ -102,7 +109,8 @@ def save(
         raise _failed(step, root, failure)
     entry = None
     if grid.replica == 0:
-        tensors, t = shard_tensors(stage, opt)
+        tensors, t = shard_tensors(stage, opt, grid.tp_comm)
+    if grid.replica == 0 and grid.tp_rank == 0:  # one writer per stage, tensors whole
         name = f"shard_{grid.stage_rank:03d}.h5"
         try:
             sha, size = write_shard(
@@ -210,6 +218,7 @@ def _write_manifest(tmp: Path, step: int, shards: list[Shard], job: Any, grid: A
         "layout": {
             "pp": grid.pp,
             "dp": grid.dp,
+            "tp": grid.tp,
             "rank_order": grid.order,
             "stages": [list(s) for s in job.plan.stages],
         },

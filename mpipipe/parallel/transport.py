@@ -155,8 +155,9 @@ class Transport:
         )
 
     # -- collectives ---------------------------------------------------------------------------
-    def iallreduce(self, comm: MPI.Comm, buf: Array) -> Request:
-        """In-place SUM of `buf` over `comm`, started in call order on every rank."""
+    def iallreduce(self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM) -> Request:
+        """In-place reduction (SUM unless `op`) of `buf` over `comm`, started in call order on
+        every rank."""
         if is_half(buf.dtype):
             raise TypeError(
                 f"all-reduce of {buf.dtype}: reduce 16-bit floats in a float32 copy (MPI "
@@ -165,7 +166,7 @@ class Transport:
         queue = self.queues.setdefault(id(comm), deque())
 
         def post(target: Array) -> Callable[[], MPI.Request]:
-            return lambda: comm.Iallreduce(MPI.IN_PLACE, target, op=MPI.SUM)
+            return lambda: comm.Iallreduce(MPI.IN_PLACE, target, op=op)
 
         if not self.ops.is_device(buf):
             return self._track(Request(self, None, post(buf), queue=queue))
@@ -183,6 +184,20 @@ class Transport:
                 queue=queue,
             )
         )
+
+    def allreduce_now(
+        self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM, spin_s: float | None = None
+    ) -> None:
+        """An in-place reduction whose result the caller needs at once (tensor parallelism),
+        waited for by polling. A host array is posted to MPI at once, without a tracked
+        request: the caller waits for it before issuing anything else on `comm`, so there is no
+        order to keep, and the request bookkeeping would double the latency of small messages.
+        A device array takes `iallreduce`'s path (directly after its kernels, or staged).
+        `spin_s`: how long to spin before backing off (default the transport's)."""
+        if self.ops.is_device(buf):
+            self.wait(self.iallreduce(comm, buf, op), spin_s)
+            return
+        self.wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=op), spin_s)
 
     def allreduce(self, comm: MPI.Comm, host: Any, op: MPI.Op = MPI.SUM) -> None:
         """A blocking in-place reduction of a small host array (the step's statistics)."""
@@ -208,13 +223,13 @@ class Transport:
             return req.done
         return bool(req.Test())
 
-    def wait(self, req: Any) -> None:
+    def wait(self, req: Any, spin_s: float | None = None) -> None:
         """Spin on `test` for `spin_s`, then poll with a back-off sleep: MPICH busy-spins in a
         blocking wait, which on an oversubscribed node steals the cores that computing ranks
         need; the back-off caps the added latency at `max_sleep_s`."""
         if self.test(req):
             return
-        deadline = time.perf_counter() + self.spin_s
+        deadline = time.perf_counter() + (self.spin_s if spin_s is None else spin_s)
         while time.perf_counter() < deadline:
             if self.test(req):
                 return

@@ -1,11 +1,13 @@
 """Train a small GPT for 3 steps (float64, SGD with momentum) in each given layout on the ranks
-this was launched on, and save every layout's losses and parameters (gathered from replica 0).
+this was launched on, and save every layout's losses and parameters (gathered from replica 0,
+whole: tp shards are joined), and under `bytes/LAYOUT` the parameter bytes of its fullest rank.
 A layout is a comma-separated list of TrainConfig overrides; its text is the key prefix.
 
     python tests/scripts/data_parallel.py OUT.npz pp=1                       # the reference
     mpiexec -n 4 python tests/scripts/data_parallel.py OUT.npz pp=2,schedule=gpipe pp=2
     mpiexec -n 16 python tests/scripts/data_parallel.py OUT.npz \\
         layers=16,pp=8,microbatches=8,schedule=zbv,rank_order=pp
+    mpiexec -n 8 python tests/scripts/data_parallel.py OUT.npz pp=2,tp=2,dp=2,schedule=zbv
 """
 
 import dataclasses
@@ -42,7 +44,9 @@ for layout in layouts:
     )
     result = train(cfg, comm=comm, out=io.StringIO())
     gathered = comm.gather(result.params, root=0)
+    most = comm.allreduce(result.param_bytes, op=MPI.MAX)  # parameter bytes of the fullest rank
     if comm.rank == 0:
+        arrays[f"bytes/{layout}"] = np.array(most)
         arrays[f"{layout}/loss"] = np.array([r["loss"] for r in result.history])
         arrays[f"{layout}/eval"] = np.array(result.eval_losses)
         for params in gathered:

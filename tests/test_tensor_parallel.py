@@ -1,0 +1,85 @@
+"""pp x dp x tp: the same global batch gives the single-process result, for every schedule.
+
+Tensor parallelism sums a row-parallel product over the group in another order than one
+process does (and the cross-entropy's normaliser likewise), so equality is to rounding
+(relative 1e-12 in float64, SGD: see test_data_parallel.py), not bitwise. Three launches cover
+it all (4, 8 and 1 rank), each running several layouts; a checkpoint saved in one launch is
+resumed at another tp in the next (tp 2 -> tp 4, tp 2 x dp 2 -> one process).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import mpirun
+from tests.test_data_parallel import assert_matches
+
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"]
+FOUR = [  # on 4 ranks
+    *(f"pp=2,tp=2,schedule={s}" for s in SCHEDULES),
+    "pp=1,tp=2,dp=2",
+    "pp=1,tp=4",
+    "pp=2,tp=2,recompute=full",  # the forward's all-reduces run again inside B
+]
+EIGHT = [  # on 8 ranks
+    "pp=2,tp=2,dp=2,schedule=1f1b",
+    "pp=2,tp=2,dp=2,schedule=zbv",
+    "pp=2,tp=4",
+    "pp=1,tp=4,dp=2",
+]
+
+
+def layouts(path, layouts: list[str], ranks: int) -> dict[str, np.ndarray]:
+    """Run tests/scripts/data_parallel.py with these layouts on `ranks` ranks; its arrays."""
+    r = mpirun.run(
+        ["tests/scripts/data_parallel.py", str(path), *layouts],
+        n=None if ranks == 1 else ranks,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.output
+    return dict(np.load(path))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    a, b = tmp / "ckpt_tp2", tmp / "ckpt_tp2dp2"
+    save_a, resume_a = f"pp=2,tp=2,steps=2,checkpoint_dir={a}", f"pp=2,tp=4,resume={a}"
+    save_b, resume_b = f"pp=2,tp=2,dp=2,steps=2,checkpoint_dir={b}", f"pp=1,resume={b}"
+    four = layouts(tmp / "four.npz", [*FOUR, save_a], 4)
+    eight = layouts(tmp / "eight.npz", [*EIGHT, resume_a, save_b], 8)
+    ref = layouts(tmp / "ref.npz", ["pp=1", resume_b], 1)
+    return {"ref": ref, "got": {**four, **eight}, "resumed": [resume_a, resume_b]}
+
+
+@pytest.mark.openmpi  # the tp all-reduces (SUM and MAX) beside p2p and the dp buckets
+@pytest.mark.parametrize("layout", FOUR + EIGHT)
+def test_tp_grid_equals_single_process(runs, layout):
+    assert_matches(runs["ref"], "pp=1", runs["got"], layout)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["tp2-to-tp4", "tp2dp2-to-tp1"])
+def test_checkpoint_resumes_at_another_tp(runs, which):
+    """Saved whole after 2 steps at one tp, resumed at another for step 3: the parameters and
+    the step's loss are those of 3 uninterrupted steps in one process."""
+    layout = runs["resumed"][which]
+    got = {**runs["got"], **runs["ref"]}
+    ref = runs["ref"]
+    names = [k[len("pp=1/") :] for k in ref if k.startswith("pp=1/layers.")]
+    assert len(names) > 20
+    for name in names:
+        a, b = got[f"{layout}/{name}"], ref[f"pp=1/{name}"]
+        rel = np.abs(a - b).max() / np.abs(b).max()
+        assert rel < 1e-12, f"{layout}: {name}: relative difference {rel:.3g}"
+    loss = got[f"{layout}/loss"]
+    assert len(loss) == 1 and abs(loss[0] - ref["pp=1/loss"][-1]) < 1e-12 * abs(loss[0])
+
+
+@pytest.mark.parametrize("layout, tp", [("pp=1,tp=2,dp=2", 2), ("pp=1,tp=4", 4)])
+def test_parameter_bytes_scale_as_one_over_tp(runs, layout, tp):
+    """The fullest rank holds ~1/tp of the parameters (LayerNorms, the position embedding and
+    the row-parallel biases are replicated: a few per cent here), within 10%."""
+    whole = float(runs["ref"]["bytes/pp=1"])
+    ratio = float(runs["got"][f"bytes/{layout}"]) / whole
+    assert abs(ratio * tp - 1) < 0.1, ratio
