@@ -66,7 +66,9 @@ def run(n, *flags, **env):
     return r
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+# 4 ranks: four stages' shards and AdamW state (test_any_layout_loads_any_checkpoint resumes on
+# 1, 2, 4 and 16 ranks)
+@pytest.mark.parametrize("ranks", [4])
 def test_ten_plus_ten_equals_twenty_bitwise(tmp_path, ranks):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(ranks, "--steps", "20", "--checkpoint-dir", str(straight))
@@ -101,7 +103,8 @@ def test_any_layout_loads_any_checkpoint(tmp_path):
         assert_same(tensors(d / "step_000006"), want, rel)
 
 
-@pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.openmpi), 4])
+@pytest.mark.openmpi
+@pytest.mark.parametrize("ranks", [2])  # the save path is the same on any number of ranks
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, ranks):
     d, ref = tmp_path / "ck", tmp_path / "ref"
     r = mpirun.train(

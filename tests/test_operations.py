@@ -95,7 +95,7 @@ def test_scaling_study_with_emulated_compute(tmp_path, mode):
             "mpipipe",
             "study",
             "--ranks",
-            "1,2,4,8",
+            "1,2,4,8" if mode == "strong" else "1,2,4",
             "--mode",
             mode,
             "--out",
@@ -117,7 +117,7 @@ def test_scaling_study_with_emulated_compute(tmp_path, mode):
     )
     assert r.returncode == 0, r.output
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [int(x["ranks"]) for x in rows] == [1, 2, 4, 8]
+    assert [int(x["ranks"]) for x in rows] == ([1, 2, 4, 8] if mode == "strong" else [1, 2, 4])
     for row in rows:  # the table holds what the runs measured
         n = int(row["ranks"])
         recs = [json.loads(line) for line in (out / f"run_{n:04d}.jsonl").read_text().splitlines()]
@@ -130,7 +130,7 @@ def test_scaling_study_with_emulated_compute(tmp_path, mode):
             float(row["tokens_per_s"]) / float(rows[0]["tokens_per_s"])
         )
     md = (out / "results.md").read_text()
-    assert "EMULATED" in md and md.count("\n| ") == 5
+    assert "EMULATED" in md and md.count("\n| ") == len(rows) + 1  # the header and a row per run
     for png in ("throughput.png", "efficiency.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
