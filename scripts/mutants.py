@@ -15,7 +15,8 @@ and logging, and run a test command per mutant; with tests that need mpiexec tha
 should catch it, runs in minutes and says which test is missing when one survives.
 
 A survivor is either a test gap (write the test) or listed with `why`: equivalent (it cannot
-change behaviour) or covered by an issue. The score counts every mutant; equivalents included.
+change behaviour) or covered by an issue. Two scores are printed: over every mutant, and over the
+mutants that can change behaviour (equivalent survivors left out: the usual mutation score).
 Not run in CI (too slow); its last result is in the README's Measured table.
 """
 
@@ -453,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{verdict:9} {took:6.1f}s  {x.id}", flush=True)
     killed = sum(v == "killed" for _, v in results)
     survivors = [(x, v) for x, v in results if v != "killed"]
+    equivalent = sum(x.why.startswith("equivalent") for x, _ in survivors)
     print(
         f"\n{time.strftime('%Y-%m-%d')}: {killed}/{len(results)} killed, score "
-        f"{100 * killed / max(1, len(results)):.0f}%"
+        f"{100 * killed / max(1, len(results)):.0f}%; over the {len(results) - equivalent} "
+        f"mutants that can change behaviour (the usual mutation score, equivalent survivors "
+        f"left out): {100 * killed / max(1, len(results) - equivalent):.0f}%"
     )
     unexplained = 0
     for x, v in survivors:
