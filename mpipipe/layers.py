@@ -67,9 +67,11 @@ class Init:
 
 
 class Layer(Protocol):
+    """A layer; ours also carry `splits` (tensor parallelism: how each shard in `params` was
+    cut), which a user's layer may leave out: its parameters are then whole on every rank."""
+
     params: dict[str, Array]
     grads: dict[str, Array]
-    splits: dict[str, Split]  # tensor parallelism: how each shard in `params` was cut
 
     def forward(self, x: Array) -> tuple[Array, Any]: ...
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array | None, Any]: ...
@@ -102,7 +104,7 @@ class Base:
         for k, v in child.params.items():
             self.params[f"{prefix}.{k}"] = v
             self.grads[f"{prefix}.{k}"] = child.grads[k]
-        for k, split in child.splits.items():
+        for k, split in getattr(child, "splits", {}).items():
             self.splits[f"{prefix}.{k}"] = split
 
 

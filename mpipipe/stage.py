@@ -177,8 +177,9 @@ class Stage:
                     self.params[name] = layer.params[k]
                     self.grads[name] = layer.grads[k]
                     names.append(name)
-                    if tp.size > 1 and k in layer.splits:
-                        self.splits[name] = layer.splits[k]
+                    split = getattr(layer, "splits", {}).get(k)  # a user's layer: none
+                    if tp.size > 1 and split is not None:
+                        self.splits[name] = split
                 self.layer_params[i] = names
 
     @classmethod
