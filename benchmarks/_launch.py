@@ -29,6 +29,13 @@ def env(**extra: str) -> dict[str, str]:
     return launch.environment({**os.environ, "PYTHONPATH": str(ROOT), **extra})
 
 
+def relaunch(ranks: int, script: str) -> int:
+    """Run `script` again on `ranks` ranks with --inner (its measuring part) and this command
+    line's arguments, one BLAS thread per rank; its exit status."""
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, script, "--inner", *sys.argv[1:]]
+    return subprocess.call(cmd, env=env(OMP_NUM_THREADS="1"))
+
+
 def train(ranks: int, *flags: str, timeout: float = 600) -> list[dict]:
     """Run `mpipipe train` on `ranks` ranks; return its per-step metrics records."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,8 +12,6 @@ gradient per second) and the ratio; goal: >= 0.9.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
 
@@ -91,10 +89,9 @@ def main() -> int:
     if args.inner:
         measure(args)
         return 0
-    from _launch import env, mpiexec
+    from _launch import relaunch
 
-    cmd = [mpiexec(), "-n", str(args.ranks), sys.executable, __file__, "--inner", *sys.argv[1:]]
-    return subprocess.call(cmd, env=env(OMP_NUM_THREADS="1"))
+    return relaunch(args.ranks, __file__)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ trip (forward activation, backward gradient) of a 64-byte activation, executor v
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
 
@@ -134,10 +132,9 @@ def main() -> int:
     if args.inner:
         measure(args)
         return 0
-    from _launch import env, mpiexec
+    from _launch import relaunch
 
-    cmd = [mpiexec(), "-n", "2", sys.executable, __file__, "--inner", *sys.argv[1:]]
-    return subprocess.call(cmd, env=env(OMP_NUM_THREADS="1"))
+    return relaunch(2, __file__)
 
 
 if __name__ == "__main__":

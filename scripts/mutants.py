@@ -39,7 +39,7 @@ PINS = ["tests/test_schedule_pins.py", "tests/test_lowering.py"]
 SCHED = [*PINS, "tests/test_schedule.py"]
 OPTIM = ["tests/test_optim.py"]
 KERNELS = ["tests/test_layers.py"]
-DATA = ["tests/test_units.py"]
+DATA = ["tests/test_units.py", "tests/test_data.py"]
 TRANSPARENCY = ["tests/test_transparency.py"]  # mpiexec, 1, 2 and 4 ranks
 DP = [
     "tests/test_data_parallel.py::test_grid_equals_single_process",
@@ -306,20 +306,26 @@ MUTANTS = [
     # -- data ---------------------------------------------------------------------------------
     m(
         "data-targets-unshifted",
-        "data.py",
+        "data/dataset.py",
         "window[:, :-1], window[:, 1:]",
         "window[:, :-1], window[:, :-1]",
         DATA,
     ),
     m(
         "data-train-reads-eval",
-        "data.py",
-        '(0, cut) if split == "train"',
-        '(0, len(toks)) if split == "train"',
+        "data/dataset.py",
+        '(self.train, 0, cut) if split == "train"',
+        '(self.train, 0, n) if split == "train"',
         DATA,
     ),
     # -- runtime, executor, data parallelism, checkpoints (mpiexec) -------------------------------
-    m("replica-slice", "runtime.py", "lo = self.grid.replica * m * b", "lo = 0", DP),
+    m(
+        "replica-slice",
+        "runtime.py",
+        "range(self.grid.replica * per, (self.grid.replica + 1) * per)",
+        "range(0, per)",
+        DP,
+    ),
     m(
         "executor-loss-scale",
         "executor.py",

@@ -4,9 +4,9 @@ one process that still initializes MPI). CI runs the whole suite under MPICH, th
 libraries) under Open MPI.
 
 A test is marked when its body, a fixture it uses, or a function of its module that either
-calls reaches `mpirun.run`, `mpirun.train` or `mpirun.mpiexec` (read from the compiled code, so
-no test has to remember a decorator). A test that launches mpiexec some other way, unmarked,
-fails: it would silently never run under the second MPI.
+calls reaches `mpirun.run`, `mpirun.train`, `mpirun.layouts` or `mpirun.mpiexec` (read from the
+compiled code, so no test has to remember a decorator). A test that launches mpiexec some other
+way, unmarked, fails: it would silently never run under the second MPI.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from tests import mpirun
 
-LAUNCHERS = {"run", "train", "mpiexec"}
+LAUNCHERS = {"run", "train", "mpiexec", "layouts"}
 
 
 def _codes(code: types.CodeType) -> Iterator[types.CodeType]:

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -137,3 +137,18 @@ def train(
     **extra_env: str,
 ) -> Result:
     return run(["-m", "mpipipe", "train", *flags], n, timeout, stdout, **extra_env)
+
+
+def layouts(path: Path, specs: list[str], ranks: int) -> dict[str, Any]:
+    """Train every layout in `specs` (comma-separated TrainConfig overrides) in ONE launch of
+    tests/scripts/data_parallel.py on `ranks` ranks; its arrays (losses, gathered parameters)
+    under `LAYOUT/NAME`."""
+    import numpy as np
+
+    r = run(
+        ["tests/scripts/data_parallel.py", str(path), *specs],
+        n=None if ranks == 1 else ranks,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.output
+    return dict(np.load(path))

@@ -17,17 +17,6 @@ import pytest
 from tests import mpirun
 
 
-def layouts(path, layouts: list[str], ranks: int) -> dict[str, np.ndarray]:
-    """Run tests/scripts/data_parallel.py with these layouts on `ranks` ranks; its arrays."""
-    r = mpirun.run(
-        ["tests/scripts/data_parallel.py", str(path), *layouts],
-        n=None if ranks == 1 else ranks,
-        timeout=240,
-    )
-    assert r.returncode == 0, r.output
-    return dict(np.load(path))
-
-
 def assert_matches(ref: dict, ref_layout: str, got: dict, layout: str) -> None:
     """Every parameter and loss of `layout` equals `ref_layout`'s to relative 1e-12."""
     keys = sorted(k[len(ref_layout) + 1 :] for k in ref if k.startswith(f"{ref_layout}/"))
@@ -55,10 +44,10 @@ OPTIONS = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
-    out = {(1, 1): layouts(tmp / "ref.npz", ["pp=1"], 1)}
+    out = {(1, 1): mpirun.layouts(tmp / "ref.npz", ["pp=1"], 1)}
     for pp, dp in GRIDS:
         extra = OPTIONS if (pp, dp) == (2, 2) else []
-        out[(pp, dp)] = layouts(
+        out[(pp, dp)] = mpirun.layouts(
             tmp / f"pp{pp}dp{dp}.npz",
             [*(f"pp={pp},schedule={s}" for s in ("gpipe", "1f1b")), *extra],
             pp * dp,
@@ -121,8 +110,8 @@ def test_sixteen_ranks_every_schedule_equals_one_process(tmp_path):
         for pp, order in SIXTEEN
         for name in SCHEDULES
     ]
-    ref = layouts(tmp_path / "ref.npz", ["layers=16,pp=1"], 1)
-    got = layouts(tmp_path / "sixteen.npz", grids, 16)
+    ref = mpirun.layouts(tmp_path / "ref.npz", ["layers=16,pp=1"], 1)
+    got = mpirun.layouts(tmp_path / "sixteen.npz", grids, 16)
     for layout in grids:
         assert_matches(ref, "layers=16,pp=1", got, layout)
 

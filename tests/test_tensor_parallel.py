@@ -30,26 +30,15 @@ EIGHT = [  # on 8 ranks
 ]
 
 
-def layouts(path, layouts: list[str], ranks: int) -> dict[str, np.ndarray]:
-    """Run tests/scripts/data_parallel.py with these layouts on `ranks` ranks; its arrays."""
-    r = mpirun.run(
-        ["tests/scripts/data_parallel.py", str(path), *layouts],
-        n=None if ranks == 1 else ranks,
-        timeout=240,
-    )
-    assert r.returncode == 0, r.output
-    return dict(np.load(path))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     a, b = tmp / "ckpt_tp2", tmp / "ckpt_tp2dp2"
     save_a, resume_a = f"pp=2,tp=2,steps=2,checkpoint_dir={a}", f"pp=2,tp=4,resume={a}"
     save_b, resume_b = f"pp=2,tp=2,dp=2,steps=2,checkpoint_dir={b}", f"pp=1,resume={b}"
-    four = layouts(tmp / "four.npz", [*FOUR, save_a], 4)
-    eight = layouts(tmp / "eight.npz", [*EIGHT, resume_a, save_b], 8)
-    ref = layouts(tmp / "ref.npz", ["pp=1", resume_b], 1)
+    four = mpirun.layouts(tmp / "four.npz", [*FOUR, save_a], 4)
+    eight = mpirun.layouts(tmp / "eight.npz", [*EIGHT, resume_a, save_b], 8)
+    ref = mpirun.layouts(tmp / "ref.npz", ["pp=1", resume_b], 1)
     return {"ref": ref, "got": {**four, **eight}, "resumed": [resume_a, resume_b]}
 
 
