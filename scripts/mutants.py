@@ -379,7 +379,7 @@ MUTANTS = [
 
 
 def copy_tree(dest: Path) -> None:
-    for name in ("mpipipe", "tests", "pyproject.toml"):
+    for name in ("mpipipe", "tests", "examples", "pyproject.toml"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
