@@ -24,13 +24,13 @@ def measure(args: argparse.Namespace) -> None:
     from mpipipe.executor import Executor, MicroBatches
     from mpipipe.layers import GELU
     from mpipipe.model import LayerSpec, Model
-    from mpipipe.parallel.transport import Transport
+    from mpipipe.parallel.transport import Transport, spin_for
     from mpipipe.schedule import Costs, forward_only, lower, one_f_one_b
     from mpipipe.stage import Compute, Stage
 
     comm = MPI.COMM_WORLD.Dup()
     rank = comm.Get_rank()
-    p2p = Transport().link(comm)
+    p2p = Transport(spin_s=spin_for(comm.Get_size())).link(comm)  # as the runtime's, 1 node
     zero = Costs(0.0, 0.0, 0.0)
 
     def executor(floats: int, m: int, train: bool) -> tuple[Executor, MicroBatches]:

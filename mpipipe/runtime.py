@@ -32,7 +32,7 @@ from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
 from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
 from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
-from mpipipe.parallel.transport import Transport
+from mpipipe.parallel.transport import Transport, spin_for
 from mpipipe.stage import Compute, Stage
 from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
 
@@ -108,14 +108,16 @@ def place(job: Job, grid: Grid) -> Device:
     return Device("cupy", xp, dtype, f"cuda:{index}")
 
 
-def make_transport(job: Job, device: Device) -> tuple[Transport, str]:
+def make_transport(job: Job, device: Device, local_size: int = 1) -> tuple[Transport, str]:
     """The transport for this device and MPI library, and why: host arrays go as they are;
-    device arrays directly when MPI is CUDA-aware, else staged through pinned host memory."""
+    device arrays directly when MPI is CUDA-aware, else staged through pinned host memory.
+    Waits spin as long as one of `local_size` ranks on a node may (`spin_for`)."""
+    spin = spin_for(local_size)
     if device.backend != "cupy":
-        return Transport(HostOps()), "host arrays: plain MPI"
+        return Transport(HostOps(), spin_s=spin), "host arrays: plain MPI"
     aware, why = verdict(job.cfg.cuda_aware)
     ops: DeviceOps = CupyOps()
-    transport = Transport(ops, aware)
+    transport = Transport(ops, aware, spin_s=spin)
     return transport, f"device buffers {transport.policy} ({why})"
 
 
@@ -127,11 +129,10 @@ class Runtime:
         self.job, self.grid, self.device = job, grid, device
         self.xp, self.dtype = device.xp, device.dtype
         self.rank = grid.stage_rank  # my rank within my pipeline
-        self.transport, self.policy = make_transport(job, device)
+        self.transport, self.policy = make_transport(job, device, grid.local_size)
         self.tp: TensorGroup = SINGLE
         if grid.tp_comm is not None:
-            own_core = grid.local_size <= (os.cpu_count() or 1)  # else spinning steals cores
-            self.tp = TpGroup(grid.tp_comm, self.transport, 1e-3 if own_core else None)
+            self.tp = TpGroup(grid.tp_comm, self.transport)
         compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute, self.tp)
         if job.emulated is not None:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)

@@ -150,3 +150,10 @@ def test_freed_host_memory_is_kept_unless_the_user_set_the_allocator():
     assert reuse_host_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is False
     glibc = platform.libc_ver()[0] == "glibc"
     assert reuse_host_memory({}) is glibc  # mallopt accepted both settings
+
+
+def test_waits_spin_long_only_where_every_rank_has_a_core():
+    from mpipipe.parallel.transport import SPIN_OWN_CORE_S, SPIN_SHARED_S, spin_for
+
+    assert spin_for(2, cores=2) == SPIN_OWN_CORE_S == 1e-3
+    assert spin_for(4, cores=2) == SPIN_SHARED_S == 5e-5  # oversubscribed: yield the core

@@ -93,10 +93,10 @@ class TpGroup:
 
     def __init__(self, comm: MPI.Comm, transport: Transport, spin_s: float | None = None) -> None:
         """`spin_s`: how long a wait spins before it backs off to sleeps (default the
-        transport's 50 us). An all-reduce of a small activation takes tens of microseconds, and
-        a sleep costs more than that, so a rank with a core of its own spins longer (the
-        runtime passes 1 ms); on an oversubscribed node spinning would steal the core of the
-        rank it waits for."""
+        transport's, which the runtime sets by `transport.spin_for`: 1 ms when each rank has a
+        core of its own, as an all-reduce of a small activation takes tens of microseconds and
+        a sleep more; 50 us on an oversubscribed node, where spinning would steal the core of
+        the rank it waits for)."""
         self.comm, self.transport, self.spin_s = comm, transport, spin_s
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.calls = 0  # all-reduces issued (tests count them per block and micro-batch)
