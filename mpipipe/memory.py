@@ -7,6 +7,11 @@
                 block  16 bTC + b H T^2 elements (LayerNorm, qkv, attention probabilities,
                        projections, the 4C-wide MLP; no dropout)
                 head   2 bTV + 2 bTC (logits and probabilities, the final LayerNorm)
+With tensor parallelism (tp) a rank holds 1/tp of each split tensor (qkv, fc and their biases,
+the proj weights, the token embedding, the LM head) and whole copies of the rest (LayerNorms,
+the row-parallel biases, the position embedding); of a block's saved activations, the 12 bTC
+after the column-parallel products and the attention probabilities are split, the 4 bTC at the
+LayerNorms are whole; the head's logits and probabilities are split.
 The estimate leaves out receive buffers and transient workspaces; `stash_mb` and `max_rss_mb`
 in the metrics file are the measured figures.
 """
@@ -28,13 +33,26 @@ def bytes_per_param(dtype: str, optimizer: str) -> int:
     return w * (2 + slots)
 
 
-def activation_elements(name: str, meta: dict[str, Any], b: int) -> int:
-    """Elements one layer saves for backward for a micro-batch of `b` samples (GPT layers)."""
+def shard_params(name: str, meta: dict[str, Any], params: int, tp: int = 1) -> int:
+    """Parameters of one GPT layer held by one of `tp` ranks (`params`: the whole layer's)."""
+    if tp == 1 or meta.get("kind") != "gpt":
+        return params
+    t, c, v = meta["seq_len"], meta["d_model"], meta["vocab"]
+    if name.startswith("block"):  # split: qkv (w, b), proj w, fc (w, b), proj w; whole: 6C
+        return (12 * c * c + 7 * c) // tp + 6 * c
+    if name == "head":  # LM head split by vocabulary, the final LayerNorm whole
+        return c * v // tp + 2 * c
+    return v * c // tp + t * c  # token embedding split by vocabulary, positions whole
+
+
+def activation_elements(name: str, meta: dict[str, Any], b: int, tp: int = 1) -> int:
+    """Elements one layer saves for backward for a micro-batch of `b` samples (GPT layers), on
+    one of `tp` ranks."""
     t, c = meta.get("seq_len", 0), meta.get("d_model", 0)
     if name.startswith("block"):
-        return 16 * b * t * c + b * meta.get("n_head", 1) * t * t
+        return 4 * b * t * c + (12 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
     if name == "head":
-        return 2 * b * t * meta.get("vocab", 0) + 2 * b * t * c
+        return 2 * b * t * meta.get("vocab", 0) // tp + 2 * b * t * c
     return b * t  # the embedding keeps its token ids
 
 
@@ -52,17 +70,19 @@ class RankMemory:
 
 
 def per_rank(job: Any) -> list[RankMemory]:
-    """The estimate for every rank of one pipeline (replicas hold the same)."""
+    """The estimate for every rank of one pipeline (replicas and a stage's tp ranks hold the
+    same)."""
     cfg, model, plan = job.cfg, job.model, job.plan
+    tp, meta = getattr(cfg, "tp", 1) or 1, model.meta
     per_param = bytes_per_param(cfg.dtype, cfg.optimizer)
     width = _WIDTH[cfg.dtype]
     names = [s.name for s in model.layers]
     out = []
     for r, chunks in enumerate(plan.stages):
         layers = [i for k in chunks for i in job.bounds[k]]
-        params = sum(model.layers[i].params for i in layers)
+        params = sum(shard_params(names[i], meta, model.layers[i].params, tp) for i in layers)
         chunk_act = [
-            sum(activation_elements(names[i], model.meta, cfg.micro_batch) for i in job.bounds[k])
+            sum(activation_elements(names[i], meta, cfg.micro_batch, tp) for i in job.bounds[k])
             for k in chunks
         ]
         stash = job.report.peak_stash[r] * max(chunk_act) * width
@@ -71,12 +91,13 @@ def per_rank(job: Any) -> list[RankMemory]:
     return out
 
 
-def table(rows: list[RankMemory]) -> str:
+def table(rows: list[RankMemory], tp: int = 1) -> str:
     """The dry run's per-rank table, in GiB."""
     gib = 2**30
+    each = f", each of its {tp} tensor-parallel ranks" if tp > 1 else ""
     lines = [
-        "memory per pipeline rank (estimate: weights = parameters, gradients, optimizer state; "
-        "stash = activations at the peak stash)",
+        f"memory per pipeline rank{each} (estimate: weights = parameters, gradients, optimizer "
+        "state; stash = activations at the peak stash)",
         f"{'rank':>4}  {'layers':<16}  {'params':>9}  {'weights':>9}  {'stash':>9}  {'total':>9}",
     ]
     for m in rows:

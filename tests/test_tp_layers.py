@@ -211,3 +211,18 @@ def test_world_not_a_multiple_of_tp():
     with pytest.raises(ConfigError, match="world size 3 is not a multiple of --tp 2"):
         cfg.layout(3, max_pp=4)
     assert (cfg.layout(8, max_pp=2).pp, cfg.layout(8, max_pp=2).dp) == (2, 2)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dry_run_estimate_counts_the_parameters_a_tp_rank_holds(tp):
+    """memory.shard_params against the layers a tp rank builds (the dry run builds none)."""
+    from mpipipe.memory import shard_params
+    from mpipipe.model import gpt
+
+    model = gpt(1, C, H, T, V)
+    group = ThreadGroup(Threads(tp), 0)  # building a layer takes no collective
+    for spec in model.layers:
+        built = spec.build(Init.for_layer(3, 0, np.float64, np, group))
+        held = sum(p.size for p in built.params.values())
+        assert shard_params(spec.name, model.meta, spec.params, tp) == held, spec.name
+        assert shard_params(spec.name, model.meta, spec.params, 1) == spec.params
