@@ -16,6 +16,7 @@ class FakeDeviceArray:
 
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
+    size = property(lambda self: self.data.size)
 
 
 class _Event:

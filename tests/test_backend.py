@@ -54,7 +54,9 @@ def test_the_pypi_mpich_is_not_cuda_aware():
 def test_staging_through_host_buffers_with_a_fake_device():
     r = mpirun.run(["tests/scripts/staging.py"], n=2, timeout=60)
     assert r.returncode == 0, r.output
-    assert "ok copies [11, 11]" in r.stdout, r.output  # 3 x 3 buffers + ping-pong, one copy each
+    # 3 x 3 buffers + ping-pong, one copy each; then 4 device collectives (reduce-scatter,
+    # all-gather, waited later and at once), each a copy to the host and one back
+    assert "ok copies [19, 19]" in r.stdout, r.output
 
 
 def test_doctor_reports_library_verdict_and_devices():

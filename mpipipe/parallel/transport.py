@@ -175,31 +175,30 @@ class Transport:
     def iallreduce(self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM) -> Request:
         """In-place reduction (SUM unless `op`) of `buf` over `comm`, started in call order on
         every rank."""
-        if is_half(buf.dtype):
-            raise TypeError(
-                f"all-reduce of {buf.dtype}: reduce 16-bit floats in a float32 copy (MPI "
-                "before 4.1 has no 16-bit float type, and float32 sums are more accurate)"
-            )
-        queue = self.queues.setdefault(id(comm), deque())
+        return self._collective(
+            comm, buf, buf, lambda s, r: comm.Iallreduce(MPI.IN_PLACE, r, op=op), "all-reduce"
+        )
 
-        def post(target: Array) -> Callable[[], MPI.Request]:
-            return lambda: comm.Iallreduce(MPI.IN_PLACE, target, op=op)
+    def ireduce_scatter(
+        self, comm: MPI.Comm, send: Array, recv: Array, op: MPI.Op = MPI.SUM
+    ) -> Request:
+        """`recv` (send.size / comm size elements) gets block `rank` of the reduction of `send`
+        over `comm` (MPI_Reduce_scatter_block), started in call order on every rank."""
+        self._blocks(comm, send, recv, "reduce-scatter")
+        return self._collective(
+            comm,
+            send,
+            recv,
+            lambda s, r: comm.Ireduce_scatter_block(s, r, op=op),
+            "reduce-scatter",
+        )
 
-        if not self.ops.is_device(buf):
-            return self._track(Request(self, None, post(buf), queue=queue))
-        ready = self.ops.mark()
-        if self.aware:
-            return self._track(Request(self, ready, post(buf), queue=queue))
-        host = self.pool.take(buf.shape, buf.dtype)
-        return self._track(
-            Request(
-                self,
-                self.ops.to_host(buf, host, ready),
-                post(host),
-                land=lambda: self.ops.to_device(host, buf, ready),
-                release=lambda: self.pool.give(host),
-                queue=queue,
-            )
+    def iallgather(self, comm: MPI.Comm, send: Array, recv: Array) -> Request:
+        """`recv` (comm size x send.size elements) gets every rank's `send`, in rank order
+        (MPI_Allgather), started in call order on every rank. Raw bytes: any dtype."""
+        self._blocks(comm, recv, send, "all-gather")
+        return self._collective(
+            comm, send, recv, lambda s, r: comm.Iallgather([s, MPI.BYTE], [r, MPI.BYTE]), None
         )
 
     def allreduce_now(
@@ -215,6 +214,87 @@ class Transport:
             self.wait(self.iallreduce(comm, buf, op), spin_s)
             return
         self.wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=op), spin_s)
+
+    def reduce_scatter_now(
+        self,
+        comm: MPI.Comm,
+        send: Array,
+        recv: Array,
+        op: MPI.Op = MPI.SUM,
+        spin_s: float | None = None,
+    ) -> None:
+        """`ireduce_scatter`, waited for at once (as `allreduce_now`, host arrays untracked)."""
+        if self.ops.is_device(send):
+            self.wait(self.ireduce_scatter(comm, send, recv, op), spin_s)
+            return
+        self._blocks(comm, send, recv, "reduce-scatter")
+        self._refuse_half(send, "reduce-scatter")
+        self.wait(comm.Ireduce_scatter_block(send, recv, op=op), spin_s)
+
+    def allgather_now(
+        self, comm: MPI.Comm, send: Array, recv: Array, spin_s: float | None = None
+    ) -> None:
+        """`iallgather`, waited for at once (as `allreduce_now`, host arrays untracked)."""
+        if self.ops.is_device(send):
+            self.wait(self.iallgather(comm, send, recv), spin_s)
+            return
+        self._blocks(comm, recv, send, "all-gather")
+        self.wait(comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE]), spin_s)
+
+    def _collective(
+        self,
+        comm: MPI.Comm,
+        send: Array,
+        recv: Array,
+        call: Callable[[Any, Any], MPI.Request],
+        reduces: str | None,
+    ) -> Request:
+        """One collective from `send` into `recv` (the same array when in place) under the
+        policy: host arrays as they are; device arrays directly once their kernels have run
+        (CUDA-aware MPI), else staged through pinned host buffers and copied back after."""
+        if reduces is not None:
+            self._refuse_half(send, reduces)
+        queue = self.queues.setdefault(id(comm), deque())
+        if not self.ops.is_device(send):
+            return self._track(Request(self, None, lambda: call(send, recv), queue=queue))
+        ready = self.ops.mark()
+        if self.aware:
+            return self._track(Request(self, ready, lambda: call(send, recv), queue=queue))
+        hsend = self.pool.take(send.shape, send.dtype)
+        hrecv = hsend if recv is send else self.pool.take(recv.shape, recv.dtype)
+
+        def release() -> None:
+            self.pool.give(hsend)
+            if hrecv is not hsend:
+                self.pool.give(hrecv)
+
+        return self._track(
+            Request(
+                self,
+                self.ops.to_host(send, hsend, ready),
+                lambda: call(hsend, hrecv),
+                land=lambda: self.ops.to_device(hrecv, recv, ready),
+                release=release,
+                queue=queue,
+            )
+        )
+
+    @staticmethod
+    def _refuse_half(buf: Array, what: str) -> None:
+        if is_half(buf.dtype):
+            raise TypeError(
+                f"{what} of {buf.dtype}: reduce 16-bit floats in a float32 copy (MPI "
+                "before 4.1 has no 16-bit float type, and float32 sums are more accurate)"
+            )
+
+    @staticmethod
+    def _blocks(comm: MPI.Comm, whole: Array, block: Array, what: str) -> None:
+        if whole.size != block.size * comm.Get_size() or whole.dtype != block.dtype:
+            raise ValueError(
+                f"{what} over {comm.Get_size()} ranks needs a whole buffer of {comm.Get_size()} "
+                f"x the block's size and dtype: got {whole.size} {whole.dtype} and "
+                f"{block.size} {block.dtype} (pad the whole buffer to a multiple of the ranks)"
+            )
 
     def allreduce(self, comm: MPI.Comm, host: Any, op: MPI.Op = MPI.SUM) -> None:
         """A blocking in-place reduction of a small host array (the step's statistics)."""

@@ -45,6 +45,28 @@ if comm.rank == 0:
 else:
     p2p.wait(p2p.irecv(grad, 0, tag=50))
     p2p.wait(p2p.isend(FakeDeviceArray(grad.data * 2), 0, tag=51))
+# reduce-scatter and all-gather, staged (fake device) and on host arrays, in one queue
+for wrap in (FakeDeviceArray, lambda a: a):
+    whole = wrap(np.arange(6.0) * (comm.rank + 1))  # ranks 0, 1: sum is 3 x arange
+    block = wrap(np.zeros(3))
+    gathered = wrap(np.zeros(2 * 3, np.float32))
+    mine = wrap(np.full(3, comm.rank, np.float32))
+    first = transport.ireduce_scatter(comm, whole, block)
+    second = transport.iallgather(comm, mine, gathered)
+    transport.waitall([second, first])  # waiting out of order: posted in call order anyway
+    got = block.data if isinstance(block, FakeDeviceArray) else block
+    assert got.tolist() == (3 * np.arange(6.0))[3 * comm.rank : 3 * comm.rank + 3].tolist(), got
+    got = gathered.data if isinstance(gathered, FakeDeviceArray) else gathered
+    assert got.tolist() == [0, 0, 0, 1, 1, 1], got
+    now = wrap(np.zeros(2 * 3, np.float32))
+    transport.allgather_now(comm, mine, now)
+    transport.reduce_scatter_now(comm, whole, block)
+    assert transport.idle
+try:
+    transport.ireduce_scatter(comm, np.zeros(5), np.zeros(2))
+    raise AssertionError("a reduce-scatter of 5 elements over 2 ranks was accepted")
+except ValueError as e:
+    assert "pad the whole buffer" in str(e), e
 plain = np.zeros(3)
 if comm.rank == 0:
     p2p.wait(p2p.isend(np.ones(3), 1, tag=99))  # host arrays pass straight through
