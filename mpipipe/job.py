@@ -51,6 +51,7 @@ class Job:
     bounds: list[range] = field(default_factory=list)  # global layers of each virtual stage
     backend: str = "numpy"  # resolved from --backend
     layer_costs: list[float] | None = None  # what the partition balanced (params or seconds)
+    layer_clock: str = ""  # what timed the layers, for --partition time
 
 
 def prepare(
@@ -148,8 +149,8 @@ def finalize(job: Job, comm: MPI.Comm, xp: ModuleType | None = None) -> Job:
     if isinstance(result, str):
         raise ConfigError(result)
     body = [s.body for s in job.model.layers]
-    job.layer_costs = result
-    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), "time", result)
+    job.layer_costs, job.layer_clock = result
+    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), "time", job.layer_costs)
     _simulate(job)
     return job
 
@@ -227,7 +228,8 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
         f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
         f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
         f"{job.report.bubble:.2f} ({sim})",
-        f"stages ({cfg.partition} partition): {' | '.join(parts)}",
+        f"stages ({cfg.partition} partition{', timed by ' * bool(job.layer_clock)}"
+        f"{job.layer_clock}): {' | '.join(parts)}",
     ]
     if cfg.partition == "time" and job.layer_costs:
         t = [sum(job.layer_costs[i] for i in r) for r in job.bounds]

@@ -136,7 +136,11 @@ class _Run:
             world.allreduce(self.param_bytes, op=MPI.MIN),
             world.allreduce(self.param_bytes, op=MPI.MAX),
         )
-        peak = cfg.peak_tflops * 1e12 or measure_peak_flops(rt.xp, rt.dtype)
+        if cfg.peak_tflops:
+            peak, self.peak_source = cfg.peak_tflops * 1e12, "--peak-tflops per rank"
+        else:
+            peak, clock = measure_peak_flops(rt.xp, rt.dtype)
+            self.peak_source = f"a matrix product measured on each rank, timed by {clock}"
         self.peak_flops = world.allreduce(peak, op=MPI.SUM)  # the whole grid's
         self.flops_per_step = model_flops_per_step(
             self.job.model.meta, self.n_params, cfg.global_batch
@@ -343,6 +347,7 @@ class _Run:
             f"parameter bytes per rank: {low:,} to {high:,} ({self.n_params:,} parameters in "
             f"all{f', split over tp={self.grid.tp}' if self.grid.tp > 1 else ''})"
         )
+        self.say(f"MFU of {self.peak_flops / 1e12:.3g} TFLOP/s in all ({self.peak_source})")
         result = TrainResult(cfg, param_bytes=self.param_bytes)
         preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
