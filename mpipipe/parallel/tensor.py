@@ -25,6 +25,11 @@ but it goes through the rank's one transport like every other collective: a host
 reduced in place by MPI, a device array directly (CUDA-aware MPI, after the producing kernels)
 or staged through pinned host memory, and the wait polls with the transport's back-off (no
 MPICH busy-spin on oversubscribed nodes). 16-bit arrays are summed in a float32 copy.
+
+Sequence parallelism (Korthikanti et al. 2022) replaces each all-reduce of the residual stream
+by its two halves, same bytes: `reduce_scatter` (the row-parallel sums, leaving each rank its
+block of the sequence) and `all_gather` (the whole sequence again, before a column-parallel
+product); parallel/sequence.py says what runs where.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class Split:
 
 
 class TensorGroup(Protocol):
-    """The ranks that share one stage's layers: their number, my index, and the all-reduce."""
+    """The ranks that share one stage's layers: their number, my index, and the collectives."""
 
     @property
     def size(self) -> int: ...
@@ -74,6 +79,16 @@ class TensorGroup(Protocol):
         """The elementwise SUM (or MAX) of `x` over the group; may reuse `x`'s memory."""
         ...
 
+    def all_gather(self, x: Array, axis: int = 1) -> Array:
+        """Every rank's `x` joined along `axis` in rank order (sequence parallelism: my
+        sequence shard (B, T / tp, C) -> the whole (B, T, C)); a new array."""
+        ...
+
+    def reduce_scatter(self, x: Array, axis: int = 1) -> Array:
+        """The SUM of `x` over the group, cut along `axis` into equal blocks: block `rank` (the
+        whole (B, T, C) partial products -> my summed sequence shard (B, T / tp, C))."""
+        ...
+
 
 class Single:
     """No tensor parallelism: the group of one rank, whose collectives do nothing."""
@@ -81,6 +96,12 @@ class Single:
     size, rank = 1, 0
 
     def all_reduce(self, x: Array, op: str = "sum") -> Array:
+        return x
+
+    def all_gather(self, x: Array, axis: int = 1) -> Array:
+        return x
+
+    def reduce_scatter(self, x: Array, axis: int = 1) -> Array:
         return x
 
 
@@ -109,6 +130,30 @@ class TpGroup:
             buf = buf.copy()
         self.transport.allreduce_now(self.comm, buf, _OPS[op], self.spin_s)
         return buf.astype(x.dtype) if half else buf
+
+    def all_gather(self, x: Array, axis: int = 1) -> Array:
+        self.calls += 1
+        xp = namespace_of(x)
+        send = xp.ascontiguousarray(xp.moveaxis(x, axis, 0))  # (S, ...) my blocks, axis first
+        recv = xp.empty((self.size * send.shape[0], *send.shape[1:]), dtype=send.dtype)
+        self.transport.allgather_now(self.comm, send, recv, self.spin_s)  # (tp S, ...)
+        return xp.ascontiguousarray(xp.moveaxis(recv, 0, axis))
+
+    def reduce_scatter(self, x: Array, axis: int = 1) -> Array:
+        self.calls += 1
+        xp = namespace_of(x)
+        half = is_half(x.dtype)
+        send = xp.moveaxis(x, axis, 0)  # (tp S, ...): block r goes to rank r
+        send = xp.ascontiguousarray(send, dtype="float32" if half else send.dtype)
+        if send.shape[0] % self.size:
+            raise ValueError(
+                f"reduce-scatter of {send.shape[0]} rows over {self.size} tp ranks: the "
+                f"sequence must be a multiple of --tp"
+            )
+        recv = xp.empty((send.shape[0] // self.size, *send.shape[1:]), dtype=send.dtype)
+        self.transport.reduce_scatter_now(self.comm, send, recv, MPI.SUM, self.spin_s)
+        out = xp.ascontiguousarray(xp.moveaxis(recv, 0, axis))  # (..., S, ...) my block
+        return out.astype(x.dtype) if half else out
 
 
 def whole(

@@ -1,0 +1,69 @@
+"""Sequence parallelism (Korthikanti et al. 2022, `--sequence-parallel`, with --tp > 1).
+
+Between layers, each rank of a tp group holds its block of the sequence, (B, T / tp, C): the
+LayerNorms, the residual additions and the pipeline messages work on 1/tp of the activation
+(there is no dropout). Where tensor parallelism alone all-reduces the residual stream, its two
+halves run apart, the same bytes in all:
+
+    embedding      partial rows of my vocabulary -> reduce-scatter -> my block (+ its positions)
+    column layer   (qkv, fc, the LM head) all-gather my block -> (B, T, C) -> my columns;
+                   backward: reduce-scatter of the input gradient
+    row layer      (proj) my rows' partial products -> reduce-scatter -> my block (+ bias);
+                   backward: all-gather of the output gradient
+    loss           the vocabulary-parallel cross-entropy over the WHOLE sequence: the head's
+                   column layer gathers it, so the loss is computed exactly as with --tp alone
+
+What is saved for backward is my block: a column layer keeps its input block, not the gathered
+input, and its weight gradient gathers the input again inside W (keeping the gathered input
+from B to W would undo the saving: a known pitfall of the zero-bubble reference code). So with
+sequence parallelism W holds collectives too (schedule/collectives.py orders them); the
+embedding's W gathers its output gradient likewise.
+
+The replicated parameters that see only my block (the LayerNorms' g and b) get gradients summed
+over my positions; `SequenceGrads` all-reduces them over the tp group once per step, when their
+layer's gradients are final (before the data-parallel bucket of that layer starts), in one
+message per layer. The row-parallel biases need none: their gradient comes from the gathered
+output gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpipipe.parallel.tensor import TensorGroup
+from mpipipe.xp import namespace_of
+
+
+class SequenceGrads:
+    """`(layer)`: complete the partial gradients of global layer `layer` (stage.partial) by an
+    all-reduce over the tp group. Called by the executor when the layer's gradients are final."""
+
+    def __init__(self, stage: Any, tp: TensorGroup) -> None:
+        self.stage, self.tp = stage, tp
+
+    def __call__(self, layer: int) -> None:
+        names = self.stage.partial.get(layer)
+        if not names:
+            return
+        grads = [self.stage.grads[n] for n in names]  # looked up now: buckets may rebind them
+        xp = namespace_of(grads[0])
+        total = self.tp.all_reduce(xp.concatenate([g.reshape(-1) for g in grads]))
+        at = 0
+        for g in grads:
+            g[...] = total[at : at + g.size].reshape(g.shape)
+            at += g.size
+
+
+def check(tp: int, seq_len: int) -> str | None:
+    """What keeps --sequence-parallel from running, with the fix; None if nothing."""
+    if tp < 2:
+        return (
+            "--sequence-parallel needs --tp 2 or more (it shards the sequence across the "
+            "tensor-parallel group: add --tp, or leave the flag out)"
+        )
+    if seq_len % tp:
+        return (
+            f"--sequence-parallel: --tp {tp} does not divide --seq-len {seq_len} (each tp rank "
+            f"holds an equal block of the sequence: choose --seq-len a multiple of {tp})"
+        )
+    return None
