@@ -181,9 +181,8 @@ class RowLinear(Linear):
     products are all-reduced in forward (Megatron's `g`), then the whole, replicated bias is
     added. The input gradient is my slice, with no collective. With sequence parallelism the
     sums are reduce-scattered (my sequence block of the output) and the output gradient, my
-    block, is all-gathered in backward; the weight gradient keeps that gathered gradient, as
-    tensor parallelism without sequence parallelism keeps the whole one (the bias gradient is
-    thus whole, not a partial sum)."""
+    block, is all-gathered in backward; W keeps the block and gathers it again (so what waits
+    from B to W is 1/tp too), which makes the bias gradient whole, not a partial sum."""
 
     def __init__(self, init: Init, c_in: int, c_out: int, std: float = 0.02) -> None:
         self.tp, self.sequence = init.tp, init.sequence
@@ -199,9 +198,16 @@ class RowLinear(Linear):
         return out, ctx
 
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
+        if not self.sequence:
+            return super().backward_input(dy, ctx)
+        whole = self.tp.all_gather(dy)  # (B, T, Cout) from my block
+        return linear_backward_input(whole, self.params["w"]), (dy, ctx)  # keep the block
+
+    def backward_weight(self, wctx: Any) -> None:
+        dy, x = wctx
         if self.sequence:
-            dy = self.tp.all_gather(dy)  # (B, T, Cout) from my block
-        return super().backward_input(dy, ctx)
+            dy = self.tp.all_gather(dy)  # (B, T, Cout) again, for this product only
+        linear_backward_weight(dy, x, self.grads["w"], self.grads.get("b"))
 
 
 class LayerNorm(Base):

@@ -11,7 +11,9 @@ With tensor parallelism (tp) a rank holds 1/tp of each split tensor (qkv, fc and
 the proj weights, the token embedding, the LM head) and whole copies of the rest (LayerNorms,
 the row-parallel biases, the position embedding); of a block's saved activations, the 12 bTC
 after the column-parallel products and the attention probabilities are split, the 4 bTC at the
-LayerNorms are whole; the head's logits and probabilities are split.
+LayerNorms are whole; the head's logits and probabilities are split. With sequence parallelism
+(`sp`) the LayerNorms and the column-parallel layers save their block of the sequence: every
+saved activation of a block and of the head is split (1/tp), the embedding's token ids are not.
 The estimate leaves out receive buffers and transient workspaces; `stash_mb` and `max_rss_mb`
 in the metrics file are the measured figures.
 """
@@ -45,14 +47,17 @@ def shard_params(name: str, meta: dict[str, Any], params: int, tp: int = 1) -> i
     return v * c // tp + t * c  # token embedding split by vocabulary, positions whole
 
 
-def activation_elements(name: str, meta: dict[str, Any], b: int, tp: int = 1) -> int:
+def activation_elements(
+    name: str, meta: dict[str, Any], b: int, tp: int = 1, sp: bool = False
+) -> int:
     """Elements one layer saves for backward for a micro-batch of `b` samples (GPT layers), on
-    one of `tp` ranks."""
+    one of `tp` ranks (`sp`: with sequence parallelism)."""
     t, c = meta.get("seq_len", 0), meta.get("d_model", 0)
+    seq = tp if sp else 1  # the LayerNorms and column-layer inputs: split by sequence, or whole
     if name.startswith("block"):
-        return 4 * b * t * c + (12 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
+        return 4 * b * t * c // seq + (12 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
     if name == "head":
-        return 2 * b * t * meta.get("vocab", 0) // tp + 2 * b * t * c
+        return 2 * b * t * meta.get("vocab", 0) // tp + 2 * b * t * c // seq
     return b * t  # the embedding keeps its token ids
 
 
@@ -73,7 +78,7 @@ def per_rank(job: Any) -> list[RankMemory]:
     """The estimate for every rank of one pipeline (replicas and a stage's tp ranks hold the
     same)."""
     cfg, model, plan = job.cfg, job.model, job.plan
-    tp, meta = getattr(cfg, "tp", 1) or 1, model.meta
+    tp, meta, sp = cfg.tp, model.meta, cfg.sequence_parallel
     per_param = bytes_per_param(cfg.dtype, cfg.optimizer)
     width = _WIDTH[cfg.dtype]
     names = [s.name for s in model.layers]
@@ -82,7 +87,9 @@ def per_rank(job: Any) -> list[RankMemory]:
         layers = [i for k in chunks for i in job.bounds[k]]
         params = sum(shard_params(names[i], meta, model.layers[i].params, tp) for i in layers)
         chunk_act = [
-            sum(activation_elements(names[i], meta, cfg.micro_batch, tp) for i in job.bounds[k])
+            sum(
+                activation_elements(names[i], meta, cfg.micro_batch, tp, sp) for i in job.bounds[k]
+            )
             for k in chunks
         ]
         stash = job.report.peak_stash[r] * max(chunk_act) * width
@@ -91,10 +98,11 @@ def per_rank(job: Any) -> list[RankMemory]:
     return out
 
 
-def table(rows: list[RankMemory], tp: int = 1) -> str:
+def table(rows: list[RankMemory], tp: int = 1, sp: bool = False) -> str:
     """The dry run's per-rank table, in GiB."""
     gib = 2**30
     each = f", each of its {tp} tensor-parallel ranks" if tp > 1 else ""
+    each += " (sequence parallel)" if sp else ""
     lines = [
         f"memory per pipeline rank{each} (estimate: weights = parameters, gradients, optimizer "
         "state; stash = activations at the peak stash)",

@@ -9,20 +9,21 @@ halves run apart, the same bytes in all:
     column layer   (qkv, fc, the LM head) all-gather my block -> (B, T, C) -> my columns;
                    backward: reduce-scatter of the input gradient
     row layer      (proj) my rows' partial products -> reduce-scatter -> my block (+ bias);
-                   backward: all-gather of the output gradient
+                   backward: all-gather of the output gradient; W gathers it again
     loss           the vocabulary-parallel cross-entropy over the WHOLE sequence: the head's
                    column layer gathers it, so the loss is computed exactly as with --tp alone
 
 What is saved for backward is my block: a column layer keeps its input block, not the gathered
 input, and its weight gradient gathers the input again inside W (keeping the gathered input
-from B to W would undo the saving: a known pitfall of the zero-bubble reference code). So with
-sequence parallelism W holds collectives too (schedule/collectives.py orders them); the
-embedding's W gathers its output gradient likewise.
+from B to W would undo the saving: a known pitfall of the zero-bubble reference code); a row
+layer and the embedding keep their output gradient's block from B to W and gather it again in
+W likewise. So with sequence parallelism W holds collectives too (schedule/collectives.py
+checks that a tp group runs them in one order): a block's F, B and W each take 4.
 
 The replicated parameters that see only my block (the LayerNorms' g and b) get gradients summed
 over my positions; `SequenceGrads` all-reduces them over the tp group once per step, when their
-layer's gradients are final (before the data-parallel bucket of that layer starts), in one
-message per layer. The row-parallel biases need none: their gradient comes from the gathered
+layer's gradients are final (in the layer's last W, before its data-parallel bucket starts), in
+one message per layer. The row-parallel biases need none: W computes theirs from the gathered
 output gradient.
 """
 
