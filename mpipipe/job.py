@@ -23,6 +23,7 @@ from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
 from mpipipe.partition import split, uniform
 from mpipipe.profile import layer_times
+from mpipipe.schedule import collectives
 from mpipipe.xp import dtype_of, get, resolve_backend
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def prepare(
     cfg = cfg.layout(world_size, max_pp=sum(body) // chunks)
     assert cfg.pp is not None
     plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
+    held = collectives.holding(cfg.tp, cfg.sequence_parallel)
+    collectives.check(collectives.rows(plan, cfg.tp), held)  # before anything runs
     costs = None
     if cfg.partition == "params":
         costs = [float(s.params) for s in model.layers]

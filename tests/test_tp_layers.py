@@ -33,19 +33,31 @@ class Threads:
 
 
 class ThreadGroup:
-    """One rank of a threaded tp group; counts the all-reduces it takes part in."""
+    """One rank of a threaded tp group; counts the collectives it takes part in."""
 
     def __init__(self, shared: Threads, rank: int) -> None:
         self.shared, self.size, self.rank, self.calls = shared, shared.size, rank, 0
 
-    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+    def _exchange(self, x: Any) -> list[Any]:
+        """Every rank's `x`, in rank order."""
         self.calls += 1
         self.shared.slots[self.rank] = x.copy()
         self.shared.barrier.wait()
         parts = list(self.shared.slots)
-        total = np.maximum.reduce(parts) if op == "max" else sum(parts[1:], parts[0].copy())
         self.shared.barrier.wait()  # nobody overwrites a slot before all have read them
-        return total
+        return parts
+
+    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+        parts = self._exchange(x)
+        return np.maximum.reduce(parts) if op == "max" else sum(parts[1:], parts[0].copy())
+
+    def all_gather(self, x: Any, axis: int = 1) -> Any:
+        return np.concatenate(self._exchange(x), axis=axis)
+
+    def reduce_scatter(self, x: Any, axis: int = 1) -> Any:
+        parts = self._exchange(x)
+        total = sum(parts[1:], parts[0].copy())
+        return np.split(total, self.size, axis=axis)[self.rank].copy()
 
 
 def on_threads(tp: int, work: Callable[[ThreadGroup], Any]) -> list[Any]:
