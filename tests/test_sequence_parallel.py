@@ -198,3 +198,9 @@ def test_a_tp_group_whose_ranks_order_collectives_differently_is_rejected():
 def test_sequence_parallel_config_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**changes).validate()
+
+
+def test_default_layout_on_16_ranks_is_unchanged_without_tp():
+    """`mpirun -n 16 python -m mpipipe train` (4 layers): pp 4 x dp 4 with tp 1, as before."""
+    cfg = TrainConfig().validate().layout(16, max_pp=4)
+    assert (cfg.pp, cfg.dp, cfg.tp, cfg.sequence_parallel) == (4, 4, 1, False)
