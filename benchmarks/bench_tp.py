@@ -6,10 +6,11 @@ activation (micro-batch x seq x d_model float32, what each of a block's 4 all-re
 micro-batch moves) by (a) `TpGroup.all_reduce`: an in-place Iallreduce posted through the
 transport and waited for with its polling back-off, and (b) a blocking `comm.Allreduce`
 (MPI_IN_PLACE) of a buffer of the same size; with sequence parallelism, the all-gather of a
-sequence block (B, T / tp, C) and the reduce-scatter of the whole activation to it, against
-`comm.Allgather` / `comm.Reduce_scatter_block` of contiguous buffers of the same bytes (ours
-moves the sequence axis first and back: copies). Prints the times and the ratios raw / mpipipe
-(1.0: no overhead); goal >= 0.8 (the back-off may add up to its 0.2 ms cap to a short wait).
+token block (B, T / tp, C) and the reduce-scatter of the whole activation to it, against
+`comm.Allgather` / `comm.Reduce_scatter_block` of the same bytes (ours allocates its output
+each call, as the layers need a new array; raw MPI reuses one). Prints the times and the
+ratios raw / mpipipe (1.0: no overhead); goal >= 0.8 (the back-off may add up to its 0.2 ms cap
+to a short wait).
 
     python benchmarks/bench_tp.py [--ranks 2] [--micro-batch 4] [--seq-len 1024] [--d-model 768]
 """
@@ -31,7 +32,7 @@ def measure(args: argparse.Namespace) -> None:
     group = TpGroup(comm, Transport(), args.spin_us * 1e-6)
     tp = comm.size
     shape = (args.micro_batch, args.seq_len, args.d_model)
-    block = (args.micro_batch, args.seq_len // tp, args.d_model)  # my sequence block
+    block = (args.micro_batch, args.seq_len // tp, args.d_model)  # my token block
     ours, raw = np.ones(shape, dtype=np.float32), np.ones(shape, dtype=np.float32)
     mine, gathered = np.ones(block, dtype=np.float32), np.empty(shape, dtype=np.float32)
     scattered = np.empty(block, dtype=np.float32)
@@ -44,8 +45,7 @@ def measure(args: argparse.Namespace) -> None:
         comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM)
         raw.fill(1.0)
 
-    # sequence parallelism: the two halves of the all-reduce, on (B, T, C) split along T; ours
-    # moves the sequence axis first and back (copies), raw MPI gets contiguous blocks
+    # sequence parallelism: the two halves of the all-reduce, on (B, T, C) cut into token blocks
     pairs = {
         "all-reduce": (raw_all_reduce, all_reduce),
         "all-gather (sp)": (
@@ -72,7 +72,7 @@ def measure(args: argparse.Namespace) -> None:
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         mib = ours.nbytes / 2**20
         print(
-            f"tp={tp}, one activation {shape} float32 ({mib:.2f} MiB; its sequence block "
+            f"tp={tp}, one activation {shape} float32 ({mib:.2f} MiB; its token block "
             f"{block}), median of {args.repeats} x {args.inner_reps}"
         )
         print("| collective | path | ms | ratio raw / mpipipe |")

@@ -28,7 +28,7 @@ from mpipipe.kernels.vocab_parallel import (
     vocab_embedding_forward,
 )
 from mpipipe.parallel.tensor import SINGLE, Split, TensorGroup
-from mpipipe.xp import Array
+from mpipipe.xp import Array, namespace_of
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Init:
     tensor parallelism (`tp`, the group of ranks sharing the layer) a split parameter is drawn
     whole and then cut (`Split`), so the shards are exactly the single-process tensor's pieces;
     the whole tensor exists on the host only while it is cut. `sequence`: sequence parallelism
-    (parallel/sequence.py): the residual stream between layers is my block of the sequence.
+    (parallel/sequence.py): the residual stream between layers is my token block.
     """
 
     rng: np.random.Generator
@@ -143,7 +143,7 @@ class ColumnLinear(Linear):
     """Column-parallel Linear (Megatron): my columns of w and b, so my slice of the output; its
     input gradient is a partial sum over the group, all-reduced in backward (Megatron's `f`).
     `blocks`: the output is several fused matrices (qkv: 3), each split across the group.
-    With sequence parallelism the input is my sequence block (B, T / tp, Cin): all-gathered
+    With sequence parallelism the input is my token block (B, T / tp, Cin): all-gathered
     before the product, and only the block is saved; the input gradient is reduce-scattered;
     the weight gradient gathers the input again (in W: a collective, see parallel/sequence.py)."""
 
@@ -180,7 +180,7 @@ class RowLinear(Linear):
     """Row-parallel Linear (Megatron): my rows of w take my slice of the input; the partial
     products are all-reduced in forward (Megatron's `g`), then the whole, replicated bias is
     added. The input gradient is my slice, with no collective. With sequence parallelism the
-    sums are reduce-scattered (my sequence block of the output) and the output gradient, my
+    sums are reduce-scattered (my token block of the output) and the output gradient, my
     block, is all-gathered in backward; W keeps the block and gathers it again (so what waits
     from B to W is 1/tp too), which makes the bias gradient whole, not a partial sum."""
 
@@ -213,7 +213,7 @@ class RowLinear(Linear):
 class LayerNorm(Base):
     def __init__(self, init: Init, c: int):
         super().__init__({"g": init.ones((c,)), "b": init.zeros((c,))})
-        if init.sequence:  # normalises my sequence block: g and b see my positions only
+        if init.sequence:  # normalises my token block: g and b see my rows only
             self.partial = {"g", "b"}
 
     def forward(self, x: Array) -> tuple[Array, Any]:
@@ -245,7 +245,7 @@ class Embedding(Base):
     """Token + learned position embedding: tokens (B, T) -> (B, T, C). First layer only. With
     tensor parallelism the token embedding is split by vocabulary rows (kernels/vocab_parallel)
     and the position embedding is replicated. With sequence parallelism the sum over the group
-    is reduce-scattered (my sequence block, plus its positions' embeddings); the weight
+    is reduce-scattered (my token block, plus its rows' position embeddings); the weight
     gradient gathers the output gradient (in W), since my vocabulary rows occur anywhere."""
 
     def __init__(self, init: Init, vocab: int, c: int, max_len: int):
@@ -262,10 +262,12 @@ class Embedding(Base):
     def forward(self, x: Array) -> tuple[Array, Any]:
         if self.tp.size > 1:
             p = self.params
-            if self.sequence:
-                first = self.tp.rank * (x.shape[1] // self.tp.size)  # my first position
-                combine = self.tp.reduce_scatter
-                return vocab_embedding_forward(x, p["wte"], p["wpe"], self.lo, combine, first)
+            if self.sequence:  # my token block: rows [r n, (r + 1) n) of the B x T in order
+                xp, (b, t), tp = namespace_of(x), x.shape, self.tp
+                n = b * t // tp.size
+                positions = ((tp.rank * n + xp.arange(n)) % t).reshape(b, t // tp.size)
+                combine = tp.reduce_scatter
+                return vocab_embedding_forward(x, p["wte"], p["wpe"], self.lo, combine, positions)
             return vocab_embedding_forward(x, p["wte"], p["wpe"], self.lo, self.tp.all_reduce)
         return embedding_forward(x, self.params["wte"], self.params["wpe"])
 

@@ -15,7 +15,7 @@ the proj weights, the token embedding, the LM head) and whole copies of the rest
 the row-parallel biases, the position embedding); of a block's saved activations the 16 bTC +
 b H T^2 after the column-parallel products are split, the 4 bTC + 2 bT at the LayerNorms whole;
 the loss gradient is split (my vocabulary columns). With sequence parallelism (`sp`) the
-LayerNorms and the column-parallel layers save their block of the sequence: every saved
+LayerNorms and the column-parallel layers save their token block (1/tp of the rows): every saved
 activation of a block and of the head is split (1/tp), the embedding's token ids are not.
 The estimate leaves out receive buffers and transient workspaces; `stash_mb` and `max_rss_mb`
 in the metrics file are the measured figures.

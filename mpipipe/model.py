@@ -56,7 +56,7 @@ def gpt(
 ) -> Model:
     """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head.
     `seq_shards`: with sequence parallelism (tp ranks), the activations between layers (the
-    pipeline messages) are one block of the sequence, (b, seq_len / seq_shards, d_model)."""
+    pipeline messages) are one token block, (b, seq_len / seq_shards, d_model)."""
     c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
     specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
     specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms

@@ -168,7 +168,7 @@ class Stage:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
         self.layer_params: dict[int, list[str]] = {}  # global layer index -> its param names
-        # global layer index -> its parameters whose gradients are sums over my sequence block
+        # global layer index -> its parameters whose gradients are sums over my token block
         # only (sequence parallelism; parallel/sequence.py completes them)
         self.partial: dict[int, list[str]] = {}
         self.layers: dict[int, Layer] = {}  # global layer index -> the layer

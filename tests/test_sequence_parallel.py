@@ -34,8 +34,15 @@ def block(init: Init) -> Block:
 
 
 def mine(a: np.ndarray, group: Any) -> np.ndarray:
-    """My block of the sequence (axis 1)."""
-    return np.split(a, group.size, axis=1)[group.rank]
+    """My token block: block `rank` of the B x T rows in memory order, as (B, T / tp, C)."""
+    b, t, c = a.shape
+    return np.split(a.reshape(b * t, c), group.size)[group.rank].reshape(b, t // group.size, c)
+
+
+def join(blocks: list[np.ndarray]) -> np.ndarray:
+    """The whole (B, T, C) from every rank's token block, in rank order."""
+    b, s, c = blocks[0].shape
+    return np.concatenate([x.reshape(b * s, c) for x in blocks]).reshape(b, s * len(blocks), c)
 
 
 def run(make: Callable[[Init], Any], x: Any, dy: np.ndarray, tp: int, tokens: bool = False):
@@ -77,8 +84,8 @@ def test_sequence_parallel_block_equals_the_whole_block_to_1e12(tp):
     x, dy = rng.normal(size=(Bt, T, C)), rng.normal(size=(Bt, T, C))
     (ref,), got = run(block, x, dy, 1), run(block, x, dy, tp)
     assert got[0]["y"].shape == (Bt, T // tp, C)  # the residual stream: my block
-    assert_close(np.concatenate([r["y"] for r in got], axis=1), ref["y"], "output")
-    assert_close(np.concatenate([r["dx"] for r in got], axis=1), ref["dx"], "input gradient")
+    assert_close(join([r["y"] for r in got]), ref["y"], "output")
+    assert_close(join([r["dx"] for r in got]), ref["dx"], "input gradient")
     want, have = joined([ref]), joined(got)
     assert sorted(got[0]["partial"]) == ["attn.ln.b", "attn.ln.g", "mlp.ln.b", "mlp.ln.g"]
     for k in want:
@@ -102,7 +109,7 @@ def test_sequence_parallel_embedding_head_and_loss_to_1e12():
         return Embedding(init, V, C, T)
 
     (ref,), got = run(embed, tokens, dy, 1, tokens=True), run(embed, tokens, dy, tp, tokens=True)
-    assert_close(np.concatenate([r["y"] for r in got], axis=1), ref["y"], "embedding")
+    assert_close(join([r["y"] for r in got]), ref["y"], "embedding")
     want, have = joined([ref]), joined(got)
     for k in want:
         assert_close(have[k], want[k], k)
@@ -127,7 +134,7 @@ def test_sequence_parallel_embedding_head_and_loss_to_1e12():
     assert two[0]["shape"] == (Bt, T, V // tp)  # the whole sequence, my vocabulary columns
     for r in two:
         assert_close(np.asarray(r["loss"]), np.asarray(one["loss"]), "loss")
-    assert_close(np.concatenate([r["dx"] for r in two], axis=1), one["dx"], "head input grad")
+    assert_close(join([r["dx"] for r in two]), one["dx"], "head input grad")
     want, have = joined([one]), joined(two)
     for k in want:
         assert_close(have[k], want[k], k)

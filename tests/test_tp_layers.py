@@ -51,13 +51,17 @@ class ThreadGroup:
         parts = self._exchange(x)
         return np.maximum.reduce(parts) if op == "max" else sum(parts[1:], parts[0].copy())
 
-    def all_gather(self, x: Any, axis: int = 1) -> Any:
-        return np.concatenate(self._exchange(x), axis=axis)
+    def all_gather(self, x: Any) -> Any:
+        """Token blocks (B, S, C) joined in memory order: (B, tp S, C)."""
+        flat = np.concatenate([p.reshape(-1) for p in self._exchange(x)])
+        return flat.reshape(x.shape[0], x.shape[1] * self.size, *x.shape[2:])
 
-    def reduce_scatter(self, x: Any, axis: int = 1) -> Any:
+    def reduce_scatter(self, x: Any) -> Any:
+        """The sum, cut in memory order: my token block (B, T / tp, C)."""
         parts = self._exchange(x)
         total = sum(parts[1:], parts[0].copy())
-        return np.split(total, self.size, axis=axis)[self.rank].copy()
+        block = np.split(total.reshape(-1), self.size)[self.rank]
+        return block.reshape(x.shape[0], x.shape[1] // self.size, *x.shape[2:]).copy()
 
 
 def on_threads(tp: int, work: Callable[[ThreadGroup], Any]) -> list[Any]:

@@ -1,9 +1,18 @@
 """Sequence parallelism (Korthikanti et al. 2022, `--sequence-parallel`, with --tp > 1).
 
-Between layers, each rank of a tp group holds its block of the sequence, (B, T / tp, C): the
-LayerNorms, the residual additions and the pipeline messages work on 1/tp of the activation
-(there is no dropout). Where tensor parallelism alone all-reduces the residual stream, its two
-halves run apart, the same bytes in all:
+Between layers, each rank of a tp group holds its token block, (B, T / tp, C): the LayerNorms,
+the residual additions and the pipeline messages work on 1/tp of the activation (there is no
+dropout). The block is a contiguous 1/tp of the B x T token rows in memory order (`Single` in
+parallel/tensor.py): the sequence cut in tp when a micro-batch is one sample, as in Megatron;
+with more samples the blocks run on across them. Megatron gets contiguous blocks by keeping
+activations as [T, B, C]; cutting our [B, T, C] the same way along T would cost two transposing
+copies of the activation per collective (measured: all-gather 0.15 and reduce-scatter 0.27 of
+raw MPI's speed with them, 0.63 and 0.85 without, in benchmarks/bench_tp.py), and the per-row
+layers between the matmuls do not mind which rows they hold. Only the embedding does (each
+row's position): it is given them.
+
+Where tensor parallelism alone all-reduces the residual stream, its two halves run apart, the
+same bytes in all:
 
     embedding      partial rows of my vocabulary -> reduce-scatter -> my block (+ its positions)
     column layer   (qkv, fc, the LM head) all-gather my block -> (B, T, C) -> my columns;
@@ -65,6 +74,6 @@ def check(tp: int, seq_len: int) -> str | None:
     if seq_len % tp:
         return (
             f"--sequence-parallel: --tp {tp} does not divide --seq-len {seq_len} (each tp rank "
-            f"holds an equal block of the sequence: choose --seq-len a multiple of {tp})"
+            f"holds an equal block of each sequence: choose --seq-len a multiple of {tp})"
         )
     return None
