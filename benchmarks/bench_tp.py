@@ -8,7 +8,8 @@ transport and waited for with its polling back-off, and (b) a blocking `comm.All
 (MPI_IN_PLACE) of a buffer of the same size; with sequence parallelism, the all-gather of a
 token block (B, T / tp, C) and the reduce-scatter of the whole activation to it, against
 `comm.Allgather` / `comm.Reduce_scatter_block` of the same bytes (ours allocates its output
-each call, as the layers need a new array; raw MPI reuses one). Prints the times and the
+each call, as the layers need a new array, from a heap kept as a training rank keeps it:
+`runtime.reuse_host_memory`; raw MPI reuses one buffer). Prints the times and the
 ratios raw / mpipipe (1.0: no overhead); goal >= 0.8 (the back-off may add up to its 0.2 ms cap
 to a short wait).
 
@@ -27,7 +28,9 @@ def measure(args: argparse.Namespace) -> None:
 
     from mpipipe.parallel.tensor import TpGroup
     from mpipipe.parallel.transport import Transport
+    from mpipipe.runtime import reuse_host_memory
 
+    reuse_host_memory()  # as a training rank does: freed outputs are reused, not page-faulted
     comm = MPI.COMM_WORLD.Dup()
     group = TpGroup(comm, Transport(), args.spin_us * 1e-6)
     tp = comm.size
