@@ -211,3 +211,19 @@ def test_default_layout_on_16_ranks_is_unchanged_without_tp():
     """`mpirun -n 16 python -m mpipipe train` (4 layers): pp 4 x dp 4 with tp 1, as before."""
     cfg = TrainConfig().validate().layout(16, max_pp=4)
     assert (cfg.pp, cfg.dp, cfg.tp, cfg.sequence_parallel) == (4, 4, 1, False)
+
+
+def test_dry_run_memory_knows_sequence_parallelism():
+    """--dry-run's table (memory.per_rank) with --sequence-parallel: the same weights, a smaller
+    stash (the LayerNorms' and column-layer inputs' 4 bTC + 2 bT per block now split too)."""
+    from mpipipe.job import prepare
+    from mpipipe.memory import per_rank, table
+
+    cfg = TrainConfig(tp=2, pp=2, layers=2, d_model=32, heads=4, seq_len=16, global_batch=8)
+    plain, sp = (
+        per_rank(prepare(cfg, 4)),
+        per_rank(prepare(cfg.replace(sequence_parallel=True), 4)),
+    )
+    for a, b in zip(plain, sp, strict=True):
+        assert a.weights_bytes == b.weights_bytes and b.stash_bytes < a.stash_bytes
+    assert "2 tensor-parallel ranks (sequence parallel)" in table(sp, 2, True)
