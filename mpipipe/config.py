@@ -82,7 +82,7 @@ class TrainConfig:
     )
     sequence_parallel: bool = _opt(
         False,
-        "with --tp: LayerNorms, residual stream and pipeline messages hold 1/tp of the sequence "
+        "with --tp: LayerNorms, residual stream and pipeline messages hold 1/tp of the tokens "
         "(all-gather / reduce-scatter instead of all-reduce; --seq-len a multiple of --tp)",
     )
     rank_order: str = _opt(

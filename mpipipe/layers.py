@@ -77,7 +77,8 @@ class Init:
 
 class Layer(Protocol):
     """A layer; ours also carry `splits` (tensor parallelism: how each shard in `params` was
-    cut), which a user's layer may leave out: its parameters are then whole on every rank."""
+    cut) and `partial` (sequence parallelism: which gradients sum over my token block only),
+    which a user's layer may leave out: its parameters are then whole on every rank."""
 
     params: dict[str, Array]
     grads: dict[str, Array]
@@ -99,8 +100,8 @@ class Base:
         self.params = params
         self.grads = {k: v * 0 for k, v in params.items()}
         self.splits: dict[str, Split] = {}  # tensor parallelism: how each shard was cut
-        # sequence parallelism: replicated parameters whose gradients sum over my sequence
-        # block only (the tp group all-reduces them once per step: parallel/sequence.py)
+        # sequence parallelism: replicated parameters whose gradients sum over my token block
+        # only (the tp group all-reduces them once per step: parallel/sequence.py)
         self.partial: set[str] = set()
 
     def recompute_selectively(self) -> None:
