@@ -23,6 +23,7 @@ from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
 from mpipipe.partition import split, uniform
 from mpipipe.profile import layer_times
+from mpipipe.schedule import collectives
 from mpipipe.xp import dtype_of, get, resolve_backend
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ def build_model(cfg: TrainConfig) -> Model:
     """The model `cfg` names (a recipe: nothing is allocated); vocabulary --vocab, else bytes."""
     vocab = cfg.vocab or BYTES_VOCAB
     if cfg.is_gpt:
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab)
+        shards = cfg.tp if cfg.sequence_parallel else 1
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, shards)
     return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 
@@ -86,6 +88,8 @@ def prepare(
     cfg = cfg.layout(world_size, max_pp=sum(body) // chunks)
     assert cfg.pp is not None
     plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
+    held = collectives.holding(cfg.tp, cfg.sequence_parallel)
+    collectives.check(collectives.rows(plan, cfg.tp), held)  # before anything runs
     costs = None
     if cfg.partition == "params":
         costs = [float(s.params) for s in model.layers]
@@ -223,6 +227,7 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
     )
     sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
     tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
+    tp += " (sequence parallel)" if cfg.sequence_parallel else ""
     lines = [
         f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp}{tp} ({first}"
         f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "

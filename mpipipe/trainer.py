@@ -54,6 +54,7 @@ class TrainResult:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
     param_bytes: int = 0  # bytes of the parameters this rank holds (its shards with --tp)
+    activation_bytes: int = 0  # most bytes one micro-batch's forward saved on this rank
     preempted: str | None = None  # the signal that stopped the run early, if any
 
     @property
@@ -400,6 +401,11 @@ class _Run:
         if cfg.trace:
             self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
+        result.activation_bytes = act = self.train_exec.peak_ctx_bytes
+        low, high = world.allreduce(act, op=MPI.MIN), world.allreduce(act, op=MPI.MAX)
+        self.say(
+            f"saved activations per micro-batch per rank (measured): {low:,} to {high:,} bytes"
+        )
         if result.history:
             self.say(summary_line(result, time.perf_counter() - t_start))
         elif not result.preempted:
