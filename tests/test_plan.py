@@ -1,0 +1,104 @@
+"""The planner's cost and memory model (pure Python): it agrees with the dry run's memory table
+and the checker's simulation, its FLOPs are train's, and the search returns fitting layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mpipipe.config import TrainConfig
+from mpipipe.job import prepare
+from mpipipe.memory import per_rank
+from mpipipe.plan.cost import GPT, Layout, action_costs, memory
+from mpipipe.plan.machine import Link, Machine, from_mapping, load
+from mpipipe.plan.predict import plan_of, predict
+from mpipipe.plan.search import Space, search
+
+SMALL = dict(layers=6, d_model=32, heads=4, seq_len=16, vocab=64, global_batch=16)
+
+
+def ideal(**kw: object) -> Machine:
+    """Free communication, no overhead: only compute costs time."""
+    base = Machine("ideal", 8, 64.0, 1e6, {"float32": 1.0}, 1.0, Link(1e9, 0), Link(1e9, 0))
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("pp", "tp", "schedule", "v"), [(2, 1, "1f1b", 1), (3, 2, "interleaved", 2), (2, 4, "zbv", 2)]
+)
+def test_memory_matches_the_dry_run_table(pp: int, tp: int, schedule: str, v: int) -> None:
+    """Parameters and stash per pipeline rank equal memory.per_rank's for the job train runs."""
+    m = 3 if schedule == "interleaved" else 4
+    cfg = TrainConfig(**SMALL, pp=pp, tp=tp, schedule=schedule, microbatches=m)
+    cfg = cfg.replace(virtual_stages=v if v > 1 else None, global_batch=4 * m)
+    job = prepare(cfg, pp * tp)
+    model = GPT(**{**SMALL, "global_batch": job.cfg.global_batch})
+    layout = Layout(pp, 1, tp, schedule, v, job.cfg.microbatches)
+    _, peaks = plan_of(schedule, pp, job.cfg.microbatches, v)
+    for r, want in enumerate(per_rank(job)):
+        got = memory(model, layout, job.plan.stages[r], peaks[r])
+        assert (got.params, got.weights, got.stash) == (
+            want.params,
+            want.weights_bytes,
+            want.stash_bytes,
+        )
+
+
+def test_emulated_prediction_is_the_checkers_simulation() -> None:
+    """With emulated compute and free links, the predicted step is the job's dry run (dp = 1)."""
+    cfg = TrainConfig(**SMALL, pp=3, schedule="zb-h1", microbatches=4, emulate="F=1,B=2,W=0.5")
+    job = prepare(cfg, 3)
+    model = GPT(**SMALL, emulate=(1.0, 2.0, 0.5))
+    p = predict(model, Layout(3, 1, 1, "zb-h1", 1, 4), ideal())
+    assert p.step_time == pytest.approx(job.report.step_time, rel=1e-3)  # + the optimizer
+    assert p.bubble == pytest.approx(job.report.bubble, rel=1e-9)
+
+
+def test_compute_time_counts_train_flops() -> None:
+    """At 1 FLOP/s and infinite bandwidth, F + B + W over all stages is the model's training
+    FLOPs (6 per parameter and token + attention) minus the embedding's (a lookup) and the
+    biases' and LayerNorms' (elementwise, priced by bandwidth)."""
+    model = GPT(**SMALL)
+    free = ideal(memory_bandwidth_gbs=1e30, flops={"float32": 1e-12})
+    for layout in (Layout(2, 1, 1, "1f1b", 1, 4), Layout(1, 2, 2, "1f1b", 1, 2)):
+        c = action_costs(model, layout, free)
+        total = sum(c.f) + sum(c.b) + sum(c.w)
+        samples = model.global_batch // layout.dp
+        embed = 6 * model.layer_params("embed") * samples * model.seq_len
+        small = 6 * (13 * model.layers + 2) * model.d_model * samples * model.seq_len
+        flops = (model.model_flops(samples) - embed - small) / layout.tp
+        assert total * layout.microbatches == pytest.approx(flops, rel=1e-9)
+
+
+def test_zero_sequence_parallel_and_recompute_shrink_what_they_should() -> None:
+    model = GPT(**SMALL, dtype="bf16")
+    base = Layout(2, 4, 2, "1f1b", 1, 2)
+    plain = memory(model, base, (0,), 2)
+    zero = memory(model, base.with_(zero=1), (0,), 2)
+    sp = memory(model, base.with_(sp=True), (0,), 2)
+    full = memory(model, base.with_(recompute="full"), (0,), 2)
+    per_param = 2 + 2 + 4 * 3  # bf16 weights and grads, fp32 master and two Adam slots
+    assert plain.weights == plain.params * (per_param + 4)  # + fp32 gradients
+    assert zero.weights == plain.params * (2 + 2 + 4 + 12 / 4)
+    assert sp.stash < plain.stash and full.stash < plain.stash
+    assert sp.weights == plain.weights
+
+
+def test_machine_files_round_trip_and_presets_load() -> None:
+    import tomllib
+
+    for name in ("dgx-h100", "selene-a100"):
+        m = load(name)
+        assert from_mapping(tomllib.loads(m.to_toml()), name) == m
+    assert load("selene-a100").peak("bf16") == 312e12
+
+
+def test_search_returns_fitting_layouts_fastest_first() -> None:
+    model = GPT(layers=8, d_model=64, heads=4, seq_len=32, vocab=256, global_batch=32)
+    preds, n = search(model, 8, ideal(memory_gib=0.01), Space())
+    assert n > len(preds) > 3
+    assert all(p.peak_memory <= 0.01 * 2**30 for p in preds)
+    assert [p.step_time for p in preds] == sorted(p.step_time for p in preds)
+    pinned, _ = search(model, 8, ideal(), Space(pp=2, schedules=("gpipe",)))
+    assert {(p.layout.pp, p.layout.schedule) for p in pinned} == {(2, "gpipe")}
