@@ -14,7 +14,8 @@ tensor parallelism every block all-reduces b x T x C twice in F and twice in B (
 parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
 activations outside the matrix products are split /t). Recompute full redoes the chunk's
 forward in B; selective redoes the attention scores. Emulated compute (`--emulate F=,B=,W=` ms
-per layer and sample) replaces the roofline by those times, as train does.
+per layer and sample) replaces the roofline by those times, as train does (no tensor-parallel
+all-reduces: emulated chunks only sleep).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         block_b += attn_f
     if model.emulate:
         fe, be, we = (x * b / 1e3 for x in model.emulate)
-        block_f, block_b, block_w = fe + tp_comm, be + tp_comm, we
+        block_f, block_b, block_w = fe, be, we  # sleeps: no tensor-parallel all-reduce
         head = (0.0, 0.0, 0.0)
         embed = 0.0
     else:
