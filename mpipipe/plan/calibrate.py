@@ -5,7 +5,7 @@
     copy       memory bandwidth of a large array copy (read + write)
     p2p        ping-pong between 2 ranks under mpiexec (bench.py): latency = the 8-byte one-way
                time, bandwidth from the 4 MiB one
-    runtime    two 1-rank emulated trainings with zero-cost actions (4 and 32 micro-batches): the
+    runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
 One node: both link levels get the p2p figures; `devices_per_node` is the core count (ranks that
 share cores are not modelled: plan at most one rank per core, or read the numbers as optimistic).
@@ -64,21 +64,27 @@ def p2p(launcher: list[str]) -> dict[str, float]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+SLEEP_MS = 1.0  # each calibration action sleeps this long (2 layers x 1 sample x 0.5 ms)
+
+
 def runtime_overheads(launcher: list[str]) -> tuple[float, float]:
-    """(seconds per action, seconds per step) of the 1-rank executor with zero-cost actions."""
+    """(seconds per action beyond its own time, seconds per step) of the 1-rank executor, from
+    two emulated trainings whose actions each sleep SLEEP_MS (a sleeping action pays the wake-up
+    as well as the dispatch: what an emulated or GPU-waiting rank pays), 4 and 16 micro-batches
+    of one sample."""
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for m in (4, 32):
+        for m in (4, 16):
             metrics = Path(tmp) / f"m{m}.jsonl"
             _run([*launcher, sys.executable, "-m", "mpipipe", "train", "--layers", "2",
                   "--d-model", "32", "--heads", "2", "--seq-len", "16", "--global-batch",
-                  "32", "--microbatches", str(m), "--emulate", "F=0,B=0,W=0", "--steps", "8",
-                  "--eval-batches", "1", "--log-every", "1000000", "--metrics-file",
-                  str(metrics)])  # fmt: skip
+                  str(m), "--microbatches", str(m), "--emulate", "F=0.5,B=0.5,W=0.5",
+                  "--steps", "12", "--eval-batches", "1", "--log-every", "1000000",
+                  "--metrics-file", str(metrics)])  # fmt: skip
             recs = [json.loads(x) for x in metrics.read_text().splitlines()][1:]
             times[m] = float(np.median([r["step_time_s"] for r in recs]))
-    per_action = max(0.0, (times[32] - times[4]) / (3 * 28))  # F, B, W per micro-batch
-    return per_action, max(0.0, times[4] - 3 * 4 * per_action)
+    per_action = max(0.0, (times[16] - times[4]) / (3 * 12) - SLEEP_MS / 1e3)
+    return per_action, max(0.0, times[4] - 3 * 4 * (per_action + SLEEP_MS / 1e3))
 
 
 def calibrate(kind: str = "auto") -> Machine:

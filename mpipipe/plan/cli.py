@@ -98,6 +98,8 @@ def train_flags(model: GPT, layout: Layout) -> list[str]:
         flags += ["--zero", "1"]
     if layout.sp:
         flags += ["--sequence-parallel"]
+    if not layout.overlap:
+        flags += ["--overlap", "off"]
     if model.emulate:
         f, b, w = model.emulate
         flags += ["--emulate", f"F={f:g},B={b:g},W={w:g}"]

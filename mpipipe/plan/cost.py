@@ -88,6 +88,7 @@ class Layout:
     recompute: str = "none"
     zero: int = 0
     sp: bool = False
+    overlap: bool = True  # gradient reduction during the backward pass (train's --overlap)
 
     @property
     def ranks(self) -> int:
@@ -103,6 +104,7 @@ class Layout:
                 f" rc={self.recompute}" if self.recompute != "none" else "",
                 " zero1" if self.zero else "",
                 " sp" if self.sp else "",
+                "" if self.overlap else " no-overlap",
             ]
         )
         return (
@@ -137,7 +139,8 @@ class StageCosts:
     p2p: float  # one activation message between neighbouring pipeline ranks
 
 
-def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
+def action_costs(model: GPT, layout: Layout, machine: Machine, share: float = 1.0) -> StageCosts:
+    """`share`: ranks per device (or core) beyond one; their CPU time per action adds up."""
     b, t, c, h, v = (
         layout.micro_batch(model),
         model.seq_len,
@@ -174,7 +177,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
             mm(2 * b * t * c * v),
         )
         embed = mem(2 * b * t * c)
-    over = machine.action_overhead_us * 1e-6
+    over = machine.action_overhead_us * 1e-6 * share
     f, bb, ww = [], [], []
     names = model.names
     for r in bounds(model, layout):

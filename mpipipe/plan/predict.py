@@ -6,7 +6,8 @@ in backward order (up to --bucket-mb) and starts a bucket's all-reduce as soon a
 weight-gradient work of the step has finished its layers; the reductions run one after another
 on the link and the optimizer waits for all. Here: a layer is final when its chunk's last W ends
 (the W of a chunk works layer by layer, last layer first, so its layers finish in turn); buckets
-start at max(ready, previous bucket done). ZeRO-1 reduce-scatters the same way and all-gathers
+start at max(ready, previous bucket done); without overlap (--overlap off) all start when the
+rank's last action ends. ZeRO-1 reduce-scatters the same way and all-gathers
 the updated parameters after the optimizer step, which nothing overlaps.
 """
 
@@ -62,9 +63,13 @@ def plan_of(name: str, pp: int, m: int, v: int) -> tuple[schedule.Plan, tuple[in
     return plan, tuple(report.peak_stash)
 
 
-def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.0) -> Prediction:
+def predict(
+    model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.0, share: float = 1.0
+) -> Prediction:
+    """`share`: how many ranks share one device or core (validation runs 32 ranks on 2 cores);
+    the runtime's fixed CPU time per action and per step is paid `share` times over."""
     plan, peaks = plan_of(layout.schedule, layout.pp, layout.microbatches, layout.v)
-    costs = action_costs(model, layout, machine)
+    costs = action_costs(model, layout, machine, share)
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     mems = [memory(model, layout, chunks, peaks[r]) for r, chunks in enumerate(plan.stages)]
     grad_width = 4 if model.width == 2 else model.width
@@ -89,6 +94,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             bucket: list[float] = []
             size, due = 0.0, 0.0
             for t, nbytes in sorted(ready):
+                t = t if layout.overlap else compute_end
                 if bucket and size + nbytes > bucket_mb * 1e6:
                     clock = max(clock, due) + _reduce(link, size, layout)
                     bucket, size = [], 0.0
@@ -100,7 +106,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))
-    step = max(ends) + opt + machine.step_overhead_ms * 1e-3
+    step = max(ends) + opt + machine.step_overhead_ms * 1e-3 * share
     tokens = model.global_batch * model.seq_len
     flops = model.model_flops(model.global_batch)
     mfu = flops / step / (machine.peak(model.dtype) * layout.ranks)

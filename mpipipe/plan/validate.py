@@ -5,7 +5,10 @@ median over the steps after the first, its stash per stage the executor's measur
 saved activations (`stash_mb` in the metrics). Emulated runs (ranks sleep the given times instead
 of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on a small machine;
 real-compute runs use a small GPT on 1-2 ranks. The layouts of one group share model, batch and
-rank count, so "is the measured best the predicted best" has an answer there.
+rank count, so "is the measured best the predicted best" has an answer there. All ranks run on
+this one machine: with a calibrated machine file (its devices are the cores), n ranks share
+its cores n / cores ways, and the runtime's fixed CPU time per action and step is paid that many
+times over.
 """
 
 from __future__ import annotations
@@ -86,9 +89,9 @@ def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
     assert c.pp is not None and c.dp is not None
     layout = Layout(
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
-    )
-    model = model_of(c)
-    return predict(model, layout, machine, bucket_mb=c.bucket_mb)
+    ).with_(overlap=c.overlap == "on")
+    share = max(1.0, n / machine.devices_per_node) if machine.name == "calibrated" else 1.0
+    return predict(model_of(c), layout, machine, bucket_mb=c.bucket_mb, share=share)
 
 
 def measure(n: int, flags: list[str], kind: str, tmp: Path) -> tuple[float, list[float]]:
