@@ -4,14 +4,16 @@
               optimizer (fp16/bf16 add fp32 master weights and fp32 gradients)
     stash     saved activations at the schedule's peak stash (the checker's count), per
               micro-batch b x T x C (H heads, vocabulary V):
-                block  16 bTC + b H T^2 elements (LayerNorm, qkv, attention probabilities,
-                       projections, the 4C-wide MLP; no dropout)
-                head   2 bTV + 2 bTC (logits and probabilities, the final LayerNorm)
+                block  20 bTC + b H T^2 + 2 bT elements (LayerNorms with their 1/std, qkv,
+                       attention probabilities, projections, the 4C-wide MLP: fc's input,
+                       GELU's input and its tanh; no dropout)
+                head   2 bTC + bT (the final LayerNorm, the LM head's input; the logits and
+                       probabilities live only while the loss runs: a workspace, not stash)
 With tensor parallelism (tp) a rank holds 1/tp of each split tensor (qkv, fc and their biases,
 the proj weights, the token embedding, the LM head) and whole copies of the rest (LayerNorms,
-the row-parallel biases, the position embedding); of a block's saved activations, the 12 bTC
+the row-parallel biases, the position embedding); of a block's saved activations, the 16 bTC
 after the column-parallel products and the attention probabilities are split, the 4 bTC at the
-LayerNorms are whole; the head's logits and probabilities are split.
+LayerNorms are whole.
 The estimate leaves out receive buffers and transient workspaces; `stash_mb` and `max_rss_mb`
 in the metrics file are the measured figures.
 """
@@ -50,9 +52,11 @@ def activation_elements(name: str, meta: dict[str, Any], b: int, tp: int = 1) ->
     one of `tp` ranks."""
     t, c = meta.get("seq_len", 0), meta.get("d_model", 0)
     if name.startswith("block"):
-        return 4 * b * t * c + (12 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
+        return (
+            4 * b * t * c + 2 * b * t + (16 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
+        )
     if name == "head":
-        return 2 * b * t * meta.get("vocab", 0) // tp + 2 * b * t * c
+        return 2 * b * t * c + b * t
     return b * t  # the embedding keeps its token ids
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from mpipipe.config import TrainConfig
 from mpipipe.job import prepare
-from mpipipe.memory import per_rank
+from mpipipe.memory import activation_elements, per_rank
 from mpipipe.plan.cost import GPT, Layout, action_costs, memory
 from mpipipe.plan.machine import Link, Machine, from_mapping, load
 from mpipipe.plan.predict import plan_of, predict
@@ -102,3 +102,40 @@ def test_search_returns_fitting_layouts_fastest_first() -> None:
     assert [p.step_time for p in preds] == sorted(p.step_time for p in preds)
     pinned, _ = search(model, 8, ideal(), Space(pp=2, schedules=("gpipe",)))
     assert {(p.layout.pp, p.layout.schedule) for p in pinned} == {(2, "gpipe")}
+
+
+def test_validate_quick_runs_two_layouts_and_reports_the_errors(tmp_path) -> None:
+    """`plan --validate --quick`: two emulated 2-rank runs, each against its prediction; the
+    summary's errors are the table's (and a units slip, 1000x, would not pass the bound)."""
+    from tests import mpirun
+
+    machine = tmp_path / "m.toml"
+    base = load("selene-a100")  # free compute: the emulated sleeps are the work
+    machine.write_text(dataclasses.replace(base, name="test").to_toml())
+    r = mpirun.run(["-m", "mpipipe", "plan", "--validate", "--quick", "--machine", str(machine)],
+                   timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.output
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| emulated-2 |")]
+    assert len(rows) == 2
+    errors = [float(x.split("|")[6].strip().rstrip("%")) / 100 for x in rows]
+    assert all(abs(e) < 0.5 for e in errors), r.stdout  # sleeps dominate: loose, load-proof
+    assert f"max {max(abs(e) for e in errors):.1%}" in r.stdout
+    assert "emulated-2: predicted best" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["block0", "head"])
+def test_saved_activations_are_what_the_estimate_counts(name: str) -> None:
+    """memory.activation_elements (the dry run's and the planner's stash) against the bytes the
+    executor counts in a real layer's saved context (a float32 forward on NumPy)."""
+    import numpy as np
+
+    from mpipipe.executor import _nbytes
+    from mpipipe.layers import Init
+
+    job = prepare(TrainConfig(layers=2, d_model=32, heads=4, seq_len=16, vocab=64), 1)
+    i = {"block0": 1, "head": 3}[name]
+    b, model = 3, job.model
+    layer = model.layers[i].build(Init.for_layer(0, i, np.float32, np))
+    x = np.random.default_rng(0).normal(size=model.act_shape(i - 1, b)).astype(np.float32)
+    _, ctx = layer.forward(x)
+    assert _nbytes(ctx) == 4 * activation_elements(name, model.meta, b)

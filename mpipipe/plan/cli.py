@@ -4,6 +4,7 @@
         --heads 80 --seq-len 2048 --vocab 51200 --global-batch 2048 --dtype bf16
     python -m mpipipe plan --calibrate --machine-out here.toml     # measure this machine
     python -m mpipipe plan --validate [--quick] --machine here.toml  # predicted vs measured
+    python -m mpipipe plan --reproduce megatron-sc21             # vs a published table
 
 Model flags are train's (`--model gpt2-small`, `--layers`, `--global-batch`, `--dtype`,
 `--emulate` ...); --pp, --dp, --tp, --schedule, --microbatches, when given, pin that choice.
@@ -45,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="run layouts, compare with predictions")
     p.add_argument("--quick", action="store_true", help="--validate: two layouts only")
     p.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto")
+    p.add_argument(
+        "--reproduce",
+        choices=("megatron-sc21",),
+        help="predict a published table (Megatron SC21 Table 1 on --machine, default "
+        "selene-a100) next to its figures",
+    )
     return p
 
 
@@ -141,6 +148,11 @@ def main(argv: list[str]) -> int:
         Path(args.machine_out).write_text(machine.to_toml())
         print(machine.to_toml())
         print(f"wrote {args.machine_out}")
+        return 0
+    if args.reproduce:
+        from mpipipe.plan.megatron import reproduce
+
+        print(reproduce(args.machine or "selene-a100"))
         return 0
     if args.validate:
         from mpipipe.plan.validate import main as validate

@@ -250,6 +250,8 @@ def memory(model: GPT, layout: Layout, chunks: tuple[int, ...], peak_stash: int)
     buffers = 4 * len(chunks) * b * t * c * w / (layout.tp if layout.sp else 1)
     if w == 2 and layout.dp > 1:
         buffers += params * 4  # float32 copies of the 16-bit gradient buckets
+    if any(names[parts[k][-1]] == "head" for k in chunks):  # the loss's logits, probabilities
+        buffers += 2 * b * t * model.vocab / layout.tp * w
     return StageMemory(params, params * per, stash, buffers)
 
 
