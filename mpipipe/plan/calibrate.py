@@ -7,8 +7,9 @@
                time, bandwidth from the 4 MiB one
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
-One node: both link levels get the p2p figures; `devices_per_node` is the core count (ranks that
-share cores are not modelled: plan at most one rank per core, or read the numbers as optimistic).
+Every rank is one core with one BLAS thread (validate runs them so). One node: both link levels
+get the p2p figures; `devices_per_node` is the core count (validate charges ranks beyond it the
+runtime's CPU time per action as many times over as they share a core).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mpipipe import launch
 from mpipipe.errors import ConfigError
 from mpipipe.plan.machine import Link, Machine
 
 
-def _best(work: object, repeats: int = 5) -> float:
+def _best(work: object, repeats: int = 10) -> float:
     assert callable(work)
     work()
     best = float("inf")
@@ -93,9 +95,11 @@ def calibrate(kind: str = "auto") -> Machine:
     else:
         found = launch.find()
         two, one = found.command(2), found.command(1)
-    peak32 = matmul_flops("float32", 1024, 1024, 1024)
-    peak64 = matmul_flops("float64", 1024, 1024, 1024)
-    mid = matmul_flops("float32", 512, 128, 512)
+    with threadpool_limits(1, user_api="blas"):  # one rank per core, as validate runs them
+        peak32 = matmul_flops("float32", 1024, 1024, 1024)
+        peak64 = matmul_flops("float64", 1024, 1024, 1024)
+        mid = matmul_flops("float32", 256, 128, 384)  # a small model's (b T, C) x (C, 3C)
+        bandwidth = copy_bandwidth()
     net = p2p(two)
     beta = (net["large_bytes"] - net["small_bytes"]) / max(1e-9, net["large_s"] - net["small_s"])
     link = Link(beta / 1e9, net["small_s"] * 1e6)
@@ -105,7 +109,7 @@ def calibrate(kind: str = "auto") -> Machine:
         name="calibrated",
         devices_per_node=cores,
         memory_gib=_memory_gib() / cores,
-        memory_bandwidth_gbs=copy_bandwidth() / 1e9,
+        memory_bandwidth_gbs=bandwidth / 1e9,
         flops={"float32": peak32 / 1e12, "float64": peak64 / 1e12},
         matmul_efficiency=min(1.0, mid / peak32),
         intra=link,

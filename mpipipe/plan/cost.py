@@ -21,6 +21,7 @@ all-reduces: emulated chunks only sleep).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
 
 from mpipipe.memory import _WIDTH, activation_elements, bytes_per_param, shard_params
 from mpipipe.partition import uniform
@@ -66,7 +67,7 @@ class GPT:
     def params(self) -> int:
         return sum(self.layer_params(n) for n in self.names)
 
-    @property
+    @cached_property
     def names(self) -> list[str]:
         return ["embed", *(f"block{i}" for i in range(self.layers)), "head"]
 
@@ -127,8 +128,12 @@ def allreduce_time(link: Link, nbytes: float, n: int) -> float:
 
 def bounds(model: GPT, layout: Layout) -> list[range]:
     """Global layers of each virtual stage, as train's uniform partition splits them."""
-    body = [False, *([True] * model.layers), False]
-    return uniform(body, layout.pp * layout.v, layout.v)
+    return _bounds(model.layers, layout.pp * layout.v, layout.v)
+
+
+@lru_cache(maxsize=1024)
+def _bounds(layers: int, stages: int, chunks: int) -> list[range]:
+    return uniform([False, *([True] * layers), False], stages, chunks)
 
 
 @dataclass(frozen=True)
@@ -204,10 +209,13 @@ class StageMemory:
 
 
 def stage_params(model: GPT, layout: Layout, chunks: tuple[int, ...]) -> int:
-    parts = bounds(model, layout)
-    names = model.names
+    parts, names = bounds(model, layout), model.names
+    kinds = {
+        n: shard_params(n, model.meta, model.layer_params(n), layout.tp)
+        for n in ("embed", "block0", "head")
+    }
     return sum(
-        shard_params(names[i], model.meta, model.layer_params(names[i]), layout.tp)
+        kinds["block0" if names[i].startswith("block") else names[i]]
         for k in chunks
         for i in parts[k]
     )
@@ -229,34 +237,30 @@ def memory(model: GPT, layout: Layout, chunks: tuple[int, ...], peak_stash: int)
     b = layout.micro_batch(model)
     t, c = model.seq_len, model.d_model
 
-    def chunk_act(k: int) -> float:
-        elems = 0.0
-        for i in parts[k]:
-            e: float = activation_elements(names[i], model.meta, b, layout.tp)
-            if names[i].startswith("block"):
-                if layout.sp:
-                    e -= 4 * b * t * c * (1 - 1 / layout.tp)
-                if layout.recompute == "selective":
-                    e -= b * model.heads * t * t // layout.tp
-            elems += e
-        if layout.recompute == "full":  # keep the chunk's input; one chunk's worth in backward
+    def act(name: str) -> float:
+        e: float = activation_elements(name, model.meta, b, layout.tp)
+        if name.startswith("block"):
+            if layout.sp:
+                e -= 4 * b * t * c * (1 - 1 / layout.tp)
+            if layout.recompute == "selective":
+                e -= b * model.heads * t * t // layout.tp
+        return e
+
+    kinds = {n: act(n) for n in ("embed", "block0", "head")}
+
+    def chunk_act(k: int, full: bool = False) -> float:
+        if layout.recompute == "full" and not full:  # the chunk's input only
             return b * t * c
-        return elems
+        named = (names[i] for i in parts[k])
+        return sum(kinds["block0" if n.startswith("block") else n] for n in named)
 
     acts = [chunk_act(k) for k in chunks]
     stash = peak_stash * max(acts) * w
     if layout.recompute == "full":
-        stash += max(chunk_act_full(model, layout, parts[k]) for k in chunks) * w
+        stash += max(chunk_act(k, full=True) for k in chunks) * w  # one chunk in backward
     buffers = 4 * len(chunks) * b * t * c * w / (layout.tp if layout.sp else 1)
     if w == 2 and layout.dp > 1:
         buffers += params * 4  # float32 copies of the 16-bit gradient buckets
     if any(names[parts[k][-1]] == "head" for k in chunks):  # the loss's logits, probabilities
         buffers += 2 * b * t * model.vocab / layout.tp * w
     return StageMemory(params, params * per, stash, buffers)
-
-
-def chunk_act_full(model: GPT, layout: Layout, layers: range) -> float:
-    b = layout.micro_batch(model)
-    return float(
-        sum(activation_elements(model.names[i], model.meta, b, layout.tp) for i in layers)
-    )

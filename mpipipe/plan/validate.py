@@ -30,7 +30,7 @@ from mpipipe.plan.predict import Prediction, predict
 RUN = "--steps 6 --eval-batches 1 --log-every 1000000"
 EMU = (
     "--layers 16 --d-model 64 --heads 4 --seq-len 32 --global-batch 32 "
-    "--emulate F=0.25,B=0.25,W=0.25 --microbatches 8"
+    "--emulate F=1,B=1,W=1 --microbatches 8"
 )
 REAL = "--layers 4 --d-model 128 --heads 4 --seq-len 64 --global-batch 16 --microbatches 4"
 
@@ -99,9 +99,8 @@ def measure(n: int, flags: list[str], kind: str, tmp: Path) -> tuple[float, list
 
     metrics = tmp / f"run{n}_{abs(hash(tuple(flags)))}.jsonl"
     cmd = train_command(launcher(kind, n), flags, metrics)
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=launch.environment()
-    )
+    env = {**launch.environment(), "OMP_NUM_THREADS": "1"}  # a rank per core, as calibrated
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode:
         raise ConfigError(f"validate: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}"
                           f"{proc.stderr[-2000:]}")  # fmt: skip
