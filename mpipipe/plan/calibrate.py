@@ -8,8 +8,7 @@
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
 Every rank is one core with one BLAS thread (validate runs them so). One node: both link levels
-get the p2p figures; `devices_per_node` is the core count (validate charges ranks beyond it the
-runtime's CPU time per action as many times over as they share a core).
+get the p2p figures; `devices_per_node` is the core count.
 """
 
 from __future__ import annotations

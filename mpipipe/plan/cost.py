@@ -144,8 +144,7 @@ class StageCosts:
     p2p: float  # one activation message between neighbouring pipeline ranks
 
 
-def action_costs(model: GPT, layout: Layout, machine: Machine, share: float = 1.0) -> StageCosts:
-    """`share`: ranks per device (or core) beyond one; their CPU time per action adds up."""
+def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     b, t, c, h, v = (
         layout.micro_batch(model),
         model.seq_len,
@@ -182,7 +181,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine, share: float = 1.
             mm(2 * b * t * c * v),
         )
         embed = mem(2 * b * t * c)
-    over = machine.action_overhead_us * 1e-6 * share
+    over = machine.action_overhead_us * 1e-6
     f, bb, ww = [], [], []
     names = model.names
     for r in bounds(model, layout):

@@ -63,13 +63,9 @@ def plan_of(name: str, pp: int, m: int, v: int) -> tuple[schedule.Plan, tuple[in
     return plan, tuple(report.peak_stash)
 
 
-def predict(
-    model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.0, share: float = 1.0
-) -> Prediction:
-    """`share`: how many ranks share one device or core (validation runs 32 ranks on 2 cores);
-    the runtime's fixed CPU time per action and per step is paid `share` times over."""
+def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.0) -> Prediction:
     plan, peaks = plan_of(layout.schedule, layout.pp, layout.microbatches, layout.v)
-    costs = action_costs(model, layout, machine, share)
+    costs = action_costs(model, layout, machine)
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     mems = [memory(model, layout, chunks, peaks[r]) for r, chunks in enumerate(plan.stages)]
     grad_width = 4 if model.width == 2 else model.width
@@ -106,7 +102,7 @@ def predict(
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))
-    step = max(ends) + opt + machine.step_overhead_ms * 1e-3 * share
+    step = max(ends) + opt + machine.step_overhead_ms * 1e-3
     tokens = model.global_batch * model.seq_len
     flops = model.model_flops(model.global_batch)
     mfu = flops / step / (machine.peak(model.dtype) * layout.ranks)
