@@ -139,3 +139,31 @@ def test_saved_activations_are_what_the_estimate_counts(name: str) -> None:
     x = np.random.default_rng(0).normal(size=model.act_shape(i - 1, b)).astype(np.float32)
     _, ctx = layer.forward(x)
     assert _nbytes(ctx) == 4 * activation_elements(name, model.meta, b)
+
+
+def test_plan_prints_a_command_and_toml_that_train_accepts(tmp_path, capsys) -> None:
+    """The best layout's train flags and [train] TOML parse and validate as train's own, for the
+    ranks planned; the CSV and JSON hold the same layouts, fastest first."""
+    import csv
+    import json
+
+    import tomllib
+
+    from mpipipe.flags import parse_train
+    from mpipipe.plan.cli import main
+
+    model = "--layers 8 --d-model 64 --heads 4 --seq-len 32 --vocab 256 --global-batch 32"
+    argv = [*model.split(), "--ranks", "4", "--machine", "selene-a100", "--tp", "1", "--dp", "1"]
+    assert main([*argv, "--out", str(tmp_path / "p"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("mpiexec -n 4"))
+    flags = line.split(" train ", 1)[1].split()
+    job = prepare(parse_train(flags)[0], 4)
+    toml = tomllib.loads(out.split("or as a --config file:\n", 1)[1])["train"]
+    assert (job.cfg.pp, job.cfg.dp, job.cfg.schedule) == (4, 1, toml["schedule"])
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [float(r["step_time_s"]) for r in rows] == [
+        x["step_time_s"] for x in json.loads((tmp_path / "p.json").read_text())
+    ]
+    assert rows[0]["schedule"] == toml["schedule"] and int(rows[0]["pp"]) == 4
+    assert "  time: pipeline" in out  # --explain
