@@ -167,3 +167,21 @@ def test_plan_prints_a_command_and_toml_that_train_accepts(tmp_path, capsys) -> 
     ]
     assert rows[0]["schedule"] == toml["schedule"] and int(rows[0]["pp"]) == 4
     assert "  time: pipeline" in out  # --explain
+
+
+def test_the_gradient_reduction_hides_behind_backward_only_with_overlap() -> None:
+    """Without overlap one bucket's all-reduce follows the last action; with overlap the
+    buckets of the last layers start during the remaining backward work."""
+    from mpipipe.plan.cost import allreduce_time
+
+    slow = Link(0.01, 5.0)  # 10 MB/s: the reduction is long against the emulated compute
+    machine = ideal(intra=slow, inter=slow)
+    model = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    layout = Layout(1, 2, 1, "1f1b", 1, 2, overlap=False)
+    off = predict(model, layout, machine, bucket_mb=1e3)
+    reduce = allreduce_time(slow, off.memory[0].params * 4, 2)
+    assert off.step_time == pytest.approx(
+        off.breakdown["pipeline"] + reduce + off.breakdown["optimizer"], rel=1e-9
+    )
+    on = predict(model, layout.with_(overlap=True), machine, bucket_mb=0.001)
+    assert off.breakdown["pipeline"] < on.step_time < off.step_time

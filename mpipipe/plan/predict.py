@@ -85,19 +85,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             for j, i in enumerate(layers):
                 t = last_w[0] + (last_w[1] - last_w[0]) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
-        clock = 0.0
-        if layout.dp > 1:
-            bucket: list[float] = []
-            size, due = 0.0, 0.0
-            for t, nbytes in sorted(ready):
-                t = t if layout.overlap else compute_end
-                if bucket and size + nbytes > bucket_mb * 1e6:
-                    clock = max(clock, due) + _reduce(link, size, layout)
-                    bucket, size = [], 0.0
-                bucket.append(t)
-                size, due = size + nbytes, t
-            if bucket:
-                clock = max(clock, due) + _reduce(link, size, layout)
+        clock = _buckets(ready, compute_end, layout, link, bucket_mb)
         end = max(compute_end, clock)
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
@@ -122,6 +110,23 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             "F/B/W stage 0": costs.f[0] + costs.b[0] + costs.w[0],
         },
     )
+
+
+def _buckets(
+    ready: list[tuple[float, float]], end: float, layout: Layout, link: Link, bucket_mb: float
+) -> float:
+    """When the rank's last gradient bucket is reduced: layers (ready time, bytes) fill buckets
+    in the order they become final; a bucket starts when its last layer is final (or at `end`,
+    the rank's last action, without overlap) and after the previous bucket."""
+    if layout.dp == 1:
+        return 0.0
+    clock, size, due = 0.0, 0.0, 0.0
+    for t, nbytes in sorted(ready):
+        if size and size + nbytes > bucket_mb * 1e6:
+            clock = max(clock, due) + _reduce(link, size, layout)
+            size = 0.0
+        size, due = size + nbytes, t if layout.overlap else end
+    return max(clock, due) + _reduce(link, size, layout) if size else clock
 
 
 def _reduce(link: Link, nbytes: float, layout: Layout) -> float:
