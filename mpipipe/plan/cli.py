@@ -31,13 +31,17 @@ from mpipipe.plan.search import Space, reason, search
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpipipe plan",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
         epilog="Every other flag is train's (model, batch, dtype, pinned layout choices).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ranks", type=int, default=None, help="ranks (GPUs or processes) to plan for")
-    p.add_argument("--machine", default=None, help="machine TOML file or preset: dgx-h100, "
-                   "selene-a100 (default: calibrate this one)")  # fmt: skip
+    p.add_argument(
+        "--machine",
+        default=None,
+        help="machine TOML file or preset: dgx-h100, selene-a100 (--validate: default "
+        "machine.toml, calibrated if missing)",
+    )
     p.add_argument("--top", type=int, default=5, help="layouts to print (default: 5)")
     p.add_argument("--explain", action="store_true", help="print each layout's breakdown")
     p.add_argument("--out", help="write PREFIX.csv and PREFIX.json of every fitting layout")
