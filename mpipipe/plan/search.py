@@ -142,7 +142,7 @@ def reason(p: Prediction, best: Prediction, limit_gib: float) -> str:
         return f"fastest: bubble {p.bubble:.0%}, {mem}"
     slower = p.step_time / best.step_time - 1
     diffs = {k: p.breakdown[k] - best.breakdown.get(k, 0.0) for k in p.breakdown}
-    diffs["compute per micro-batch"] = (
+    diffs["compute on stage 0"] = (
         p.breakdown["F/B/W stage 0"] * p.layout.microbatches
         - best.breakdown["F/B/W stage 0"] * best.layout.microbatches
     )
