@@ -9,6 +9,9 @@ Run the default training:
 Scaling studies (launch the runs themselves: srun inside SLURM, else mpiexec):
     python -m mpipipe study --ranks 1,2,4,8 --mode strong --out results --emulate F=1,B=1,W=1
 
+Plan a layout (predicted step time and memory of every layout; no MPI needed):
+    python -m mpipipe plan --ranks 64 --machine dgx-h100 --model gpt2-xl --global-batch 512
+
 Checkpoints and resuming:
     mpiexec -n 4 python -m mpipipe train --checkpoint-dir ckpt --save-every 100
     mpiexec -n 8 python -m mpipipe train --checkpoint-dir ckpt --resume auto   # any layout
@@ -300,9 +303,16 @@ def cmd_study(argv: list[str]) -> int:
     return study(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from mpipipe.plan.cli import main as plan
+
+    return plan(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "study": cmd_study,
+    "plan": cmd_plan,
     "schedule": cmd_schedule,
     "eval": cmd_eval,
     "generate": cmd_generate,

@@ -4,7 +4,7 @@
               optimizer (fp16/bf16 add fp32 master weights and fp32 gradients)
     stash     saved activations at the schedule's peak stash (the checker's count), per
               micro-batch b x T x C (H heads, vocabulary V), what the layers' contexts hold:
-                block  21 bTC + 2 bT + b H T^2 elements: at the two LayerNorms and the inputs
+                block  20 bTC + 2 bT + b H T^2 elements: at the two LayerNorms and the inputs
                        of qkv and fc 4 bTC + 2 bT (normalised rows, 1/std), after them 16 bTC
                        + b H T^2 (q, k, v, the attention probabilities, the proj input, GELU's
                        input and tanh, the second proj's input; no dropout)

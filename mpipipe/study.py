@@ -1,7 +1,9 @@
 """Scaling studies: `python -m mpipipe study --ranks 1,2,4,8 --mode strong|weak --out DIR
 [train flags...]` launches one training run per rank count (through `srun` inside a SLURM
 allocation, else `mpiexec`), collects each run's metrics and writes DIR/results.csv,
-DIR/results.md and, with matplotlib, DIR/throughput.png and DIR/efficiency.png.
+DIR/results.md and, with matplotlib, DIR/throughput.png and DIR/efficiency.png; with
+--predict MACHINE (a machine file or preset, see `plan`) the planner's prediction for each run
+goes into the table and the plots beside the measurement.
 
 Strong scaling keeps the global batch; weak scaling grows it with the ranks (global batch x
 ranks / first rank count). Speed-up is throughput over the first run's; parallel efficiency is
@@ -39,6 +41,7 @@ COLUMNS = [
     "efficiency",
     "bubble",
     "emulated",
+    "predicted_tokens_per_s",  # with --predict: the planner's figure for the same run
 ]
 
 
@@ -107,6 +110,7 @@ def run_study(
     flags: list[str],
     kind: str = "auto",
     timeout: float = 3600.0,
+    predict: str | None = None,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -122,11 +126,21 @@ def run_study(
             tail = log.read_text()[-2000:]
             raise ConfigError(f"study: the run on {n} ranks failed (exit {rc}); see {log}\n{tail}")
         rows.append(summarize(n, run_flags, metrics))
+        if predict:
+            rows[-1]["predicted_tokens_per_s"] = predicted(n, run_flags, predict)
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
         row["efficiency"] = row["speedup"] / (row["ranks"] / rows[0]["ranks"])
     write(rows, out, mode)
     return rows
+
+
+def predicted(n: int, flags: list[str], machine: str) -> float:
+    """The planner's tokens/s for this run (plan/validate.py's prediction of a train command)."""
+    from mpipipe.plan.machine import load
+    from mpipipe.plan.validate import prediction
+
+    return prediction(n, flags, load(machine)).tokens_per_s
 
 
 def summarize(n: int, flags: list[str], metrics: Path) -> dict[str, Any]:
@@ -149,7 +163,7 @@ def summarize(n: int, flags: list[str], metrics: Path) -> dict[str, Any]:
 
 def write(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
     with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
         w.writeheader()
         w.writerows(rows)
     (out / "results.md").write_text(markdown(rows, mode))
@@ -166,16 +180,18 @@ def markdown(rows: list[dict[str, Any]], mode: str) -> str:
         + (f", EMULATED compute ({emulated} ms per layer and sample)" if emulated else "")
         + "\n\n"
     )
+    pred = "predicted_tokens_per_s" in rows[0]
     lines = [
         "| ranks | pp | dp | schedule | micro-batches | global batch | tokens/s | "
-        "speed-up | efficiency | bubble |",
-        "|" + "---|" * 10,
+        "speed-up | efficiency | bubble |" + (" predicted tokens/s |" if pred else ""),
+        "|" + "---|" * (11 if pred else 10),
     ]
     for r in rows:
         lines.append(
             f"| {r['ranks']} | {r['pp']} | {r['dp']} | {r['schedule']} | "
             f"{r['microbatches']} | {r['global_batch']} | {r['tokens_per_s']:.0f} | "
             f"{r['speedup']:.2f} | {r['efficiency']:.2f} | {r['bubble']:.3f} |"
+            + (f" {r['predicted_tokens_per_s']:.0f} |" if pred else "")
         )
     return head + "\n".join(lines) + "\n"
 
@@ -189,14 +205,21 @@ def plot(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
     n = [r["ranks"] for r in rows]
     tput = [r["tokens_per_s"] for r in rows]
     ideal = [tput[0] * k / n[0] for k in n]
+    pred = (
+        [r["predicted_tokens_per_s"] for r in rows] if "predicted_tokens_per_s" in rows[0] else []
+    )
     note = " (emulated compute)" if rows[0]["emulated"] else ""
-    for name, ys, ideal_ys, ylabel in (
-        ("throughput", tput, ideal, "tokens/s"),
-        ("efficiency", [r["efficiency"] for r in rows], [1.0] * len(n), "parallel efficiency"),
-    ):
+    pred_eff = [p / pred[0] / (k / n[0]) for p, k in zip(pred, n, strict=True)] if pred else []
+    for name, ys, ideal_ys, ylabel, pys in (
+        ("throughput", tput, ideal, "tokens/s", pred),
+        ("efficiency", [r["efficiency"] for r in rows], [1.0] * len(n), "parallel efficiency",
+         pred_eff),
+    ):  # fmt: skip
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(n, ideal_ys, "--", color="grey", label="ideal")
         ax.plot(n, ys, "o-", label="measured")
+        if pys:
+            ax.plot(n, pys, "s:", label="predicted (plan)")
         ax.set_xscale("log", base=2)
         if name == "throughput":
             ax.set_yscale("log", base=2)
@@ -222,6 +245,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     p.add_argument("--dry-run", action="store_true", help="print the runs, launch nothing")
+    p.add_argument(
+        "--predict",
+        metavar="MACHINE",
+        help="also draw the planner's prediction for each run (machine TOML file or preset)",
+    )
     args, flags = p.parse_known_args(argv)
     try:
         ranks = [int(x) for x in args.ranks.split(",")]
@@ -232,7 +260,9 @@ def main(argv: list[str]) -> int:
             print(" ".join([*launcher(args.launcher, n), "python -m mpipipe train", *run_flags]))
             print(f"  ok: {check_run(n, run_flags)}")
         return 0
-    rows = run_study(ranks, args.mode, Path(args.out), flags, args.launcher, args.timeout)
+    rows = run_study(
+        ranks, args.mode, Path(args.out), flags, args.launcher, args.timeout, args.predict
+    )
     print(markdown(rows, args.mode))
     print(f"wrote {args.out}/results.csv, results.md and plots")
     return 0

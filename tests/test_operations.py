@@ -112,11 +112,23 @@ def test_scaling_study_with_emulated_compute(tmp_path, mode):
             "F=0.5,B=0.5,W=0.5",
             "--eval-batches",
             "1",
+            *(["--predict", "selene-a100"] if mode == "weak" else []),
         ],
         timeout=300,
     )
     assert r.returncode == 0, r.output
     rows = list(csv.DictReader(open(out / "results.csv")))
+    if mode == "weak":  # the planner's figure for each run, beside the measurement
+        from mpipipe.plan.machine import load
+        from mpipipe.plan.validate import prediction
+        from mpipipe.study import runs
+
+        flags = "--layers 8 --steps 3 --microbatches 8 --global-batch 16 --emulate "
+        flags += "F=0.5,B=0.5,W=0.5 --eval-batches 1"
+        for row, (n, run_flags) in zip(rows, runs([1, 2, 4], mode, flags.split()), strict=True):
+            want = prediction(n, run_flags, load("selene-a100")).tokens_per_s
+            assert float(row["predicted_tokens_per_s"]) == pytest.approx(want, rel=1e-6)
+        assert "predicted tokens/s" in (out / "results.md").read_text()
     assert [int(x["ranks"]) for x in rows] == ([1, 2, 4, 8] if mode == "strong" else [1, 2, 4])
     for row in rows:  # the table holds what the runs measured
         n = int(row["ranks"])

@@ -1,0 +1,125 @@
+"""`plan --calibrate`: measure this machine by micro-benchmarks and describe it as a machine file.
+
+    matmul     float32 and float64 products: the peak at a large shape, the achieved fraction at
+               the mid-size shapes of small models
+    copy       memory bandwidth of a large array copy (read + write)
+    p2p        ping-pong between 2 ranks under mpiexec (bench.py): latency = the 8-byte one-way
+               time, bandwidth from the 4 MiB one
+    runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
+               executor's fixed time per action and per step, from the difference
+Every rank is one core with one BLAS thread (validate runs them so). One node: both link levels
+get the p2p figures; `devices_per_node` is the core count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from mpipipe import launch
+from mpipipe.errors import ConfigError
+from mpipipe.plan.machine import Link, Machine
+
+
+def _best(work: object, repeats: int = 10) -> float:
+    assert callable(work)
+    work()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_flops(dtype: str, n: int, k: int, m: int) -> float:
+    a = np.ones((n, k), dtype=dtype)
+    b = np.ones((k, m), dtype=dtype)
+    return 2.0 * n * k * m / _best(lambda: a @ b)
+
+
+def copy_bandwidth(nbytes: int = 64 << 20) -> float:
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    return 2.0 * nbytes / _best(lambda: np.copyto(dst, src))
+
+
+def _run(cmd: list[str], timeout: float = 300.0) -> str:
+    env = {**launch.environment(), "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode:
+        raise ConfigError(f"calibrate: {' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def p2p(launcher: list[str]) -> dict[str, float]:
+    out = _run([*launcher, sys.executable, "-m", "mpipipe.plan.bench"])
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+SLEEP_MS = 1.0  # each calibration action sleeps this long (2 layers x 1 sample x 0.5 ms)
+
+
+def runtime_overheads(launcher: list[str]) -> tuple[float, float]:
+    """(seconds per action beyond its own time, seconds per step) of the 1-rank executor, from
+    two emulated trainings whose actions each sleep SLEEP_MS (a sleeping action pays the wake-up
+    as well as the dispatch: what an emulated or GPU-waiting rank pays), 4 and 16 micro-batches
+    of one sample."""
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in (4, 16):
+            metrics = Path(tmp) / f"m{m}.jsonl"
+            _run([*launcher, sys.executable, "-m", "mpipipe", "train", "--layers", "2",
+                  "--d-model", "32", "--heads", "2", "--seq-len", "16", "--global-batch",
+                  str(m), "--microbatches", str(m), "--emulate", "F=0.5,B=0.5,W=0.5",
+                  "--steps", "12", "--eval-batches", "1", "--log-every", "1000000",
+                  "--metrics-file", str(metrics)])  # fmt: skip
+            recs = [json.loads(x) for x in metrics.read_text().splitlines()][1:]
+            times[m] = float(np.median([r["step_time_s"] for r in recs]))
+    per_action = max(0.0, (times[16] - times[4]) / (3 * 12) - SLEEP_MS / 1e3)
+    return per_action, max(0.0, times[4] - 3 * 4 * (per_action + SLEEP_MS / 1e3))
+
+
+def calibrate(kind: str = "auto") -> Machine:
+    if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
+        two, one = ["srun", "-n", "2"], ["srun", "-n", "1"]
+    else:
+        found = launch.find()
+        two, one = found.command(2), found.command(1)
+    with threadpool_limits(1, user_api="blas"):  # one rank per core, as validate runs them
+        peak32 = matmul_flops("float32", 1024, 1024, 1024)
+        peak64 = matmul_flops("float64", 1024, 1024, 1024)
+        mid = matmul_flops("float32", 256, 128, 384)  # a small model's (b T, C) x (C, 3C)
+        bandwidth = copy_bandwidth()
+    net = p2p(two)
+    beta = (net["large_bytes"] - net["small_bytes"]) / max(1e-9, net["large_s"] - net["small_s"])
+    link = Link(beta / 1e9, net["small_s"] * 1e6)
+    per_action, per_step = runtime_overheads(one)
+    cores = os.cpu_count() or 1
+    return Machine(
+        name="calibrated",
+        devices_per_node=cores,
+        memory_gib=_memory_gib() / cores,
+        memory_bandwidth_gbs=bandwidth / 1e9,
+        flops={"float32": peak32 / 1e12, "float64": peak64 / 1e12},
+        matmul_efficiency=min(1.0, mid / peak32),
+        intra=link,
+        inter=link,
+        action_overhead_us=per_action * 1e6,
+        step_overhead_ms=per_step * 1e3,
+    )
+
+
+def _memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return 16.0

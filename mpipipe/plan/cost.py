@@ -1,0 +1,270 @@
+"""Per-action costs and per-stage memory of one layout of a GPT, from a machine file.
+
+Dimensions: b samples per micro-batch, T tokens per sample, C width, H heads, V vocabulary,
+t tensor-parallel ranks; w bytes per element of the compute dtype.
+
+    block F  matmul 24 bTC^2 + 4 bT^2 C FLOPs (/t); elementwise 10 bTC whole (LayerNorms,
+             residuals) + 24 bTC (/t: biases, GELU) + 4 bHT^2 (/t: scale, mask, softmax) moved
+    block B  matmul 24 bTC^2 + 8 bT^2 C (/t), twice F's elementwise traffic
+    block W  matmul 24 bTC^2 (/t)
+    head     F 2 bTCV (/t) + 4 bTV moved, B and W 2 bTCV each
+A compute action costs matmul FLOPs / (peak x efficiency) + bytes moved / memory bandwidth (a
+roofline summed over the action's kernels), plus the runtime's fixed overhead per action. With
+tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
+parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
+activations outside the matrix products are split /t). Recompute full redoes the chunk's
+forward in B; selective redoes the attention scores. Emulated compute (`--emulate F=,B=,W=` ms
+per layer and sample) replaces the roofline by those times, as train does (no tensor-parallel
+all-reduces: emulated chunks only sleep).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
+
+from mpipipe.memory import (
+    _WIDTH,
+    activation_elements,
+    bytes_per_param,
+    loss_gradient_elements,
+    shard_params,
+)
+from mpipipe.partition import uniform
+from mpipipe.plan.machine import Link, Machine
+
+
+@dataclass(frozen=True)
+class GPT:
+    layers: int
+    d_model: int
+    heads: int
+    seq_len: int
+    vocab: int
+    global_batch: int
+    dtype: str = "float32"
+    optimizer: str = "adamw"
+    emulate: tuple[float, float, float] | None = None  # ms per body layer and sample
+
+    @property
+    def meta(self) -> dict[str, object]:
+        return {
+            "kind": "gpt",
+            "seq_len": self.seq_len,
+            "d_model": self.d_model,
+            "vocab": self.vocab,
+            "n_head": self.heads,
+            "n_layer": self.layers,
+        }
+
+    @property
+    def width(self) -> int:
+        return _WIDTH[{"fp32": "float32"}.get(self.dtype, self.dtype)]
+
+    def layer_params(self, name: str) -> int:
+        c, v, t = self.d_model, self.vocab, self.seq_len
+        if name == "embed":
+            return v * c + t * c
+        if name == "head":
+            return c * v + 2 * c
+        return 12 * c * c + 13 * c
+
+    @property
+    def params(self) -> int:
+        return sum(self.layer_params(n) for n in self.names)
+
+    @cached_property
+    def names(self) -> list[str]:
+        return ["embed", *(f"block{i}" for i in range(self.layers)), "head"]
+
+    def model_flops(self, samples: int) -> float:
+        """Training FLOPs (6 per parameter per token + attention), as train's MFU counts them."""
+        t = self.seq_len
+        per_token = 6.0 * self.params + 12.0 * self.layers * t * self.d_model
+        return per_token * samples * t
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int
+    dp: int
+    tp: int
+    schedule: str
+    v: int
+    microbatches: int
+    recompute: str = "none"
+    zero: int = 0
+    sp: bool = False
+    overlap: bool = True  # gradient reduction during the backward pass (train's --overlap)
+
+    @property
+    def ranks(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def micro_batch(self, model: GPT) -> int:
+        return model.global_batch // (self.dp * self.microbatches)
+
+    def label(self) -> str:
+        v = f" v={self.v}" if self.v > 1 else ""
+        extra = "".join(
+            [
+                f" rc={self.recompute}" if self.recompute != "none" else "",
+                " zero1" if self.zero else "",
+                " sp" if self.sp else "",
+                "" if self.overlap else " no-overlap",
+            ]
+        )
+        return (
+            f"pp={self.pp} dp={self.dp} tp={self.tp} {self.schedule}{v} "
+            f"m={self.microbatches}{extra}"
+        )
+
+    def with_(self, **kw: object) -> Layout:
+        return replace(self, **kw)  # type: ignore[arg-type]
+
+
+def allreduce_time(link: Link, nbytes: float, n: int) -> float:
+    """Ring all-reduce (or reduce-scatter + all-gather) of `nbytes` over `n` ranks."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) * link.latency_us * 1e-6 + 2 * (n - 1) / n * nbytes / (
+        link.bandwidth_gbs * 1e9
+    )
+
+
+def bounds(model: GPT, layout: Layout) -> list[range]:
+    """Global layers of each virtual stage, as train's uniform partition splits them."""
+    return _bounds(model.layers, layout.pp * layout.v, layout.v)
+
+
+@lru_cache(maxsize=1024)
+def _bounds(layers: int, stages: int, chunks: int) -> list[range]:
+    return uniform([False, *([True] * layers), False], stages, chunks)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    f: list[float]  # seconds per virtual stage
+    b: list[float]
+    w: list[float]
+    p2p: float  # one activation message between neighbouring pipeline ranks
+
+
+def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
+    b, t, c, h, v = (
+        layout.micro_batch(model),
+        model.seq_len,
+        model.d_model,
+        model.heads,
+        model.vocab,
+    )
+    tp, w = layout.tp, model.width
+    mm = lambda flops: machine.matmul_time(flops / tp, model.dtype)  # noqa: E731
+    mem = lambda elems: machine.memory_time(elems * w)  # noqa: E731
+    whole = 10 * b * t * c / (tp if layout.sp else 1)
+    attn_f = mm(4 * b * t * t * c) + mem(4 * b * h * t * t / tp)
+    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp)
+    block_b = mm(24 * b * t * c * c + 8 * b * t * t * c) + 2 * mem(
+        whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp
+    )
+    block_w = mm(24 * b * t * c * c)
+    tp_comm = 2 * allreduce_time(machine.link(tp - 1), b * t * c * w, tp)
+    block_f += tp_comm
+    block_b += tp_comm
+    if layout.recompute == "full":
+        block_b += block_f
+    elif layout.recompute == "selective":
+        block_b += attn_f
+    if model.emulate:
+        fe, be, we = (x * b / 1e3 for x in model.emulate)
+        block_f, block_b, block_w = fe, be, we  # sleeps: no tensor-parallel all-reduce
+        head = (0.0, 0.0, 0.0)
+        embed = 0.0
+    else:
+        head = (
+            mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
+            mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
+            mm(2 * b * t * c * v),
+        )
+        embed = mem(2 * b * t * c)
+    over = machine.action_overhead_us * 1e-6
+    f, bb, ww = [], [], []
+    names = model.names
+    for r in bounds(model, layout):
+        n = sum(1 for i in r if names[i].startswith("block"))
+        has_head, has_embed = names[r[-1]] == "head", names[r[0]] == "embed"
+        f.append(over + n * block_f + has_head * head[0] + has_embed * embed)
+        bb.append(over + n * block_b + has_head * head[1])
+        ww.append(over + n * block_w + has_head * head[2])
+    msg = b * t * c * w / (tp if layout.sp else 1)
+    p2p = machine.link(layout.tp * layout.dp).time(msg) if layout.pp > 1 else 0.0
+    return StageCosts(f, bb, ww, p2p)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    params: int
+    weights: float  # bytes: parameters, gradients, optimizer state
+    stash: float  # bytes: saved activations at the schedule's peak
+    buffers: float  # bytes: message buffers and reduction copies
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.stash + self.buffers
+
+
+def stage_params(model: GPT, layout: Layout, chunks: tuple[int, ...]) -> int:
+    parts, names = bounds(model, layout), model.names
+    kinds = {
+        n: shard_params(n, model.meta, model.layer_params(n), layout.tp)
+        for n in ("embed", "block0", "head")
+    }
+    return sum(
+        kinds["block0" if names[i].startswith("block") else names[i]]
+        for k in chunks
+        for i in parts[k]
+    )
+
+
+def memory(model: GPT, layout: Layout, chunks: tuple[int, ...], peak_stash: int) -> StageMemory:
+    """One rank's memory: `chunks` are its virtual stages, `peak_stash` the schedule's peak
+    number of stashed chunk activations on it (the checker's count)."""
+    params = stage_params(model, layout, chunks)
+    per: float
+    dtype = {"fp32": "float32"}.get(model.dtype, model.dtype)
+    per = bytes_per_param(dtype, model.optimizer)
+    w = model.width
+    if layout.zero:  # optimizer state (and fp32 masters) sharded over the replicas
+        slots = {"adamw": 2, "sgd": 1}[model.optimizer]
+        state = 4 * (1 + slots) if w == 2 else w * slots
+        per = per - state + state / layout.dp
+    parts, names = bounds(model, layout), model.names
+    b = layout.micro_batch(model)
+    t, c = model.seq_len, model.d_model
+
+    def act(name: str) -> float:
+        e: float = activation_elements(name, model.meta, b, layout.tp, layout.sp)
+        if name.startswith("block"):
+            if layout.recompute == "selective":
+                e -= b * model.heads * t * t // layout.tp
+        return e
+
+    kinds = {n: act(n) for n in ("embed", "block0", "head")}
+
+    def chunk_act(k: int, full: bool = False) -> float:
+        if layout.recompute == "full" and not full:  # the chunk's input only
+            return b * t * c
+        named = [names[i] for i in parts[k]]
+        loss = loss_gradient_elements(model.meta, b, layout.tp) if "head" in named else 0
+        return loss + sum(kinds["block0" if n.startswith("block") else n] for n in named)
+
+    acts = [chunk_act(k) for k in chunks]
+    stash = peak_stash * max(acts) * w
+    if layout.recompute == "full":
+        stash += max(chunk_act(k, full=True) for k in chunks) * w  # one chunk in backward
+    buffers = 4 * len(chunks) * b * t * c * w / (layout.tp if layout.sp else 1)
+    if w == 2 and layout.dp > 1:
+        buffers += params * 4  # float32 copies of the 16-bit gradient buckets
+    if any(names[parts[k][-1]] == "head" for k in chunks):  # the loss's logits, probabilities
+        buffers += 2 * b * t * model.vocab / layout.tp * w
+    return StageMemory(params, params * per, stash, buffers)

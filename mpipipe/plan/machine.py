@@ -1,0 +1,173 @@
+"""A machine file: what one device and the links between devices deliver (TOML, documented).
+
+    [machine]
+    name = "selene-a100"
+    devices_per_node = 8          # GPUs (or ranks, on CPUs) per node
+    memory_gib = 80               # per device
+    memory_bandwidth_gbs = 2039   # per device (HBM or DRAM share), GB/s
+    [flops]                       # peak dense TFLOP/s per dtype
+    bf16 = 312.0
+    [matmul]
+    efficiency = 0.8              # achieved fraction of peak on the model's matrix products
+    [links.intra]                 # between devices of one node, per device and direction
+    bandwidth_gbs = 300.0
+    latency_us = 3.0
+    [links.inter]                 # between nodes, per device and direction
+    bandwidth_gbs = 25.0
+    latency_us = 5.0
+    [runtime]
+    action_overhead_us = 0.0      # fixed time per pipeline action (dispatch, launches, Python)
+    step_overhead_ms = 0.0        # fixed time per optimizer step outside the pipeline
+
+`plan --calibrate` writes one for the machine it runs on; presets live in plan/machines/.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpipipe.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS = Path(__file__).with_name("machines")
+
+
+@dataclass(frozen=True)
+class Link:
+    """Alpha-beta model of one link level: seconds = latency + bytes / bandwidth."""
+
+    bandwidth_gbs: float
+    latency_us: float
+
+    def time(self, nbytes: float) -> float:
+        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_gbs * 1e9)
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    devices_per_node: int
+    memory_gib: float
+    memory_bandwidth_gbs: float
+    flops: dict[str, float]  # peak TFLOP/s per dtype
+    matmul_efficiency: float
+    intra: Link
+    inter: Link
+    action_overhead_us: float = 0.0
+    step_overhead_ms: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for `dtype` (fp32 falls back to float32 and back)."""
+        key = {"fp32": "float32"}.get(dtype, dtype)
+        if key not in self.flops:
+            raise ConfigError(
+                f"machine {self.name!r} gives no peak for dtype {dtype} (its [flops] table has "
+                f"{', '.join(sorted(self.flops))}: add `{key} = TFLOPS` or pick one of those)"
+            )
+        return self.flops[key] * 1e12
+
+    def link(self, distance: int) -> Link:
+        """The link between ranks `distance` apart in rank numbers (consecutive ranks fill a
+        node first): intra-node when the group fits in one node."""
+        return self.intra if distance < self.devices_per_node else self.inter
+
+    def matmul_time(self, flops: float, dtype: str) -> float:
+        return flops / (self.peak(dtype) * self.matmul_efficiency)
+
+    def memory_time(self, nbytes: float) -> float:
+        return nbytes / (self.memory_bandwidth_gbs * 1e9)
+
+    def to_toml(self) -> str:
+        lines = [
+            "[machine]",
+            f'name = "{self.name}"',
+            f"devices_per_node = {self.devices_per_node}",
+            f"memory_gib = {self.memory_gib:.3f}",
+            f"memory_bandwidth_gbs = {self.memory_bandwidth_gbs:.3f}",
+            "",
+            "[flops]  # peak TFLOP/s per dtype",
+            *(f"{k} = {v:.6g}" for k, v in sorted(self.flops.items())),
+            "",
+            "[matmul]",
+            f"efficiency = {self.matmul_efficiency:.4f}",
+        ]
+        for level, link in (("intra", self.intra), ("inter", self.inter)):
+            lines += [
+                "",
+                f"[links.{level}]",
+                f"bandwidth_gbs = {link.bandwidth_gbs:.4g}",
+                f"latency_us = {link.latency_us:.4g}",
+            ]
+        lines += [
+            "",
+            "[runtime]",
+            f"action_overhead_us = {self.action_overhead_us:.4g}",
+            f"step_overhead_ms = {self.step_overhead_ms:.4g}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def load(spec: str) -> Machine:
+    """A machine from a TOML path or a preset name (dgx-h100, selene-a100)."""
+    path = Path(spec)
+    if not path.exists() and (PRESETS / f"{spec}.toml").exists():
+        path = PRESETS / f"{spec}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ConfigError(
+            f"--machine {spec}: no such file or preset (presets: {names}; or write one with "
+            "`plan --calibrate --machine-out here.toml`)"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--machine {spec}: not valid TOML ({e})") from None
+    return from_mapping(raw, str(path))
+
+
+def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
+    try:
+        m, links, rt = raw["machine"], raw["links"], raw.get("runtime", {})
+        machine = Machine(
+            name=str(m["name"]),
+            devices_per_node=int(m["devices_per_node"]),
+            memory_gib=float(m["memory_gib"]),
+            memory_bandwidth_gbs=float(m["memory_bandwidth_gbs"]),
+            flops={str(k): float(v) for k, v in raw["flops"].items()},
+            matmul_efficiency=float(raw["matmul"]["efficiency"]),
+            intra=Link(
+                float(links["intra"]["bandwidth_gbs"]), float(links["intra"]["latency_us"])
+            ),
+            inter=Link(
+                float(links["inter"]["bandwidth_gbs"]), float(links["inter"]["latency_us"])
+            ),
+            action_overhead_us=float(rt.get("action_overhead_us", 0.0)),
+            step_overhead_ms=float(rt.get("step_overhead_ms", 0.0)),
+        )
+    except KeyError as e:
+        raise ConfigError(
+            f"machine file {origin}: missing key {e} (see mpipipe/plan/machine.py for the format)"
+        ) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"machine file {origin}: a value is not a number ({e})") from None
+    positive = (
+        machine.devices_per_node,
+        machine.memory_gib,
+        machine.memory_bandwidth_gbs,
+        machine.intra.bandwidth_gbs,
+        machine.inter.bandwidth_gbs,
+    )
+    if min(positive) <= 0 or not 0 < machine.matmul_efficiency <= 1:
+        raise ConfigError(
+            f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency in "
+            f"(0, 1] (got efficiency {machine.matmul_efficiency})"
+        )
+    return machine

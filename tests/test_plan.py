@@ -1,0 +1,187 @@
+"""The planner's cost and memory model (pure Python): it agrees with the dry run's memory table
+and the checker's simulation, its FLOPs are train's, and the search returns fitting layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mpipipe.config import TrainConfig
+from mpipipe.job import prepare
+from mpipipe.memory import activation_elements, per_rank
+from mpipipe.plan.cost import GPT, Layout, action_costs, memory
+from mpipipe.plan.machine import Link, Machine, from_mapping, load
+from mpipipe.plan.predict import plan_of, predict
+from mpipipe.plan.search import Space, search
+
+SMALL = dict(layers=6, d_model=32, heads=4, seq_len=16, vocab=64, global_batch=16)
+
+
+def ideal(**kw: object) -> Machine:
+    """Free communication, no overhead: only compute costs time."""
+    base = Machine("ideal", 8, 64.0, 1e6, {"float32": 1.0}, 1.0, Link(1e9, 0), Link(1e9, 0))
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("pp", "tp", "schedule", "v"), [(2, 1, "1f1b", 1), (3, 2, "interleaved", 2), (2, 4, "zbv", 2)]
+)
+def test_memory_matches_the_dry_run_table(pp: int, tp: int, schedule: str, v: int) -> None:
+    """Parameters and stash per pipeline rank equal memory.per_rank's for the job train runs."""
+    m = 3 if schedule == "interleaved" else 4
+    cfg = TrainConfig(**SMALL, pp=pp, tp=tp, schedule=schedule, microbatches=m)
+    cfg = cfg.replace(virtual_stages=v if v > 1 else None, global_batch=4 * m)
+    job = prepare(cfg, pp * tp)
+    model = GPT(**{**SMALL, "global_batch": job.cfg.global_batch})
+    layout = Layout(pp, 1, tp, schedule, v, job.cfg.microbatches)
+    _, peaks = plan_of(schedule, pp, job.cfg.microbatches, v)
+    for r, want in enumerate(per_rank(job)):
+        got = memory(model, layout, job.plan.stages[r], peaks[r])
+        assert (got.params, got.weights, got.stash) == (
+            want.params,
+            want.weights_bytes,
+            want.stash_bytes,
+        )
+
+
+def test_emulated_prediction_is_the_checkers_simulation() -> None:
+    """With emulated compute and free links, the predicted step is the job's dry run (dp = 1)."""
+    cfg = TrainConfig(**SMALL, pp=3, schedule="zb-h1", microbatches=4, emulate="F=1,B=2,W=0.5")
+    job = prepare(cfg, 3)
+    model = GPT(**SMALL, emulate=(1.0, 2.0, 0.5))
+    p = predict(model, Layout(3, 1, 1, "zb-h1", 1, 4), ideal())
+    assert p.step_time == pytest.approx(job.report.step_time, rel=1e-3)  # + the optimizer
+    assert p.bubble == pytest.approx(job.report.bubble, rel=1e-9)
+
+
+def test_compute_time_counts_train_flops() -> None:
+    """At 1 FLOP/s and infinite bandwidth, F + B + W over all stages is the model's training
+    FLOPs (6 per parameter and token + attention) minus the embedding's (a lookup) and the
+    biases' and LayerNorms' (elementwise, priced by bandwidth)."""
+    model = GPT(**SMALL)
+    free = ideal(memory_bandwidth_gbs=1e30, flops={"float32": 1e-12})
+    for layout in (Layout(2, 1, 1, "1f1b", 1, 4), Layout(1, 2, 2, "1f1b", 1, 2)):
+        c = action_costs(model, layout, free)
+        total = sum(c.f) + sum(c.b) + sum(c.w)
+        samples = model.global_batch // layout.dp
+        embed = 6 * model.layer_params("embed") * samples * model.seq_len
+        small = 6 * (13 * model.layers + 2) * model.d_model * samples * model.seq_len
+        flops = (model.model_flops(samples) - embed - small) / layout.tp
+        assert total * layout.microbatches == pytest.approx(flops, rel=1e-9)
+
+
+def test_zero_sequence_parallel_and_recompute_shrink_what_they_should() -> None:
+    model = GPT(**SMALL, dtype="bf16")
+    base = Layout(2, 4, 2, "1f1b", 1, 2)
+    plain = memory(model, base, (0,), 2)
+    zero = memory(model, base.with_(zero=1), (0,), 2)
+    sp = memory(model, base.with_(sp=True), (0,), 2)
+    full = memory(model, base.with_(recompute="full"), (0,), 2)
+    per_param = 2 + 2 + 4 * 3  # bf16 weights and grads, fp32 master and two Adam slots
+    assert plain.weights == plain.params * (per_param + 4)  # + fp32 gradients
+    assert zero.weights == plain.params * (2 + 2 + 4 + 12 / 4)
+    assert sp.stash < plain.stash and full.stash < plain.stash
+    assert sp.weights == plain.weights
+
+
+def test_machine_files_round_trip_and_presets_load() -> None:
+    import tomllib
+
+    for name in ("dgx-h100", "selene-a100"):
+        m = load(name)
+        assert from_mapping(tomllib.loads(m.to_toml()), name) == m
+    assert load("selene-a100").peak("bf16") == 312e12
+
+
+def test_search_returns_fitting_layouts_fastest_first() -> None:
+    model = GPT(layers=8, d_model=64, heads=4, seq_len=32, vocab=256, global_batch=32)
+    preds, n = search(model, 8, ideal(memory_gib=0.01), Space())
+    assert n > len(preds) > 3
+    assert all(p.peak_memory <= 0.01 * 2**30 for p in preds)
+    assert [p.step_time for p in preds] == sorted(p.step_time for p in preds)
+    pinned, _ = search(model, 8, ideal(), Space(pp=2, schedules=("gpipe",)))
+    assert {(p.layout.pp, p.layout.schedule) for p in pinned} == {(2, "gpipe")}
+
+
+def test_validate_quick_runs_two_layouts_and_reports_the_errors(tmp_path) -> None:
+    """`plan --validate --quick`: two emulated 2-rank runs, each against its prediction; the
+    summary's errors are the table's (and a units slip, 1000x, would not pass the bound)."""
+    from tests import mpirun
+
+    machine = tmp_path / "m.toml"
+    base = load("selene-a100")  # free compute: the emulated sleeps are the work
+    machine.write_text(dataclasses.replace(base, name="test").to_toml())
+    r = mpirun.run(["-m", "mpipipe", "plan", "--validate", "--quick", "--machine", str(machine)],
+                   timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.output
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| emulated-2 |")]
+    assert len(rows) == 2
+    errors = [float(x.split("|")[6].strip().rstrip("%")) / 100 for x in rows]
+    assert all(abs(e) < 0.5 for e in errors), r.stdout  # sleeps dominate: loose, load-proof
+    assert f"max {max(abs(e) for e in errors):.1%}" in r.stdout
+    assert "emulated-2: predicted best" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["block0", "head"])
+def test_saved_activations_are_what_the_estimate_counts(name: str) -> None:
+    """memory.activation_elements (the dry run's and the planner's stash) against the bytes the
+    executor counts in a real layer's saved context (a float32 forward on NumPy)."""
+    import numpy as np
+
+    from mpipipe.executor import _nbytes
+    from mpipipe.layers import Init
+
+    job = prepare(TrainConfig(layers=2, d_model=32, heads=4, seq_len=16, vocab=64), 1)
+    i = {"block0": 1, "head": 3}[name]
+    b, model = 3, job.model
+    layer = model.layers[i].build(Init.for_layer(0, i, np.float32, np))
+    x = np.random.default_rng(0).normal(size=model.act_shape(i - 1, b)).astype(np.float32)
+    _, ctx = layer.forward(x)
+    assert _nbytes(ctx) == 4 * activation_elements(name, model.meta, b)
+
+
+def test_plan_prints_a_command_and_toml_that_train_accepts(tmp_path, capsys) -> None:
+    """The best layout's train flags and [train] TOML parse and validate as train's own, for the
+    ranks planned; the CSV and JSON hold the same layouts, fastest first."""
+    import csv
+    import json
+
+    import tomllib
+
+    from mpipipe.flags import parse_train
+    from mpipipe.plan.cli import main
+
+    model = "--layers 8 --d-model 64 --heads 4 --seq-len 32 --vocab 256 --global-batch 32"
+    argv = [*model.split(), "--ranks", "4", "--machine", "selene-a100", "--tp", "1", "--dp", "1"]
+    assert main([*argv, "--out", str(tmp_path / "p"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("mpiexec -n 4"))
+    flags = line.split(" train ", 1)[1].split()
+    job = prepare(parse_train(flags)[0], 4)
+    toml = tomllib.loads(out.split("or as a --config file:\n", 1)[1])["train"]
+    assert (job.cfg.pp, job.cfg.dp, job.cfg.schedule) == (4, 1, toml["schedule"])
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [float(r["step_time_s"]) for r in rows] == [
+        x["step_time_s"] for x in json.loads((tmp_path / "p.json").read_text())
+    ]
+    assert rows[0]["schedule"] == toml["schedule"] and int(rows[0]["pp"]) == 4
+    assert "  time: pipeline" in out  # --explain
+
+
+def test_the_gradient_reduction_hides_behind_backward_only_with_overlap() -> None:
+    """Without overlap one bucket's all-reduce follows the last action; with overlap the
+    buckets of the last layers start during the remaining backward work."""
+    from mpipipe.plan.cost import allreduce_time
+
+    slow = Link(0.01, 5.0)  # 10 MB/s: the reduction is long against the emulated compute
+    machine = ideal(intra=slow, inter=slow)
+    model = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    layout = Layout(1, 2, 1, "1f1b", 1, 2, overlap=False)
+    off = predict(model, layout, machine, bucket_mb=1e3)
+    reduce = allreduce_time(slow, off.memory[0].params * 4, 2)
+    assert off.step_time == pytest.approx(
+        off.breakdown["pipeline"] + reduce + off.breakdown["optimizer"], rel=1e-9
+    )
+    on = predict(model, layout.with_(overlap=True), machine, bucket_mb=0.001)
+    assert off.breakdown["pipeline"] < on.step_time < off.step_time
