@@ -222,6 +222,7 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
     )
     sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
     tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
+    tp += ", ZeRO-1 (optimizer state sharded over dp)" if cfg.zero and (cfg.dp or 1) > 1 else ""
     lines = [
         f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp}{tp} ({first}"
         f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "

@@ -5,6 +5,7 @@
     Stage       my chunks, the loss, parameters by global name (stage.py)
     Executors   the lowered training plan and its forward-only twin (executor.py)
     GradReducer my stage's gradient buckets over my replicas (parallel/data_parallel.py)
+    ZeroShards  with --zero 1 and dp > 1: my replica's pieces of the optimizer (parallel/zero.py)
     TpGroup     with --tp: the ranks that split my stage's layers (parallel/tensor.py)
 
 train, `--dry-run` (placement and policy only: it builds no model), eval, generate and the
@@ -33,6 +34,7 @@ from mpipipe.parallel.grid import Grid
 from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
 from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
 from mpipipe.parallel.transport import Transport, spin_for
+from mpipipe.parallel.zero import ZeroShards
 from mpipipe.stage import Compute, Stage
 from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
 
@@ -138,14 +140,19 @@ class Runtime:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)
         self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute, self.tp)
         self.reducer: GradReducer | None = None
+        self.zero: ZeroShards | None = None  # --zero 1 with dp 1: nothing to shard
         if training and grid.dp > 1:
+            sharded = cfg.zero == 1
             self.reducer = GradReducer(
                 self.stage,
                 grid.dp_comm,
                 self.transport,
                 int(cfg.bucket_mb * 2**20),
                 cfg.overlap == "on",
+                shards=grid.dp if sharded else 1,
             )
+            if sharded:
+                self.zero = ZeroShards(self.stage, self.reducer, grid.dp_comm, self.transport)
         self.p2p = self.transport.link(grid.pp_comm)
         self.loss_scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
         self.train_exec = self._executor(plan, self.loss_scale, self.reducer) if training else None

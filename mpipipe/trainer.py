@@ -54,6 +54,7 @@ class TrainResult:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
     param_bytes: int = 0  # bytes of the parameters this rank holds (its shards with --tp)
+    optimizer_bytes: int = 0  # bytes of this rank's optimizer state (its pieces with --zero 1)
     preempted: str | None = None  # the signal that stopped the run early, if any
 
     @property
@@ -118,7 +119,15 @@ class _Run:
     def __init__(self, rt: Runtime, out: Any, preemption: Preemption) -> None:
         self.rt, self.job, self.cfg, self.grid, self.out = rt, rt.job, rt.job.cfg, rt.grid, out
         cfg, plan, world = self.cfg, rt.job.plan, rt.grid.world
-        self.opt = optim.make(cfg.optimizer, rt.stage.params, cfg)
+        zero = rt.zero  # --zero 1: the optimizer steps my pieces of the parameters
+        params, decay = (zero.params, zero.decay) if zero else (rt.stage.params, None)
+        self.opt = optim.make(cfg.optimizer, params, cfg, decay)
+        slots = self.opt.state_dict()[1].values()
+        self.opt_bytes = sum(int(a.nbytes) for arrays in slots for a in arrays.values())
+        self.opt_bytes_range = (
+            world.allreduce(self.opt_bytes, op=MPI.MIN),
+            world.allreduce(self.opt_bytes, op=MPI.MAX),
+        )
         self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
         self.faults = Faults.parse(cfg.inject_fault)
         self.preemption = preemption
@@ -191,7 +200,10 @@ class _Run:
         """This rank's figures for the step (before the grid-wide reduction)."""
         ex, me = self.train_exec, self.grid.stage_rank
         st = StepStats(self.n_layers, self.n_stages, self.grid.pp)
-        if self.grid.replica == 0:  # one rank per layer (per shard with --tp) fills these in
+        if self.rt.zero is not None:  # every replica its pieces (see parallel/zero.py)
+            for i, sq in self.rt.zero.layer_sq_norms().items():
+                st.layer_sq[i] = sq
+        elif self.grid.replica == 0:  # one rank per layer (per shard with --tp) fills these in
             for i, sq in layer_sq_norms(self.rt).items():
                 st.layer_sq[i] = sq
         if self.grid.replica == 0 and self.grid.tp_rank == 0:  # and one per stage these
@@ -238,7 +250,11 @@ class _Run:
         lr = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         wd.beat("the optimizer step")
         if math.isfinite(norm) and math.isfinite(loss):
-            self.opt.step(rt.stage.grads, lr, optim.clip_factor(norm, cfg.clip))
+            grads = rt.zero.grads if rt.zero else rt.stage.grads
+            self.opt.step(grads, lr, optim.clip_factor(norm, cfg.clip))
+            if rt.zero is not None:
+                wd.beat("the parameter all-gather")
+                rt.zero.gather()
         elif not self.opt.overflowed():  # fp16 skips the step; anything else stops here
             raise NonFiniteError(
                 f"step {step + 1}: the loss is {loss} and the gradient norm {norm}: stopped "
@@ -285,6 +301,15 @@ class _Run:
             rec["pipeline_time_predicted_s"] = report.step_time
         return rec
 
+    def opt_line(self) -> str:
+        """Optimizer bytes per rank, and whether --zero 1 shards them."""
+        low, high = self.opt_bytes_range
+        note = ""
+        if self.cfg.zero:
+            dp = self.grid.dp
+            note = f" (--zero 1: 1/{dp} each)" if dp > 1 else " (--zero 1 with dp 1: no-op)"
+        return f"optimizer bytes per rank: {low:,} to {high:,}{note}"
+
     def trace_step(self, step: int, *marks: float) -> None:
         t_backward, t_reduced, t_sum, t_summed, t_end = marks
         tr, ex = self.tracer, self.train_exec
@@ -313,6 +338,7 @@ class _Run:
             path, step, notes = checkpoint.restore(
                 world, str(cfg.checkpoint_dir) if auto else cfg.resume, self.rt.stage, self.opt,
                 self.job.model, fresh_ok=auto,
+                cuts=self.rt.zero.cuts if self.rt.zero else None,
             )  # fmt: skip
         for note in notes:
             self.say(f"--resume {cfg.resume}: {note}")
@@ -331,7 +357,7 @@ class _Run:
         previous checkpoint is lost, that checkpoint is not."""
         path = checkpoint.save(
             str(self.cfg.checkpoint_dir), step, self.rt.stage, self.opt, self.job, self.grid,
-            self.cfg.keep_last, self.faults,
+            self.cfg.keep_last, self.faults, self.rt.zero,
         )  # fmt: skip
         self.say(f"saved {path}")
 
@@ -343,7 +369,8 @@ class _Run:
             f"parameter bytes per rank: {low:,} to {high:,} ({self.n_params:,} parameters in "
             f"all{f', split over tp={self.grid.tp}' if self.grid.tp > 1 else ''})"
         )
-        result = TrainResult(cfg, param_bytes=self.param_bytes)
+        self.say(self.opt_line())
+        result = TrainResult(cfg, param_bytes=self.param_bytes, optimizer_bytes=self.opt_bytes)
         preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
         metrics = MetricsFile(

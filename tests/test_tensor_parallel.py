@@ -4,7 +4,8 @@ Tensor parallelism sums a row-parallel product over the group in another order t
 process does (and the cross-entropy's normaliser likewise), so equality is to rounding
 (relative 1e-12 in float64, SGD: see test_data_parallel.py), not bitwise. Three launches cover
 it all (4, 8 and 1 rank), each running several layouts; a checkpoint saved in one launch is
-resumed at another tp in the next (tp 2 -> tp 4, tp 2 x dp 2 -> one process).
+resumed at another tp in the next (tp 2 -> tp 4, tp 2 x dp 2 -> one process), and within the
+8-rank launch between pp 2 x tp 2 x dp 2 with ZeRO-1 and pp 4 x tp 1 x dp 2 without, both ways.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ EIGHT = [  # on 8 ranks
     "pp=2,tp=4",
     "pp=1,tp=4,dp=2",
 ]
+ZERO_TP, PP4 = "pp=2,tp=2,dp=2,zero=1,schedule=zbv", "pp=4"  # also save at step 2 (8 ranks)
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +38,40 @@ def runs(tmp_path_factory):
     a, b = tmp / "ckpt_tp2", tmp / "ckpt_tp2dp2"
     save_a, resume_a = f"pp=2,tp=2,steps=2,checkpoint_dir={a}", f"pp=2,tp=4,resume={a}"
     save_b, resume_b = f"pp=2,tp=2,dp=2,steps=2,checkpoint_dir={b}", f"pp=1,resume={b}"
+    c, d = tmp / "ckpt_zero_tp", tmp / "ckpt_pp4"
+    zero_tp, pp4 = (
+        f"{ZERO_TP},save_every=2,checkpoint_dir={c}",
+        f"{PP4},save_every=2,checkpoint_dir={d}",
+    )
+    resume_c, resume_d = (
+        f"pp=4,resume={c}/step_000002",
+        f"pp=2,tp=2,dp=2,zero=1,resume={d}/step_000002",
+    )
     four = mpirun.layouts(tmp / "four.npz", [*FOUR, save_a], 4)
-    eight = mpirun.layouts(tmp / "eight.npz", [*EIGHT, resume_a, save_b], 8)
+    eight = mpirun.layouts(
+        tmp / "eight.npz", [*EIGHT, resume_a, save_b, zero_tp, pp4, resume_c, resume_d], 8
+    )
     ref = mpirun.layouts(tmp / "ref.npz", ["pp=1", resume_b], 1)
-    return {"ref": ref, "got": {**four, **eight}, "resumed": [resume_a, resume_b]}
+    eight.update({k.replace(zero_tp, ZERO_TP).replace(pp4, PP4): v for k, v in eight.items()})
+    resumed = [resume_a, resume_b, resume_c, resume_d]
+    return {"ref": ref, "got": {**four, **eight}, "resumed": resumed}
 
 
 @pytest.mark.openmpi  # the tp all-reduces (SUM and MAX) beside p2p and the dp buckets
-@pytest.mark.parametrize("layout", FOUR + EIGHT)
+@pytest.mark.parametrize("layout", [*FOUR, *EIGHT, ZERO_TP, PP4])
 def test_tp_grid_equals_single_process(runs, layout):
     assert_matches(runs["ref"], "pp=1", runs["got"], layout)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["tp2-to-tp4", "tp2dp2-to-tp1"])
+@pytest.mark.parametrize(
+    "which",
+    [0, 1, 2, 3],
+    ids=["tp2-to-tp4", "tp2dp2-to-tp1", "pp2tp2dp2zero1-to-pp4", "pp4-to-pp2tp2dp2zero1"],
+)
 def test_checkpoint_resumes_at_another_tp(runs, which):
-    """Saved whole after 2 steps at one tp, resumed at another for step 3: the parameters and
-    the step's loss are those of 3 uninterrupted steps in one process."""
+    """Saved whole after 2 steps at one layout, resumed at another for step 3: the parameters
+    and the step's loss are those of 3 uninterrupted steps in one process (with ZeRO-1 the
+    momentum is saved from the replicas' pieces and cut into other pieces on load)."""
     layout = runs["resumed"][which]
     got = {**runs["got"], **runs["ref"]}
     ref = runs["ref"]

@@ -254,11 +254,15 @@ def check_model(step_dir: Path, m: dict[str, Any], model: Any) -> None:
         )
 
 
-def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
+Cuts = dict[str, tuple[int, int]]
+
+
+def load(step_dir: Path, stage: Any, opt: Any, model: Any, cuts: Cuts | None = None) -> int:
     """Fill this rank's parameters and optimizer state (`opt` None: parameters only) from the
-    checkpoint; return its step. Checks the structure of the shards it reads first and every
-    byte it reads against its sha256: Damaged if anything is wrong, CheckpointError if the
-    checkpoint is of another model or optimizer."""
+    checkpoint; return its step. `cuts` (--zero 1): the optimizer holds only the flat part
+    [start, stop) of each named parameter (and nothing of the others). Checks the structure of
+    the shards it reads first and every byte it reads against its sha256: Damaged if anything is
+    wrong, CheckpointError if the checkpoint is of another model or optimizer."""
     m = read_manifest(step_dir)
     check_model(step_dir, m, model)
     owner = {i: e for e in m["shards"] for i in e["layers"]}
@@ -273,13 +277,17 @@ def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
                     if owner[i]["file"] != file:
                         continue
                     for name in stage.layer_params[i]:
-                        targets = [(dataset_path(name), stage.params[name])]
-                        for slot, arrays in slots.items():
-                            targets.append((slot_path(slot, name), arrays[name]))
                         pick = _picker(stage, name)
-                        for path, target in targets:
+                        targets = [(dataset_path(name), stage.params[name], pick)]
+                        for slot, arrays in slots.items():
+                            if cuts is None:
+                                targets.append((slot_path(slot, name), arrays[name], pick))
+                            elif name in cuts:
+                                cut = _cutter(pick, *cuts[name])
+                                targets.append((slot_path(slot, name), arrays[name], cut))
+                        for path, target, how in targets:
                             expected, read = _read_into(
-                                f, path, target, step_dir / file, entry, m, pick
+                                f, path, target, step_dir / file, entry, m, how
                             )
                             checks.append((file, path, expected, pool.submit(sha256, read)))
         for file, path, expected, hashed in checks:
@@ -320,6 +328,11 @@ def _picker(stage: Any, name: str) -> Callable[[np.ndarray], np.ndarray] | None:
     if split is None or tp.size == 1:
         return None
     return lambda whole: split.shard(whole, tp.size, tp.rank)
+
+
+def _cutter(pick: Any, start: int, stop: int) -> Callable[[np.ndarray], np.ndarray]:
+    """My --zero 1 piece: the flat part [start, stop) of my (tp shard of the) tensor."""
+    return lambda whole: (pick(whole) if pick else whole).reshape(-1)[start:stop]
 
 
 def _read_into(
