@@ -35,7 +35,8 @@ def build_model(cfg: TrainConfig) -> Model:
     """The model `cfg` names (a recipe: nothing is allocated); vocabulary --vocab, else bytes."""
     vocab = cfg.vocab or BYTES_VOCAB
     if cfg.is_gpt:
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab)
+        tied = cfg.tie_embeddings == "yes"
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, tied)
     return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 

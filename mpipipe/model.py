@@ -51,8 +51,13 @@ class Model:
         return sum(1 for s in self.layers if s.body)
 
 
-def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB) -> Model:
-    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head."""
+def gpt(
+    n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB, tied: bool = False
+) -> Model:
+    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head (`tied`:
+    the head multiplies by the token embedding, mpipipe/tied.py)."""
+    from mpipipe.tied import TiedHead  # noqa: PLC0415 - tied.py builds on layers and mpi4py
+
     c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
     specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
     specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms
@@ -64,7 +69,8 @@ def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCA
         )
         for i in range(n_layer)
     ]
-    specs.append(LayerSpec("head", partial(Head, c=c, vocab=vocab), False, 2 * c + c * vocab))
+    head = partial(TiedHead if tied else Head, c=c, vocab=vocab)
+    specs.append(LayerSpec("head", head, False, 2 * c + (0 if tied else c * vocab)))
     last = len(specs) - 1
 
     def act_shape(i: int, b: int) -> tuple[int, ...]:
@@ -80,6 +86,7 @@ def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCA
         "n_head": n_head,
         "seq_len": seq_len,
         "vocab": vocab,
+        **({"tied": True} if tied else {}),  # absent when untied: older checkpoints still load
     }
     return Model(specs, act_shape, meta, example)
 

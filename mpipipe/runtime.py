@@ -6,6 +6,7 @@
     Executors   the lowered training plan and its forward-only twin (executor.py)
     GradReducer my stage's gradient buckets over my replicas (parallel/data_parallel.py)
     ZeroShards  with --zero 1 and dp > 1: my replica's pieces of the optimizer (parallel/zero.py)
+    Tie         with --tie-embeddings yes: the weight my first/last stage shares (tied.py)
     TpGroup     with --tp: the ranks that split my stage's layers (parallel/tensor.py)
 
 train, `--dry-run` (placement and policy only: it builds no model), eval, generate and the
@@ -36,6 +37,7 @@ from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
 from mpipipe.parallel.transport import Transport, spin_for
 from mpipipe.parallel.zero import ZeroShards
 from mpipipe.stage import Compute, Stage
+from mpipipe.tied import EMBED, Tie
 from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
 
 
@@ -139,6 +141,11 @@ class Runtime:
         if job.emulated is not None:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)
         self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute, self.tp)
+        self.tie: Tie | None = None  # before the reducer: a shared weight is bucketed once
+        if job.model.meta.get("tied"):
+            first, last = plan.owner(0)[0], plan.owner(plan.n_stages - 1)[0]
+            n = len(job.model.layers)
+            self.tie = Tie(self.stage, n, first, last, grid.pp_comm, self.transport)
         self.reducer: GradReducer | None = None
         self.zero: ZeroShards | None = None  # --zero 1 with dp 1: nothing to shard
         if training and grid.dp > 1:
@@ -172,8 +179,31 @@ class Runtime:
             self.dtype,
             self.xp,
             scale,
-            on_layer_final=reducer.layer_ready if reducer is not None else None,
+            on_layer_final=self._layer_final if reducer is not None or self.tie else None,
         )
+
+    @property
+    def tied_copy(self) -> str | None:
+        """The head's copy of a tied weight held here (counted and stored once: elsewhere)."""
+        return self.tie.copy if self.tie is not None else None
+
+    @property
+    def aliases(self) -> dict[str, str] | None:
+        """What a checkpoint load reads under another name: a tied head's copy, the embedding."""
+        return {self.tie.copy: EMBED} if self.tie is not None and self.tie.copy else None
+
+    def _layer_final(self, i: int) -> None:
+        """Global layer i's weight gradients are final: to the reducer, unless a tied layer
+        (held until `finish_tie`)."""
+        if (self.tie is None or not self.tie.hold(i)) and self.reducer is not None:
+            self.reducer.layer_ready(i)
+
+    def finish_tie(self) -> None:
+        """After all W work of a step: the tied gradient summed, its layers to the reducer."""
+        if self.tie is not None:
+            for i in self.tie.finish():
+                if self.reducer is not None:
+                    self.reducer.layer_ready(i)
 
     @property
     def rows(self) -> range:
@@ -203,3 +233,5 @@ class Runtime:
     def close(self) -> None:
         if self.reducer is not None:
             self.reducer.close()
+        if self.tie is not None:
+            self.tie.close()

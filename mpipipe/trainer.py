@@ -98,12 +98,12 @@ def layer_sq_norms(rt: Runtime) -> dict[int, float]:
     (the same on every layout; a threaded BLAS dot would split the sum by thread count). The
     sums stay on the device and come to the host in ONE transfer. With --tp, each rank of the
     group counts its shards and rank 0 the replicated parameters (the grid's SUM adds them)."""
-    stage = rt.stage
+    stage, copy = rt.stage, rt.tied_copy  # a tied copy counts on its other rank
     names = [
         n
         for i in sorted(stage.layer_params)
         for n in stage.layer_params[i]
-        if owned(n, stage.splits, rt.tp)
+        if owned(n, stage.splits, rt.tp) and n != copy
     ]
     squares = []
     for n in names:
@@ -138,7 +138,8 @@ class _Run:
         self.train_exec.watchdog = rt.eval_exec.watchdog = self.watchdog
         self.tracer = Tracer(world, cfg.trace, 1, cfg.trace_steps)  # skip step 0: warm-up
         params, splits = rt.stage.params, rt.stage.splits
-        mine = sum(int(p.size) for n, p in params.items() if owned(n, splits, rt.tp))
+        copy = rt.tied_copy  # the head's copy of a tied weight is counted once
+        mine = sum(int(p.size) for n, p in params.items() if owned(n, splits, rt.tp) and n != copy)
         self.n_params = world.allreduce(mine if self.grid.replica == 0 else 0, op=MPI.SUM)
         self.param_bytes = sum(int(p.nbytes) for p in params.values())
         self.param_bytes_range = (
@@ -201,7 +202,7 @@ class _Run:
         ex, me = self.train_exec, self.grid.stage_rank
         st = StepStats(self.n_layers, self.n_stages, self.grid.pp)
         if self.rt.zero is not None:  # every replica its pieces (see parallel/zero.py)
-            for i, sq in self.rt.zero.layer_sq_norms().items():
+            for i, sq in self.rt.zero.layer_sq_norms(self.rt.tied_copy).items():
                 st.layer_sq[i] = sq
         elif self.grid.replica == 0:  # one rank per layer (per shard with --tp) fills these in
             for i, sq in layer_sq_norms(self.rt).items():
@@ -231,6 +232,8 @@ class _Run:
         scale = self.opt.loss_scale  # fp16: the dynamic loss scale; else 1
         self.train_exec.loss_scale = rt.loss_scale * scale
         losses = self.train_exec.run(batch)
+        wd.beat("the tied embedding's gradient sum")
+        rt.finish_tie()  # --tie-embeddings: before the replicas' reduction (and clipping)
         t_backward = clock()
         if rt.reducer is not None:
             wd.beat("the gradient all-reduce")
@@ -339,6 +342,7 @@ class _Run:
                 world, str(cfg.checkpoint_dir) if auto else cfg.resume, self.rt.stage, self.opt,
                 self.job.model, fresh_ok=auto,
                 cuts=self.rt.zero.cuts if self.rt.zero else None,
+                aliases=self.rt.aliases,
             )  # fmt: skip
         for note in notes:
             self.say(f"--resume {cfg.resume}: {note}")
@@ -357,7 +361,7 @@ class _Run:
         previous checkpoint is lost, that checkpoint is not."""
         path = checkpoint.save(
             str(self.cfg.checkpoint_dir), step, self.rt.stage, self.opt, self.job, self.grid,
-            self.cfg.keep_last, self.faults, self.rt.zero,
+            self.cfg.keep_last, self.faults, self.rt.zero, self.rt.tied_copy,
         )  # fmt: skip
         self.say(f"saved {path}")
 
@@ -426,7 +430,8 @@ class _Run:
             self.say(summary_line(result, time.perf_counter() - t_start))
         elif not result.preempted:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
-        mine = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items()}
+        copy = self.rt.tied_copy  # stored once: under the embedding's name
+        mine = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items() if k != copy}
         result.params = whole(mine, self.rt.stage.splits, self.rt.tp, self.grid.tp_comm)
         return result
 

@@ -43,14 +43,16 @@ OPTIONS = [
 # decay per parameter on flat pieces) beside the same run without ZeRO
 ZERO_CLIP, ADAMW = "pp=2,zero=1,clip=0.01", "pp=2,optimizer=adamw"
 ZERO = [ZERO_CLIP, ADAMW, f"{ADAMW},zero=1"]
+# tied embeddings: the first and last stages on different ranks (dp 1 on 4 ranks)
+TIED, TIED_PP4 = "pp=1,tie_embeddings=yes", "pp=4,tie_embeddings=yes"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
-    out = {(1, 1): mpirun.layouts(tmp / "ref.npz", ["pp=1", "pp=1,clip=0.01"], 1)}
+    out = {(1, 1): mpirun.layouts(tmp / "ref.npz", ["pp=1", "pp=1,clip=0.01", TIED], 1)}
     for pp, dp in GRIDS:
-        extra = [*OPTIONS, *ZERO] if (pp, dp) == (2, 2) else []
+        extra = [*OPTIONS, *ZERO, TIED_PP4] if (pp, dp) == (2, 2) else []
         out[(pp, dp)] = mpirun.layouts(
             tmp / f"pp{pp}dp{dp}.npz",
             [*(f"pp={pp},schedule={s}" for s in ("gpipe", "1f1b")), *extra],
@@ -101,6 +103,18 @@ def test_zero1_optimizer_bytes_scale_as_one_over_dp(runs):
     got = runs[(2, 2)]
     ratio = float(got[f"optbytes/{ADAMW},zero=1"]) / float(got[f"optbytes/{ADAMW}"])
     assert abs(ratio * 2 - 1) < 0.1, ratio
+
+
+def test_tied_embeddings_bitwise_across_the_pipeline(runs):
+    """pp 4 (dp 1): the embedding's and the head's gradients are summed over a two-rank
+    communicator, a + b as the single process adds them in place: every parameter and loss of
+    the tied single-process run, bitwise (and the loss differs from the untied model's)."""
+    ref, got = runs[(1, 1)], runs[(2, 2)]
+    names = [k[len(TIED) + 1 :] for k in ref if k.startswith(f"{TIED}/")]
+    assert len(names) > 20 and not [n for n in names if "lm_head" in n]
+    for name in names:
+        assert np.array_equal(got[f"{TIED_PP4}/{name}"], ref[f"{TIED}/{name}"]), name
+    assert not np.array_equal(ref[f"{TIED}/loss"], ref["pp=1/loss"])
 
 
 def test_replicas_stay_identical(tmp_path):

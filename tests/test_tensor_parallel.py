@@ -5,10 +5,14 @@ process does (and the cross-entropy's normaliser likewise), so equality is to ro
 (relative 1e-12 in float64, SGD: see test_data_parallel.py), not bitwise. Three launches cover
 it all (4, 8 and 1 rank), each running several layouts; a checkpoint saved in one launch is
 resumed at another tp in the next (tp 2 -> tp 4, tp 2 x dp 2 -> one process), and within the
-8-rank launch between pp 2 x tp 2 x dp 2 with ZeRO-1 and pp 4 x tp 1 x dp 2 without, both ways.
+8-rank launch between pp 2 x tp 2 x dp 2 with ZeRO-1 and pp 4 x tp 1 x dp 2 without, both ways,
+with tied embeddings (the reference: a tied single process). zbv's rank 0 holds the embedding
+and the head (one shared array); 1f1b's first and last ranks each hold a copy.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -29,7 +33,9 @@ EIGHT = [  # on 8 ranks
     "pp=2,tp=4",
     "pp=1,tp=4,dp=2",
 ]
-ZERO_TP, PP4 = "pp=2,tp=2,dp=2,zero=1,schedule=zbv", "pp=4"  # also save at step 2 (8 ranks)
+TIED = "pp=1,tie_embeddings=yes"  # the reference of the tied layouts
+ZERO_TP = "pp=2,tp=2,dp=2,zero=1,schedule=zbv,tie_embeddings=yes"  # also save at step 2
+PP4 = "pp=4,tie_embeddings=yes"  # 8 ranks: dp 2; also save at step 2
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +50,32 @@ def runs(tmp_path_factory):
         f"{PP4},save_every=2,checkpoint_dir={d}",
     )
     resume_c, resume_d = (
-        f"pp=4,resume={c}/step_000002",
-        f"pp=2,tp=2,dp=2,zero=1,resume={d}/step_000002",
+        f"{PP4},resume={c}/step_000002",
+        f"pp=2,tp=2,dp=2,zero=1,tie_embeddings=yes,resume={d}/step_000002",
     )
     four = mpirun.layouts(tmp / "four.npz", [*FOUR, save_a], 4)
     eight = mpirun.layouts(
         tmp / "eight.npz", [*EIGHT, resume_a, save_b, zero_tp, pp4, resume_c, resume_d], 8
     )
-    ref = mpirun.layouts(tmp / "ref.npz", ["pp=1", resume_b], 1)
+    ref = mpirun.layouts(tmp / "ref.npz", ["pp=1", resume_b, TIED], 1)
     eight.update({k.replace(zero_tp, ZERO_TP).replace(pp4, PP4): v for k, v in eight.items()})
-    resumed = [resume_a, resume_b, resume_c, resume_d]
-    return {"ref": ref, "got": {**four, **eight}, "resumed": resumed}
+    resumed = [(resume_a, "pp=1"), (resume_b, "pp=1"), (resume_c, TIED), (resume_d, TIED)]
+    return {"ref": ref, "got": {**four, **eight}, "resumed": resumed, "tied_ckpt": d}
 
 
 @pytest.mark.openmpi  # the tp all-reduces (SUM and MAX) beside p2p and the dp buckets
 @pytest.mark.parametrize("layout", [*FOUR, *EIGHT, ZERO_TP, PP4])
 def test_tp_grid_equals_single_process(runs, layout):
-    assert_matches(runs["ref"], "pp=1", runs["got"], layout)
+    assert_matches(runs["ref"], TIED if "tie" in layout else "pp=1", runs["got"], layout)
+
+
+def test_tied_weight_is_stored_once(runs):
+    """A tied checkpoint holds the embedding (and its momentum) and no head weight: the head's
+    copy on the last stage is not written, and is filled from the embedding on load."""
+    manifest = json.loads((runs["tied_ckpt"] / "step_000002" / "manifest.json").read_text())
+    tensors = [t for shard in manifest["shards"] for t in shard["tensors"]]
+    assert not [t for t in tensors if "lm_head" in t]
+    assert len([t for t in tensors if t.endswith("/wte")]) == 2  # the weight, its momentum
 
 
 @pytest.mark.parametrize(
@@ -72,17 +87,17 @@ def test_checkpoint_resumes_at_another_tp(runs, which):
     """Saved whole after 2 steps at one layout, resumed at another for step 3: the parameters
     and the step's loss are those of 3 uninterrupted steps in one process (with ZeRO-1 the
     momentum is saved from the replicas' pieces and cut into other pieces on load)."""
-    layout = runs["resumed"][which]
+    layout, base = runs["resumed"][which]
     got = {**runs["got"], **runs["ref"]}
     ref = runs["ref"]
-    names = [k[len("pp=1/") :] for k in ref if k.startswith("pp=1/layers.")]
+    names = [k[len(base) + 1 :] for k in ref if k.startswith(f"{base}/layers.")]
     assert len(names) > 20
     for name in names:
-        a, b = got[f"{layout}/{name}"], ref[f"pp=1/{name}"]
+        a, b = got[f"{layout}/{name}"], ref[f"{base}/{name}"]
         rel = np.abs(a - b).max() / np.abs(b).max()
         assert rel < 1e-12, f"{layout}: {name}: relative difference {rel:.3g}"
     loss = got[f"{layout}/loss"]
-    assert len(loss) == 1 and abs(loss[0] - ref["pp=1/loss"][-1]) < 1e-12 * abs(loss[0])
+    assert len(loss) == 1 and abs(loss[0] - ref[f"{base}/loss"][-1]) < 1e-12 * abs(loss[0])
 
 
 @pytest.mark.parametrize("layout, tp", [("pp=1,tp=2,dp=2", 2), ("pp=1,tp=4", 4)])

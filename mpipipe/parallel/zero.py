@@ -92,10 +92,11 @@ class ZeroShards:
         finally:
             self.reducer.active.clear()
 
-    def layer_sq_norms(self) -> dict[int, float]:
+    def layer_sq_norms(self, skip: str | None = None) -> dict[int, float]:
         """Each layer's squared gradient norm over my pieces (float64, pairwise; tp: the pieces
-        of parameters this tp rank counts). The grid's SUM adds the replicas' parts."""
-        names = [n for n in self.grads if owned(n, self.stage.splits, self.stage.tp)]
+        of parameters this tp rank counts; not `skip`, a tied weight's second copy). The grid's
+        SUM adds the replicas' parts."""
+        names = [n for n in self.grads if owned(n, self.stage.splits, self.stage.tp) and n != skip]
         squares = []
         for n in names:
             g64 = self.grads[n].astype("float64", copy=False)
