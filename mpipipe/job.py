@@ -218,17 +218,18 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
     what = (
         f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
         + (f", vocabulary {meta['vocab']}" if meta.get("vocab") else "")
+        + (", tied embeddings" if meta.get("tied") else "")
         if "kind" in meta
         else f"custom model of {len(job.model.layers)} layers"
     )
     sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
     tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
-    tp += ", ZeRO-1 (optimizer state sharded over dp)" if cfg.zero and (cfg.dp or 1) > 1 else ""
+    zero = ", ZeRO-1 (optimizer state sharded over dp)" if cfg.zero and (cfg.dp or 1) > 1 else ""
     lines = [
         f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp}{tp} ({first}"
-        f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
-        f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
-        f"{job.report.bubble:.2f} ({sim})",
+        f"{cfg.rank_order} contiguous){zero}, schedule {plan.name}, {cfg.microbatches} "
+        f"micro-batches of {cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, "
+        f"simulated bubble {job.report.bubble:.2f} ({sim})",
         f"stages ({cfg.partition} partition): {' | '.join(parts)}",
     ]
     if cfg.partition == "time" and job.layer_costs:
