@@ -42,7 +42,8 @@ OPTIONS = [
 # ZeRO-1 on pp 2 x dp 2: clipping active (the norm summed over the shards), and AdamW (weight
 # decay per parameter on flat pieces) beside the same run without ZeRO
 ZERO_CLIP, ADAMW = "pp=2,zero=1,clip=0.01", "pp=2,optimizer=adamw"
-ZERO = [ZERO_CLIP, ADAMW, f"{ADAMW},zero=1"]
+BF16 = "pp=2,dtype=bf16"  # fp32 masters, moments and gradients sharded too
+ZERO = [ZERO_CLIP, ADAMW, f"{ADAMW},zero=1", BF16, f"{BF16},zero=1"]
 # tied embeddings: the first and last stages on different ranks (dp 1 on 4 ranks)
 TIED, TIED_PP4 = "pp=1,tie_embeddings=yes", "pp=4,tie_embeddings=yes"
 
@@ -103,6 +104,17 @@ def test_zero1_optimizer_bytes_scale_as_one_over_dp(runs):
     got = runs[(2, 2)]
     ratio = float(got[f"optbytes/{ADAMW},zero=1"]) / float(got[f"optbytes/{ADAMW}"])
     assert abs(ratio * 2 - 1) < 0.1, ratio
+
+
+def test_zero1_bf16_shards_the_fp32_masters(runs):
+    """bf16 (SGD): the fp32 masters and momentum are 1/dp per rank as well; the losses agree to
+    1e-4 relative, not bitwise: ZeRO-1 steps with the replicas' float32 gradient sum as it is,
+    where --zero 0 first rounds it to bf16 in the bucket."""
+    got = runs[(2, 2)]
+    ratio = float(got[f"optbytes/{BF16},zero=1"]) / float(got[f"optbytes/{BF16}"])
+    assert abs(ratio * 2 - 1) < 0.1, ratio
+    a, b = got[f"{BF16},zero=1/loss"], got[f"{BF16}/loss"]
+    assert np.allclose(a, b, rtol=1e-4, atol=0), (a, b)
 
 
 def test_tied_embeddings_bitwise_across_the_pipeline(runs):
