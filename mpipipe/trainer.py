@@ -232,8 +232,9 @@ class _Run:
         scale = self.opt.loss_scale  # fp16: the dynamic loss scale; else 1
         self.train_exec.loss_scale = rt.loss_scale * scale
         losses = self.train_exec.run(batch)
-        wd.beat("the tied embedding's gradient sum")
-        rt.finish_tie()  # --tie-embeddings: before the replicas' reduction (and clipping)
+        if rt.tie is not None:  # the tied gradient, before the replicas' reduction and clipping
+            wd.beat("the tied embedding's gradient sum")
+            rt.finish_tie()
         t_backward = clock()
         if rt.reducer is not None:
             wd.beat("the gradient all-reduce")
