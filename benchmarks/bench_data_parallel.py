@@ -3,8 +3,11 @@
 Builds one pipeline stage of a GPT on every rank (pp=1, dp=ranks), then times, in the same run
 and on the same buffers' total size: (a) the GradReducer path (buckets in backward order, each an
 in-place Iallreduce started as its layers become final, then waited for), and (b) a single
-`comm.Allreduce` of one flat buffer of the same total size. Prints both bandwidths (bytes of
-gradient per second) and the ratio; goal: >= 0.9.
+`comm.Allreduce` of one flat buffer of the same total size, and (c) ZeRO-1's communication
+(parallel/zero.py): the same buckets padded, reduce-scattered as they become final, then my
+block all-gathered back into every parameter (the optimizer's arithmetic left out). A
+reduce-scatter plus an all-gather move what one all-reduce moves, so (c) is held to the same
+goal. Prints the bandwidths (bytes of gradient per second) and the ratios; goal: >= 0.9.
 
     python benchmarks/bench_data_parallel.py [--ranks 2] [--d-model 512] [--layers 4]
 """
@@ -22,6 +25,7 @@ def measure(args: argparse.Namespace) -> None:
     from mpipipe.model import gpt
     from mpipipe.parallel.data_parallel import GradReducer
     from mpipipe.parallel.transport import Transport
+    from mpipipe.parallel.zero import ZeroShards
     from mpipipe.schedule import one_f_one_b
     from mpipipe.stage import Compute, Stage
 
@@ -31,6 +35,16 @@ def measure(args: argparse.Namespace) -> None:
     overlap = args.overlap == "on"
     reducer = GradReducer(stage, comm, Transport(), int(args.bucket_mb * 2**20), overlap)
     flat = np.ones(reducer.nbytes // 4, dtype=np.float32)
+    # built last, so the stage's gradients are views into its (padded) buckets
+    transport = Transport()
+    sharded = GradReducer(stage, comm, transport, int(args.bucket_mb * 2**20), overlap, comm.size)
+    zero = ZeroShards(stage, sharded, comm, transport)
+
+    def zero1() -> None:
+        for i in sorted(stage.layer_params, reverse=True):
+            sharded.layer_ready(i)
+        sharded.finish()
+        zero.gather()
 
     def bucketed() -> None:
         for i in sorted(stage.layer_params, reverse=True):
@@ -40,9 +54,10 @@ def measure(args: argparse.Namespace) -> None:
     def plain() -> None:
         comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
 
-    times: dict[str, list[float]] = {"bucketed": [], "plain": []}
+    times: dict[str, list[float]] = {"bucketed": [], "plain": [], "zero-1": []}
+    paths = (("plain", plain), ("bucketed", bucketed), ("zero-1", zero1))
     for rep in range(args.repeats + 1):
-        for name, fn in (("plain", plain), ("bucketed", bucketed)):  # alternate: same noise
+        for name, fn in paths:  # alternate: same noise
             comm.Barrier()
             t0 = time.perf_counter()
             fn()
@@ -50,6 +65,7 @@ def measure(args: argparse.Namespace) -> None:
             if rep:  # the first round warms up
                 times[name].append(dt)
     reducer.close()
+    sharded.close()
     if comm.rank == 0:
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         mb = reducer.nbytes / 2**20
@@ -60,15 +76,20 @@ def measure(args: argparse.Namespace) -> None:
         )
         print("| path | ms | GB/s (gradient bytes / time) | ratio |")
         print("|---|---|---|---|")
-        for name in ("plain", "bucketed"):
+        for name in ("plain", "bucketed", "zero-1"):
             gbs = reducer.nbytes / med[name] / 1e9
             print(
                 f"| {name} | {med[name] * 1e3:.2f} | {gbs:.2f} | {med['plain'] / med[name]:.3f} |"
             )
         ratio = med["plain"] / med["bucketed"]
+        zratio = med["plain"] / med["zero-1"]
         print(
             f"summary: data parallel | bucketed vs plain all-reduce bandwidth | {ratio:.3f} | "
             ">= 0.9"
+        )
+        print(
+            f"summary: data parallel | ZeRO-1 reduce-scatter + all-gather vs plain all-reduce "
+            f"| {zratio:.3f} | >= 0.9"
         )
         print(
             f"bucketed / plain bandwidth {ratio:.3f} (goal >= 0.9): "

@@ -184,7 +184,8 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
         print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}  {shard:>2}")
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
-    print(table(per_rank(job), job.cfg.tp, job.cfg.sequence_parallel))
+    zero_dp = (job.cfg.dp or 1) if job.cfg.zero else 1
+    print(table(per_rank(job), job.cfg.tp, job.cfg.sequence_parallel, zero_dp))
     print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 
@@ -283,6 +284,11 @@ def cmd_doctor(argv: list[str]) -> int:
             f"mpi4py thread level {MPI.Query_thread()})"
         )
         print(f"CUDA-aware: {'yes' if aware else 'no'}: {why}")
+        nonblocking = MPI.Get_version() >= (3, 0)  # Ireduce_scatter_block, Iallgather
+        print(
+            f"ZeRO-1 (--zero 1): {'available' if nonblocking else 'needs MPI 3'}: its "
+            "buckets are reduce-scattered and all-gathered through the same transport"
+        )
         print(f"backend: {backend} ({why_backend}); {cuda_versions()} on rank 0")
         print("rank  host              local  GPUs  device")
         for rank, host, local, gpus, dev in rows:

@@ -96,6 +96,14 @@ class TrainConfig:
         "start each bucket's all-reduce during backward (off: after it)",
         choices=("on", "off"),
     )
+    zero: int = _opt(
+        0,
+        "ZeRO stage: 1 shards optimizer state and fp32 masters over the dp replicas (1/dp "
+        "each; no-op with dp 1), 0: each replica holds all of it",
+    )
+    tie_embeddings: str = _opt(
+        "no", "yes: the LM head uses the token embedding's weight (GPT-2)", choices=("no", "yes")
+    )
     partition: str = _opt(
         "uniform",
         "how to split layers into stages: uniform (blocks evenly), params (balance parameter "
@@ -237,6 +245,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} {value} must be at least 1")
+        if self.tie_embeddings == "yes" and not self.is_gpt:
+            raise ConfigError(f"--tie-embeddings yes needs a GPT model (not --model {self.model})")
+        if self.zero not in (0, 1):
+            raise ConfigError(f"--zero {self.zero}: choose 0 (off) or 1 (shard optimizer state)")
         if self.tp > 1:
             if not self.is_gpt:
                 raise ConfigError(

@@ -67,7 +67,10 @@ class _Pipeline:
         device = agree(self.grid.world, lambda: place(job, self.grid))
         self.rt = Runtime(job, self.grid, device, training=False)
         self.step = agree(
-            self.grid.world, lambda: checkpoint.load(step_dir, self.rt.stage, None, job.model)
+            self.grid.world,
+            lambda: checkpoint.load(
+                step_dir, self.rt.stage, None, job.model, aliases=self.rt.aliases
+            ),
         )
         self.exec = self.rt.eval_exec
 

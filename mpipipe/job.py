@@ -37,7 +37,8 @@ def build_model(cfg: TrainConfig) -> Model:
     vocab = cfg.vocab or BYTES_VOCAB
     if cfg.is_gpt:
         shards = cfg.tp if cfg.sequence_parallel else 1
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, shards)
+        tied = cfg.tie_embeddings == "yes"
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, shards, tied)
     return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 
@@ -222,17 +223,19 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
     what = (
         f"{meta['kind']} {meta['n_layer']}x{meta['d_model']}"
         + (f", vocabulary {meta['vocab']}" if meta.get("vocab") else "")
+        + (", tied embeddings" if meta.get("tied") else "")
         if "kind" in meta
         else f"custom model of {len(job.model.layers)} layers"
     )
     sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
     tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
     tp += " (sequence parallel)" if cfg.sequence_parallel else ""
+    zero = ", ZeRO-1 (optimizer state sharded over dp)" if cfg.zero and (cfg.dp or 1) > 1 else ""
     lines = [
         f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp}{tp} ({first}"
-        f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
-        f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
-        f"{job.report.bubble:.2f} ({sim})",
+        f"{cfg.rank_order} contiguous){zero}, schedule {plan.name}, {cfg.microbatches} "
+        f"micro-batches of {cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, "
+        f"simulated bubble {job.report.bubble:.2f} ({sim})",
         f"stages ({cfg.partition} partition{', timed by ' * bool(job.layer_clock)}"
         f"{job.layer_clock}): {' | '.join(parts)}",
     ]

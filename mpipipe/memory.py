@@ -1,7 +1,8 @@
 """Memory per pipeline rank, estimated from the config alone (the dry run builds no model).
 
     weights   parameters, gradients and optimizer state: bytes per parameter by dtype and
-              optimizer (fp16/bf16 add fp32 master weights and fp32 gradients)
+              optimizer (fp16/bf16 add fp32 master weights and fp32 gradients); with --zero 1
+              the optimizer state, masters and fp32 gradients are 1/dp of that per replica
     stash     saved activations at the schedule's peak stash (the checker's count), per
               micro-batch b x T x C (H heads, vocabulary V), what the layers' contexts hold:
                 block  20 bTC + 2 bT + b H T^2 elements: at the two LayerNorms and the inputs
@@ -30,12 +31,13 @@ _WIDTH = {"float32": 4, "float64": 8, "fp16": 2, "bf16": 2}
 _SLOTS = {"adamw": 2, "sgd": 1}
 
 
-def bytes_per_param(dtype: str, optimizer: str) -> int:
-    """Parameter + gradient + optimizer state bytes for one parameter."""
+def bytes_per_param(dtype: str, optimizer: str, shards: int = 1) -> float:
+    """Parameter + gradient + optimizer state bytes for one parameter; the optimizer's part
+    (its slots, and fp32 masters and gradients) held by one of `shards` replicas (ZeRO-1)."""
     w, slots = _WIDTH[dtype], _SLOTS[optimizer]
     if w == 2:  # fp32 masters, fp32 gradients and fp32 slots beside the 16-bit copies
-        return 2 * w + 4 * (2 + slots)
-    return w * (2 + slots)
+        return 2 * w + 4 * (2 + slots) / shards
+    return w * 2 + w * slots / shards
 
 
 def shard_params(name: str, meta: dict[str, Any], params: int, tp: int = 1) -> int:
@@ -89,7 +91,8 @@ def per_rank(job: Any) -> list[RankMemory]:
     same)."""
     cfg, model, plan = job.cfg, job.model, job.plan
     tp, meta, sp = cfg.tp, model.meta, cfg.sequence_parallel
-    per_param = bytes_per_param(cfg.dtype, cfg.optimizer)
+    shards = (cfg.dp or 1) if cfg.zero else 1
+    per_param = bytes_per_param(cfg.dtype, cfg.optimizer, shards)
     width = _WIDTH[cfg.dtype]
     names = [s.name for s in model.layers]
     out = []
@@ -104,15 +107,16 @@ def per_rank(job: Any) -> list[RankMemory]:
         ]
         stash = job.report.peak_stash[r] * max(chunk_act) * width
         span = f"{names[layers[0]]}..{names[layers[-1]]}" if len(layers) > 1 else names[layers[0]]
-        out.append(RankMemory(r, span, params, params * per_param, stash))
+        out.append(RankMemory(r, span, params, round(params * per_param), stash))
     return out
 
 
-def table(rows: list[RankMemory], tp: int = 1, sp: bool = False) -> str:
-    """The dry run's per-rank table, in GiB."""
+def table(rows: list[RankMemory], tp: int = 1, sp: bool = False, zero_dp: int = 1) -> str:
+    """The dry run's per-rank table, in GiB (`zero_dp`: ZeRO-1 shards over that many)."""
     gib = 2**30
     each = f", each of its {tp} tensor-parallel ranks" if tp > 1 else ""
     each += " (sequence parallel)" if sp else ""
+    each += f", optimizer state 1/{zero_dp} per replica (--zero 1)" if zero_dp > 1 else ""
     lines = [
         f"memory per pipeline rank{each} (estimate: weights = parameters, gradients, optimizer "
         "state; stash = activations at the peak stash)",

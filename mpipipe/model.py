@@ -52,11 +52,20 @@ class Model:
 
 
 def gpt(
-    n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB, seq_shards: int = 1
+    n_layer: int,
+    d_model: int,
+    n_head: int,
+    seq_len: int,
+    vocab: int = VOCAB,
+    seq_shards: int = 1,
+    tied: bool = False,
 ) -> Model:
     """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head.
     `seq_shards`: with sequence parallelism (tp ranks), the activations between layers (the
-    pipeline messages) are one token block, (b, seq_len / seq_shards, d_model)."""
+    pipeline messages) are one token block, (b, seq_len / seq_shards, d_model). `tied`: the
+    head multiplies by the token embedding (mpipipe/tied.py)."""
+    from mpipipe.tied import TiedHead  # noqa: PLC0415 - tied.py builds on layers and mpi4py
+
     c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
     specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
     specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms
@@ -68,7 +77,8 @@ def gpt(
         )
         for i in range(n_layer)
     ]
-    specs.append(LayerSpec("head", partial(Head, c=c, vocab=vocab), False, 2 * c + c * vocab))
+    head = partial(TiedHead if tied else Head, c=c, vocab=vocab)
+    specs.append(LayerSpec("head", head, False, 2 * c + (0 if tied else c * vocab)))
     last = len(specs) - 1
 
     def act_shape(i: int, b: int) -> tuple[int, ...]:
@@ -85,6 +95,7 @@ def gpt(
         "n_head": n_head,
         "seq_len": seq_len,
         "vocab": vocab,
+        **({"tied": True} if tied else {}),  # absent when untied: older checkpoints still load
     }
     return Model(specs, act_shape, meta, example)
 

@@ -9,6 +9,7 @@ protocol (`Optimizer`), so the trainer and the checkpoints never ask which one t
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from mpipipe.xp import Array
@@ -76,11 +77,22 @@ def decays(name: str, p: Array) -> bool:
     return bool(p.ndim >= 2)
 
 
+def decayed(params: dict[str, Array], names: Collection[str] | None) -> set[str]:
+    """The parameters weight decay applies to: `names` when given (ZeRO-1's flat pieces of a
+    parameter no longer show its shape), else those `decays` picks."""
+    return set(names) if names is not None else {k for k, p in params.items() if decays(k, p)}
+
+
 class SGD(_Plain):
     def __init__(
-        self, params: dict[str, Array], momentum: float = 0.9, weight_decay: float = 0.0
+        self,
+        params: dict[str, Array],
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        decay: Collection[str] | None = None,
     ) -> None:
         self.params, self.momentum, self.weight_decay = params, momentum, weight_decay
+        self.decay = decayed(params, decay)
         self.state = {k: v * 0 for k, v in params.items()}
 
     def state_dict(self) -> tuple[int, dict[str, dict[str, Array]]]:
@@ -93,7 +105,7 @@ class SGD(_Plain):
             buf = self.state[k]
             buf *= self.momentum
             buf += grads[k]
-            if self.weight_decay and decays(k, p):
+            if self.weight_decay and k in self.decay:
                 p *= 1.0 - lr * self.weight_decay
             p -= lr * buf
 
@@ -107,8 +119,10 @@ class AdamW(_Plain):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.1,
+        decay: Collection[str] | None = None,
     ) -> None:
         self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
+        self.decay = decayed(params, decay)
         self.m = {k: v * 0 for k, v in params.items()}
         self.v = {k: v * 0 for k, v in params.items()}
         self.t = 0
@@ -127,7 +141,7 @@ class AdamW(_Plain):
             m += (1.0 - b1) * g
             v *= b2
             v += (1.0 - b2) * (g * g)
-            if self.weight_decay and decays(k, p):
+            if self.weight_decay and k in self.decay:
                 p *= 1.0 - lr * self.weight_decay
             p -= (lr / c1) * m / ((v / c2) ** 0.5 + self.eps)
 
@@ -210,15 +224,19 @@ def load_state(opt: Optimizer, t: int, scalars: dict[str, float] | None = None) 
     opt.load_state(t, scalars)
 
 
-def make(name: str, params: dict[str, Array], cfg: Any) -> Optimizer:
+def make(
+    name: str, params: dict[str, Array], cfg: Any, decay: Collection[str] | None = None
+) -> Optimizer:
+    """`decay`: the names weight decay applies to (default: those `decays` picks)."""
     if cfg.dtype in ("fp16", "bf16"):  # fp32 masters around the same optimizer
         inner = cfg.replace(dtype="float32")
         scale = cfg.loss_scale if cfg.dtype == "fp16" else None  # bf16: no loss scaling
-        return MixedPrecision(params, lambda master: make(name, master, inner), scale)
+        decay = decayed(params, decay)
+        return MixedPrecision(params, lambda master: make(name, master, inner, decay), scale)
     if name == "adamw":
-        return AdamW(params, weight_decay=cfg.weight_decay)
+        return AdamW(params, weight_decay=cfg.weight_decay, decay=decay)
     if name == "sgd":
-        return SGD(params, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return SGD(params, momentum=cfg.momentum, weight_decay=cfg.weight_decay, decay=decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -5,6 +5,8 @@
     Stage       my chunks, the loss, parameters by global name (stage.py)
     Executors   the lowered training plan and its forward-only twin (executor.py)
     GradReducer my stage's gradient buckets over my replicas (parallel/data_parallel.py)
+    ZeroShards  with --zero 1 and dp > 1: my replica's pieces of the optimizer (parallel/zero.py)
+    Tie         with --tie-embeddings yes: the weight my first/last stage shares (tied.py)
     TpGroup     with --tp: the ranks that split my stage's layers (parallel/tensor.py)
 
 train, `--dry-run` (placement and policy only: it builds no model), eval, generate and the
@@ -34,7 +36,9 @@ from mpipipe.parallel.sequence import SequenceGrads
 from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
 from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
 from mpipipe.parallel.transport import Transport, spin_for
+from mpipipe.parallel.zero import ZeroShards
 from mpipipe.stage import Compute, Stage
+from mpipipe.tied import EMBED, Tie
 from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
 
 
@@ -139,15 +143,25 @@ class Runtime:
         if job.emulated is not None:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)
         self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute, self.tp)
+        self.tie: Tie | None = None  # before the reducer: a shared weight is bucketed once
+        if job.model.meta.get("tied"):
+            first, last = plan.owner(0)[0], plan.owner(plan.n_stages - 1)[0]
+            n = len(job.model.layers)
+            self.tie = Tie(self.stage, n, first, last, grid.pp_comm, self.transport)
         self.reducer: GradReducer | None = None
+        self.zero: ZeroShards | None = None  # --zero 1 with dp 1: nothing to shard
         if training and grid.dp > 1:
+            sharded = cfg.zero == 1
             self.reducer = GradReducer(
                 self.stage,
                 grid.dp_comm,
                 self.transport,
                 int(cfg.bucket_mb * 2**20),
                 cfg.overlap == "on",
+                shards=grid.dp if sharded else 1,
             )
+            if sharded:
+                self.zero = ZeroShards(self.stage, self.reducer, grid.dp_comm, self.transport)
         self.p2p = self.transport.link(grid.pp_comm)
         self.loss_scale = 1.0 / (plan.microbatches * grid.dp)  # the mean over the global batch
         self.train_exec = self._executor(plan, self.loss_scale, self.reducer) if training else None
@@ -172,12 +186,13 @@ class Runtime:
 
     def _on_layer_final(self, reducer: Any) -> Callable[[int], None] | None:
         """What runs once a layer's weight gradients are final: the sequence-parallel sums over
-        the tp group (parallel/sequence.py), then the data-parallel bucket's all-reduce."""
+        the tp group (parallel/sequence.py), then the data-parallel bucket (`_layer_final`:
+        a tied layer's waits for `finish_tie`)."""
         hooks: list[Callable[[int], None]] = []
         if self.stage.partial:
             hooks.append(SequenceGrads(self.stage, self.tp))
-        if reducer is not None:
-            hooks.append(reducer.layer_ready)
+        if reducer is not None or self.tie is not None:
+            hooks.append(self._layer_final)
         if len(hooks) < 2:
             return hooks[0] if hooks else None
 
@@ -186,6 +201,29 @@ class Runtime:
                 hook(layer)
 
         return both
+
+    @property
+    def tied_copy(self) -> str | None:
+        """The head's copy of a tied weight held here (counted and stored once: elsewhere)."""
+        return self.tie.copy if self.tie is not None else None
+
+    @property
+    def aliases(self) -> dict[str, str] | None:
+        """What a checkpoint load reads under another name: a tied head's copy, the embedding."""
+        return {self.tie.copy: EMBED} if self.tie is not None and self.tie.copy else None
+
+    def _layer_final(self, i: int) -> None:
+        """Global layer i's weight gradients are final: to the reducer, unless a tied layer
+        (held until `finish_tie`)."""
+        if (self.tie is None or not self.tie.hold(i)) and self.reducer is not None:
+            self.reducer.layer_ready(i)
+
+    def finish_tie(self) -> None:
+        """After all W work of a step: the tied gradient summed, its layers to the reducer."""
+        if self.tie is not None:
+            for i in self.tie.finish():
+                if self.reducer is not None:
+                    self.reducer.layer_ready(i)
 
     @property
     def rows(self) -> range:
@@ -215,3 +253,5 @@ class Runtime:
     def close(self) -> None:
         if self.reducer is not None:
             self.reducer.close()
+        if self.tie is not None:
+            self.tie.close()

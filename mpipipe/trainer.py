@@ -55,6 +55,7 @@ class TrainResult:
     peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
     param_bytes: int = 0  # bytes of the parameters this rank holds (its shards with --tp)
     activation_bytes: int = 0  # most bytes one micro-batch's forward saved on this rank
+    optimizer_bytes: int = 0  # bytes of this rank's optimizer state (its pieces with --zero 1)
     preempted: str | None = None  # the signal that stopped the run early, if any
 
     @property
@@ -98,12 +99,12 @@ def layer_sq_norms(rt: Runtime) -> dict[int, float]:
     (the same on every layout; a threaded BLAS dot would split the sum by thread count). The
     sums stay on the device and come to the host in ONE transfer. With --tp, each rank of the
     group counts its shards and rank 0 the replicated parameters (the grid's SUM adds them)."""
-    stage = rt.stage
+    stage, copy = rt.stage, rt.tied_copy  # a tied copy counts on its other rank
     names = [
         n
         for i in sorted(stage.layer_params)
         for n in stage.layer_params[i]
-        if owned(n, stage.splits, rt.tp)
+        if owned(n, stage.splits, rt.tp) and n != copy
     ]
     squares = []
     for n in names:
@@ -119,7 +120,15 @@ class _Run:
     def __init__(self, rt: Runtime, out: Any, preemption: Preemption) -> None:
         self.rt, self.job, self.cfg, self.grid, self.out = rt, rt.job, rt.job.cfg, rt.grid, out
         cfg, plan, world = self.cfg, rt.job.plan, rt.grid.world
-        self.opt = optim.make(cfg.optimizer, rt.stage.params, cfg)
+        zero = rt.zero  # --zero 1: the optimizer steps my pieces of the parameters
+        params, decay = (zero.params, zero.decay) if zero else (rt.stage.params, None)
+        self.opt = optim.make(cfg.optimizer, params, cfg, decay)
+        slots = self.opt.state_dict()[1].values()
+        self.opt_bytes = sum(int(a.nbytes) for arrays in slots for a in arrays.values())
+        self.opt_bytes_range = (
+            world.allreduce(self.opt_bytes, op=MPI.MIN),
+            world.allreduce(self.opt_bytes, op=MPI.MAX),
+        )
         self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
         self.faults = Faults.parse(cfg.inject_fault)
         self.preemption = preemption
@@ -130,7 +139,8 @@ class _Run:
         self.train_exec.watchdog = rt.eval_exec.watchdog = self.watchdog
         self.tracer = Tracer(world, cfg.trace, 1, cfg.trace_steps)  # skip step 0: warm-up
         params, splits = rt.stage.params, rt.stage.splits
-        mine = sum(int(p.size) for n, p in params.items() if owned(n, splits, rt.tp))
+        copy = rt.tied_copy  # the head's copy of a tied weight is counted once
+        mine = sum(int(p.size) for n, p in params.items() if owned(n, splits, rt.tp) and n != copy)
         self.n_params = world.allreduce(mine if self.grid.replica == 0 else 0, op=MPI.SUM)
         self.param_bytes = sum(int(p.nbytes) for p in params.values())
         self.param_bytes_range = (
@@ -196,7 +206,10 @@ class _Run:
         """This rank's figures for the step (before the grid-wide reduction)."""
         ex, me = self.train_exec, self.grid.stage_rank
         st = StepStats(self.n_layers, self.n_stages, self.grid.pp)
-        if self.grid.replica == 0:  # one rank per layer (per shard with --tp) fills these in
+        if self.rt.zero is not None:  # every replica its pieces (see parallel/zero.py)
+            for i, sq in self.rt.zero.layer_sq_norms(self.rt.tied_copy).items():
+                st.layer_sq[i] = sq
+        elif self.grid.replica == 0:  # one rank per layer (per shard with --tp) fills these in
             for i, sq in layer_sq_norms(self.rt).items():
                 st.layer_sq[i] = sq
         if self.grid.replica == 0 and self.grid.tp_rank == 0:  # and one per stage these
@@ -224,6 +237,9 @@ class _Run:
         scale = self.opt.loss_scale  # fp16: the dynamic loss scale; else 1
         self.train_exec.loss_scale = rt.loss_scale * scale
         losses = self.train_exec.run(batch)
+        if rt.tie is not None:  # the tied gradient, before the replicas' reduction and clipping
+            wd.beat("the tied embedding's gradient sum")
+            rt.finish_tie()
         t_backward = clock()
         if rt.reducer is not None:
             wd.beat("the gradient all-reduce")
@@ -243,7 +259,11 @@ class _Run:
         lr = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         wd.beat("the optimizer step")
         if math.isfinite(norm) and math.isfinite(loss):
-            self.opt.step(rt.stage.grads, lr, optim.clip_factor(norm, cfg.clip))
+            grads = rt.zero.grads if rt.zero else rt.stage.grads
+            self.opt.step(grads, lr, optim.clip_factor(norm, cfg.clip))
+            if rt.zero is not None:
+                wd.beat("the parameter all-gather")
+                rt.zero.gather()
         elif not self.opt.overflowed():  # fp16 skips the step; anything else stops here
             raise NonFiniteError(
                 f"step {step + 1}: the loss is {loss} and the gradient norm {norm}: stopped "
@@ -290,6 +310,15 @@ class _Run:
             rec["pipeline_time_predicted_s"] = report.step_time
         return rec
 
+    def opt_line(self) -> str:
+        """Optimizer bytes per rank, and whether --zero 1 shards them."""
+        low, high = self.opt_bytes_range
+        note = ""
+        if self.cfg.zero:
+            dp = self.grid.dp
+            note = f" (--zero 1: 1/{dp} each)" if dp > 1 else " (--zero 1 with dp 1: no-op)"
+        return f"optimizer bytes per rank: {low:,} to {high:,}{note}"
+
     def trace_step(self, step: int, *marks: float) -> None:
         t_backward, t_reduced, t_sum, t_summed, t_end = marks
         tr, ex = self.tracer, self.train_exec
@@ -318,6 +347,8 @@ class _Run:
             path, step, notes = checkpoint.restore(
                 world, str(cfg.checkpoint_dir) if auto else cfg.resume, self.rt.stage, self.opt,
                 self.job.model, fresh_ok=auto,
+                cuts=self.rt.zero.cuts if self.rt.zero else None,
+                aliases=self.rt.aliases,
             )  # fmt: skip
         for note in notes:
             self.say(f"--resume {cfg.resume}: {note}")
@@ -336,7 +367,7 @@ class _Run:
         previous checkpoint is lost, that checkpoint is not."""
         path = checkpoint.save(
             str(self.cfg.checkpoint_dir), step, self.rt.stage, self.opt, self.job, self.grid,
-            self.cfg.keep_last, self.faults,
+            self.cfg.keep_last, self.faults, self.rt.zero, self.rt.tied_copy,
         )  # fmt: skip
         self.say(f"saved {path}")
 
@@ -349,7 +380,8 @@ class _Run:
             f"all{f', split over tp={self.grid.tp}' if self.grid.tp > 1 else ''})"
         )
         self.say(f"MFU of {self.peak_flops / 1e12:.3g} TFLOP/s in all ({self.peak_source})")
-        result = TrainResult(cfg, param_bytes=self.param_bytes)
+        self.say(self.opt_line())
+        result = TrainResult(cfg, param_bytes=self.param_bytes, optimizer_bytes=self.opt_bytes)
         preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
         metrics = MetricsFile(
@@ -410,7 +442,8 @@ class _Run:
             self.say(summary_line(result, time.perf_counter() - t_start))
         elif not result.preempted:
             self.say(f"nothing to do: the checkpoint is at step {start}, --steps is {cfg.steps}")
-        mine = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items()}
+        copy = self.rt.tied_copy  # stored once: under the embedding's name
+        mine = {k: to_numpy(v).copy() for k, v in self.rt.stage.params.items() if k != copy}
         result.params = whole(mine, self.rt.stage.splits, self.rt.tp, self.grid.tp_comm)
         return result
 

@@ -322,3 +322,17 @@ def test_a_checkpoint_written_before_the_rank_runtime_still_loads(tmp_path):
     last = [json.loads(x)["loss"] for x in resumed.read_text().splitlines()]
     want = [json.loads(x)["loss"] for x in fresh.read_text().splitlines()]
     assert last == want[2:]
+
+
+def test_a_tied_checkpoint_is_refused_untied_and_the_reverse(tmp_path):
+    """The head of a tied checkpoint is the embedding: an untied run refuses it (and a tied run
+    an untied one), naming the flag, rather than untying it silently."""
+    from mpipipe.checkpoint.base import CheckpointError
+    from mpipipe.checkpoint.read import check_model
+    from mpipipe.model import gpt
+
+    tied, untied = gpt(2, 32, 4, 16, tied=True), gpt(2, 32, 4, 16)
+    for saved, run, flag in ((tied, untied, "yes"), (untied, tied, "no")):
+        manifest = {"model": {"meta": saved.meta, "layers": [s.name for s in saved.layers]}}
+        with pytest.raises(CheckpointError, match=f"pass --tie-embeddings {flag}"):
+            check_model(tmp_path, manifest, run)

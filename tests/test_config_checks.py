@@ -36,6 +36,19 @@ def test_hyperparameters_out_of_range_are_refused(name, value, message):
     assert str(e.value).startswith(message), str(e.value)
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"zero": 2}, r"--zero 2: choose 0 \(off\) or 1"),
+        ({"model": "mlp", "tie_embeddings": "yes"}, "--tie-embeddings yes needs a GPT model"),
+        ({"tie_embeddings": "true"}, "--tie-embeddings 'true' is not one of: no, yes"),
+    ],
+)
+def test_zero_and_tied_embeddings_are_checked(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**fields).validate()
+
+
 def test_edges_of_the_ranges_are_accepted():
     TrainConfig(
         warmup=0, min_lr_ratio=0.0, weight_decay=0.0, clip=0.0, momentum=0.0, seed=0

@@ -39,14 +39,21 @@ OPTIONS = [
     "pp=2,rank_order=pp",  # a pipeline's stages on adjacent ranks
     "pp=2,recompute=full,partition=params",
 ]
+# ZeRO-1 on pp 2 x dp 2: clipping active (the norm summed over the shards), and AdamW (weight
+# decay per parameter on flat pieces) beside the same run without ZeRO
+ZERO_CLIP, ADAMW = "pp=2,zero=1,clip=0.01", "pp=2,optimizer=adamw"
+BF16 = "pp=2,dtype=bf16"  # fp32 masters, moments and gradients sharded too
+ZERO = [ZERO_CLIP, ADAMW, f"{ADAMW},zero=1", BF16, f"{BF16},zero=1"]
+# tied embeddings: the first and last stages on different ranks (dp 1 on 4 ranks)
+TIED, TIED_PP4 = "pp=1,tie_embeddings=yes", "pp=4,tie_embeddings=yes"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
-    out = {(1, 1): mpirun.layouts(tmp / "ref.npz", ["pp=1"], 1)}
+    out = {(1, 1): mpirun.layouts(tmp / "ref.npz", ["pp=1", "pp=1,clip=0.01", TIED], 1)}
     for pp, dp in GRIDS:
-        extra = OPTIONS if (pp, dp) == (2, 2) else []
+        extra = [*OPTIONS, *ZERO, TIED_PP4] if (pp, dp) == (2, 2) else []
         out[(pp, dp)] = mpirun.layouts(
             tmp / f"pp{pp}dp{dp}.npz",
             [*(f"pp={pp},schedule={s}" for s in ("gpipe", "1f1b")), *extra],
@@ -65,6 +72,61 @@ def test_grid_equals_single_process(runs, pp, dp, name):
 @pytest.mark.parametrize("option", OPTIONS)
 def test_layout_options_equal_single_process(runs, option):
     assert_matches(runs[(1, 1)], "pp=1", runs[(2, 2)], option)
+
+
+def test_zero1_with_clipping_equals_single_process(runs):
+    """Reduce-scattered gradients, sharded momentum, all-gathered parameters, and the clipping
+    norm summed over the shards (clip 0.01 scales every step): 1e-12 of one process."""
+    ref = runs[(1, 1)]
+    assert ref["pp=1,clip=0.01/grad_norm"].min() > 0.01  # clipping is active
+    assert_matches(ref, "pp=1,clip=0.01", runs[(2, 2)], ZERO_CLIP)
+
+
+def test_zero1_adamw_bitwise_equals_zero0_at_dp2(runs):
+    """At dp 2 a reduce-scatter adds the same two numbers as the all-reduce (a + b = b + a),
+    and every update is element-wise, so ZeRO-1's parameters and losses are bitwise those
+    without it (weight decay included: it must pick the same parameters on flat pieces). The
+    clipping norm is summed in another order: equal to 1e-12."""
+    got = runs[(2, 2)]
+    names = [k[len(ADAMW) + 1 :] for k in got if k.startswith(f"{ADAMW}/")]
+    assert len(names) > 20
+    for name in names:
+        a, b = got[f"{ADAMW},zero=1/{name}"], got[f"{ADAMW}/{name}"]
+        if name == "grad_norm":
+            assert np.allclose(a, b, rtol=1e-12, atol=0), (a, b)
+        else:
+            assert np.array_equal(a, b), f"{name} differs"
+
+
+def test_zero1_optimizer_bytes_scale_as_one_over_dp(runs):
+    """The fullest rank's optimizer state (AdamW: m and v) is ~1/dp of it without ZeRO (the
+    bucket padding and the blocks' uneven split of layers across stages: within 10%)."""
+    got = runs[(2, 2)]
+    ratio = float(got[f"optbytes/{ADAMW},zero=1"]) / float(got[f"optbytes/{ADAMW}"])
+    assert abs(ratio * 2 - 1) < 0.1, ratio
+
+
+def test_zero1_bf16_shards_the_fp32_masters(runs):
+    """bf16 (SGD): the fp32 masters and momentum are 1/dp per rank as well; the losses agree to
+    1e-4 relative, not bitwise: ZeRO-1 steps with the replicas' float32 gradient sum as it is,
+    where --zero 0 first rounds it to bf16 in the bucket."""
+    got = runs[(2, 2)]
+    ratio = float(got[f"optbytes/{BF16},zero=1"]) / float(got[f"optbytes/{BF16}"])
+    assert abs(ratio * 2 - 1) < 0.1, ratio
+    a, b = got[f"{BF16},zero=1/loss"], got[f"{BF16}/loss"]
+    assert np.allclose(a, b, rtol=1e-4, atol=0), (a, b)
+
+
+def test_tied_embeddings_bitwise_across_the_pipeline(runs):
+    """pp 4 (dp 1): the embedding's and the head's gradients are summed over a two-rank
+    communicator, a + b as the single process adds them in place: every parameter and loss of
+    the tied single-process run, bitwise (and the loss differs from the untied model's)."""
+    ref, got = runs[(1, 1)], runs[(2, 2)]
+    names = [k[len(TIED) + 1 :] for k in ref if k.startswith(f"{TIED}/")]
+    assert len(names) > 20 and not [n for n in names if "lm_head" in n]
+    for name in names:
+        assert np.array_equal(got[f"{TIED_PP4}/{name}"], ref[f"{TIED}/{name}"]), name
+    assert not np.array_equal(ref[f"{TIED}/loss"], ref["pp=1/loss"])
 
 
 def test_replicas_stay_identical(tmp_path):

@@ -18,6 +18,7 @@ from mpipipe.layers import (
     Linear,
     Residual,
 )
+from mpipipe.tied import TiedHead
 from tests.gradcheck import check_layer, numeric_grad, rel_error
 
 B, T, C, H, V = 2, 5, 8, 2, 11
@@ -51,6 +52,7 @@ LAYERS = {
     ),
     "block": lambda dt: Block(init(dt), C, H, n_layer=2),
     "head": lambda dt: Head(init(dt), C, V),
+    "tied_head": lambda dt: TiedHead(init(dt), C, V),  # logits against a (V, C) weight
 }
 
 

@@ -209,13 +209,22 @@ def on_root(comm: Any, work: Callable[[], T]) -> T:
 
 
 def restore(
-    comm: Any, path: str | Path, stage: Any, opt: Any, model: Any, fresh_ok: bool
+    comm: Any,
+    path: str | Path,
+    stage: Any,
+    opt: Any,
+    model: Any,
+    fresh_ok: bool,
+    cuts: dict[str, tuple[int, int]] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> tuple[Path | None, int, list[str]]:
     """--resume PATH (a step directory, or DIR) or --resume auto (fresh_ok: DIR may hold no
     checkpoint): load the newest checkpoint that passes its checks on every rank, trying older
     ones when one is Damaged. Returns (the step directory, or None when DIR holds no checkpoint
     entry at all; its step; notes on what was skipped and why). Raises if entries exist but
-    none is usable, naming each, or if the newest usable one is of another model."""
+    none is usable, naming each, or if the newest usable one is of another model. `cuts`:
+    with --zero 1, the flat part of each parameter whose optimizer state this rank holds;
+    `aliases`: parameters stored under another name (a tied head's copy)."""
     root = Path(path)
     found: list[Path]
     notes: list[str]
@@ -231,7 +240,7 @@ def restore(
             )
     for step_dir in found:
         try:
-            step = agreed(comm, partial(load, step_dir, stage, opt, model))
+            step = agreed(comm, partial(load, step_dir, stage, opt, model, cuts, aliases))
             return step_dir, step, notes
         except Damaged as e:
             if found == [root]:  # a step directory given by name

@@ -237,6 +237,12 @@ def check_model(step_dir: Path, m: dict[str, Any], model: Any) -> None:
     """Refuse (CheckpointError, not Damaged: an older checkpoint would not fit either) a
     checkpoint of another model, naming the first field that differs."""
     theirs, mine = m["model"]["meta"], model.meta
+    if bool(theirs.get("tied")) != bool(mine.get("tied")):  # refused, not untied silently
+        yes = "yes" if theirs.get("tied") else "no"
+        raise CheckpointError(
+            f"{step_dir} holds a model with --tie-embeddings {yes}, this run has the other "
+            f"(pass --tie-embeddings {yes} to use it)"
+        )
     for key in [*_META_FLAGS, *sorted(set(theirs) | set(mine))]:
         if theirs.get(key) != mine.get(key):
             flag = _META_FLAGS.get(key, key)
@@ -254,34 +260,51 @@ def check_model(step_dir: Path, m: dict[str, Any], model: Any) -> None:
         )
 
 
-def load(step_dir: Path, stage: Any, opt: Any, model: Any) -> int:
+Cuts = dict[str, tuple[int, int]]
+
+
+def load(
+    step_dir: Path,
+    stage: Any,
+    opt: Any,
+    model: Any,
+    cuts: Cuts | None = None,
+    aliases: dict[str, str] | None = None,
+) -> int:
     """Fill this rank's parameters and optimizer state (`opt` None: parameters only) from the
-    checkpoint; return its step. Checks the structure of the shards it reads first and every
-    byte it reads against its sha256: Damaged if anything is wrong, CheckpointError if the
-    checkpoint is of another model or optimizer."""
+    checkpoint; return its step. `cuts` (--zero 1): the optimizer holds only the flat part
+    [start, stop) of each named parameter (and nothing of the others). `aliases`: parameters
+    stored under another name (a tied head's copy: the embedding's). Checks the structure of
+    the shards it reads first and every byte it reads against its sha256: Damaged if anything is
+    wrong, CheckpointError if the checkpoint is of another model or optimizer."""
     m = read_manifest(step_dir)
     check_model(step_dir, m, model)
     owner = {i: e for e in m["shards"] for i in e["layers"]}
-    needed = {owner[i]["file"]: owner[i] for i in stage.layer_params}
+    reads: dict[str, list[tuple[str, str]]] = {}  # file -> [(my name, its stored name)]
+    for name in [n for names in stage.layer_params.values() for n in names]:
+        stored = (aliases or {}).get(name, name)
+        reads.setdefault(owner[int(stored.split(".")[1])]["file"], []).append((name, stored))
+    needed = {e["file"]: e for e in m["shards"] if e["file"] in reads}
     _check_sizes(step_dir, list(needed.values()))  # cheap; every byte read is hashed below
     slots = opt.state_dict()[1] if opt is not None else {}
     with ThreadPoolExecutor(max_workers=2) as pool:  # hash each tensor while the next is read
         checks = []
         for file, entry in needed.items():
             with _open(step_dir / file) as f:
-                for i in stage.layer_params:
-                    if owner[i]["file"] != file:
-                        continue
-                    for name in stage.layer_params[i]:
-                        targets = [(dataset_path(name), stage.params[name])]
-                        for slot, arrays in slots.items():
-                            targets.append((slot_path(slot, name), arrays[name]))
-                        pick = _picker(stage, name)
-                        for path, target in targets:
-                            expected, read = _read_into(
-                                f, path, target, step_dir / file, entry, m, pick
-                            )
-                            checks.append((file, path, expected, pool.submit(sha256, read)))
+                for name, stored in reads[file]:
+                    pick = _picker(stage, name)
+                    targets = [(dataset_path(stored), stage.params[name], pick)]
+                    for slot, arrays in slots.items():
+                        if cuts is None:
+                            targets.append((slot_path(slot, stored), arrays[name], pick))
+                        elif name in cuts:
+                            cut = _cutter(pick, *cuts[name])
+                            targets.append((slot_path(slot, stored), arrays[name], cut))
+                    for path, target, how in targets:
+                        expected, read = _read_into(
+                            f, path, target, step_dir / file, entry, m, how
+                        )
+                        checks.append((file, path, expected, pool.submit(sha256, read)))
         for file, path, expected, hashed in checks:
             if hashed.result() != expected:
                 raise Damaged(
@@ -320,6 +343,11 @@ def _picker(stage: Any, name: str) -> Callable[[np.ndarray], np.ndarray] | None:
     if split is None or tp.size == 1:
         return None
     return lambda whole: split.shard(whole, tp.size, tp.rank)
+
+
+def _cutter(pick: Any, start: int, stop: int) -> Callable[[np.ndarray], np.ndarray]:
+    """My --zero 1 piece: the flat part [start, stop) of my (tp shard of the) tensor."""
+    return lambda whole: (pick(whole) if pick else whole).reshape(-1)[start:stop]
 
 
 def _read_into(

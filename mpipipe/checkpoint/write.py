@@ -62,16 +62,22 @@ def write_shard(path: Path, tensors: dict[str, Any], attrs: dict[str, Any]) -> t
     return sha, path.stat().st_size
 
 
-def shard_tensors(stage: Any, opt: Any, tp_comm: Any = None) -> tuple[dict[str, Any], int]:
+def shard_tensors(
+    stage: Any, opt: Any, tp_comm: Any = None, state: Any = None, skip: str | None = None
+) -> tuple[dict[str, Any], int]:
     """This rank's parameters and optimizer slots as {dataset path: array}, and the step count.
     With tensor parallelism (`tp_comm`, collective over the group) the tensors are whole: every
     rank of the group gathers the shards of each split tensor (so the group's rank 0 holds one
-    whole tensor at a time on top of its shards, plus the whole set it writes)."""
-    tensors = {dataset_path(k): v for k, v in stage.params.items()}
+    whole tensor at a time on top of its shards, plus the whole set it writes). `state`: the
+    (step count, slots) to store instead of `opt.state_dict()` (--zero 1: joined pieces); `skip`:
+    a parameter not stored (a tied head's copy: stored once, as the embedding)."""
+    tensors = {dataset_path(k): v for k, v in stage.params.items() if k != skip}
     splits = {dataset_path(k): s for k, s in stage.splits.items()}
-    t, slots = opt.state_dict()
+    t, slots = state if state is not None else opt.state_dict()
     for slot, arrays in slots.items():
         for k, v in arrays.items():
+            if k == skip:
+                continue
             tensors[slot_path(slot, k)] = v
             if k in stage.splits:
                 splits[slot_path(slot, k)] = stage.splits[k]
@@ -87,12 +93,16 @@ def save(
     grid: Any,
     keep_last: int = 0,
     faults: Faults | None = None,
+    zero: Any = None,
+    tied_copy: str | None = None,
 ) -> Path:
     """Collective over the grid: replica 0 of each pipeline rank writes its shard, rank 0 the
     manifest and the one-file view, then the directory is renamed into place and `latest`
     moves. Returns the step directory. An OSError anywhere (no space, no permission, quota, an
     I/O error) removes the temporary directory and raises SaveError on every rank, naming the
-    path and errno; the previous checkpoint and `latest` are untouched."""
+    path and errno; the previous checkpoint and `latest` are untouched. With --zero 1 (`zero`,
+    parallel/zero.py) the replicas first join their optimizer pieces into replica 0's whole
+    tensors (collective over each dp group)."""
     world = grid.world
     root = Path(ckpt_dir)
     rank0 = world.Get_rank() == 0
@@ -108,8 +118,9 @@ def save(
     if failure:
         raise _failed(step, root, failure)
     entry = None
+    state = zero.whole_state(opt, keep=grid.replica == 0) if zero is not None else None
     if grid.replica == 0:
-        tensors, t = shard_tensors(stage, opt, grid.tp_comm)
+        tensors, t = shard_tensors(stage, opt, grid.tp_comm, state, tied_copy)
     if grid.replica == 0 and grid.tp_rank == 0:  # one writer per stage, tensors whole
         name = f"shard_{grid.stage_rank:03d}.h5"
         try:

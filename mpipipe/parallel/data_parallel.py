@@ -17,6 +17,10 @@ back-off sleep (MPI_THREAD_MULTIPLE, which mpi4py asks for by default); NumPy an
 the GIL, so it runs alongside the backward work. Where the MPI library lacks thread support, the
 executor's progress call between actions is the fallback.
 
+With ZeRO-1 (`shards` = the number of replicas) each bucket is padded with zeros to a multiple
+of the replicas and reduce-scattered instead: replica r receives block r of the sum (`shards[b]`,
+float32 for 16-bit gradients), which is all its optimizer shard needs (parallel/zero.py).
+
 The loss is already scaled by 1 / (micro-batches x replicas), so the SUM over replicas is the
 gradient of the mean loss over the global batch, as in the single-process run.
 """
@@ -41,6 +45,7 @@ class GradReducer:
         transport: Transport,
         bucket_bytes: int,
         overlap: bool = True,
+        shards: int = 1,
     ) -> None:
         self.comm, self.transport, self.overlap = comm, transport, overlap
         self.active = threading.Event()  # set while this step's reductions are open
@@ -48,6 +53,8 @@ class GradReducer:
         self.buckets: list[Array] = []
         self.sums: list[Array] = []  # what is reduced: the bucket, or its float32 copy
         self.members: list[set[int]] = []  # global layer indices per bucket
+        self.names: list[list[str]] = []  # parameter names per bucket, in bucket order
+        self.shards: list[Array] = []  # ZeRO-1: my block of each bucket's sum
         layers = sorted(stage.layer_params, reverse=True)  # backward order
         groups: list[list[int]] = [[]]
         size = 0
@@ -65,7 +72,9 @@ class GradReducer:
                 continue
             first = stage.grads[names[0]]
             xp = namespace_of(first)
-            flat = xp.zeros(sum(stage.grads[n].size for n in names), dtype=first.dtype)
+            used = sum(stage.grads[n].size for n in names)
+            padded = -(-used // shards) * shards  # zero padding for equal blocks (stays zero)
+            flat = xp.zeros(padded, dtype=first.dtype)
             offset = 0
             for n in names:
                 g = stage.grads[n]
@@ -75,8 +84,11 @@ class GradReducer:
                 offset += g.size
             self.buckets.append(flat)
             self.members.append(set(group))
+            self.names.append(names)
             wide = is_half(flat.dtype)  # fp16 and bf16 (whose NumPy kind is "V", not "f")
             self.sums.append(xp.zeros(flat.size, dtype="float32") if wide else flat)
+            if shards > 1:
+                self.shards.append(xp.zeros(padded // shards, dtype=self.sums[-1].dtype))
         stage.rebind_grads(remap)
         self.reset()
         self.thread: threading.Thread | None = None
@@ -105,7 +117,11 @@ class GradReducer:
         if self.requests[b] is None:
             if self.sums[b] is not self.buckets[b]:
                 self.sums[b][...] = self.buckets[b]  # 16-bit -> float32, on the compute stream
-            self.requests[b] = self.transport.iallreduce(self.comm, self.sums[b])
+            if self.shards:
+                send, recv = self.sums[b], self.shards[b]
+                self.requests[b] = self.transport.ireduce_scatter(self.comm, send, recv)
+            else:
+                self.requests[b] = self.transport.iallreduce(self.comm, self.sums[b])
             self.active.set()
 
     def _progress(self) -> None:
@@ -127,7 +143,7 @@ class GradReducer:
         self.transport.waitall(self.requests)
         self.active.clear()
         for bucket, total in zip(self.buckets, self.sums, strict=True):
-            if total is not bucket:
+            if total is not bucket and not self.shards:
                 bucket[...] = total  # float32 -> 16-bit
         self.reset()
 

@@ -1,8 +1,9 @@
 """Train a small GPT for 3 steps (float64, SGD with momentum) in each given layout on the ranks
 this was launched on, and save every layout's losses and parameters (gathered from replica 0,
-whole: tp shards are joined), under `bytes/LAYOUT` the parameter bytes of its fullest rank and
-under `act/LAYOUT` the most bytes one micro-batch's forward saved on a rank (measured), under
-`time/LAYOUT` its wall seconds (what each layout adds to a test).
+whole: tp shards are joined), under `bytes/LAYOUT` and `optbytes/LAYOUT` the parameter and
+optimizer-state bytes of its fullest rank, under `act/LAYOUT` the most bytes one micro-batch's
+forward saved on a rank (measured), under `time/LAYOUT` its wall seconds (what each layout adds
+to a test).
 A layout is a comma-separated list of TrainConfig overrides; its text is the key prefix.
 
     python tests/scripts/data_parallel.py OUT.npz pp=1                       # the reference
@@ -21,6 +22,17 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipipe import TrainConfig, train
+
+
+def number(v: str) -> int | float | str:
+    """An override's value: an int, a float (clip=0.01), else the text."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
 
 out, layouts = sys.argv[1], sys.argv[2:]
 comm = MPI.COMM_WORLD
@@ -42,21 +54,22 @@ for layout in layouts:
         eval_batches=1,
         bucket_mb=0.01,
     )
-    cfg = dataclasses.replace(
-        base, **{k: int(v) if v.isdigit() else v for k, v in overrides.items()}
-    )
+    cfg = dataclasses.replace(base, **{k: number(v) for k, v in overrides.items()})
     t0 = time.perf_counter()
     result = train(cfg, comm=comm, out=io.StringIO())
     seconds = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
     gathered = comm.gather(result.params, root=0)
     most = comm.allreduce(result.param_bytes, op=MPI.MAX)  # parameter bytes of the fullest rank
     act = comm.allreduce(result.activation_bytes, op=MPI.MAX)  # and saved activations
+    most_opt = comm.allreduce(result.optimizer_bytes, op=MPI.MAX)
     if comm.rank == 0:
         arrays[f"bytes/{layout}"] = np.array(most)
+        arrays[f"optbytes/{layout}"] = np.array(most_opt)
         arrays[f"act/{layout}"] = np.array(act)
         arrays[f"time/{layout}"] = np.array(seconds)
         arrays[f"{layout}/loss"] = np.array([r["loss"] for r in result.history])
         arrays[f"{layout}/eval"] = np.array(result.eval_losses)
+        arrays[f"{layout}/grad_norm"] = np.array([r["grad_norm"] for r in result.history])
         for params in gathered:
             for pname, value in params.items():
                 arrays.setdefault(f"{layout}/{pname}", value)  # replicas hold equal copies
