@@ -88,7 +88,6 @@ def gpt(
         return np.random.default_rng(0).integers(0, vocab, size=(b, seq_len))
 
     meta = {
-        "seq_shards": seq_shards,
         "kind": "gpt",
         "n_layer": n_layer,
         "d_model": d_model,

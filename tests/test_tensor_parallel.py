@@ -59,7 +59,8 @@ PP4 = "pp=4,tie_embeddings=yes"  # 8 ranks: dp 2; also save at step 2
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     a, b = tmp / "ckpt_tp2", tmp / "ckpt_tp2dp2"
-    save_a, resume_a = f"pp=2,tp=2,steps=2,checkpoint_dir={a}", f"pp=2,tp=4,resume={a}"
+    save_a = f"pp=2,tp=2,sequence_parallel=1,steps=2,checkpoint_dir={a}"  # resumed without sp
+    resume_a = f"pp=2,tp=4,resume={a}"
     save_b, resume_b = f"pp=2,tp=2,dp=2,steps=2,checkpoint_dir={b}", f"pp=1,resume={b}"
     c, d = tmp / "ckpt_zero_tp", tmp / "ckpt_pp4"
     zero_tp, pp4 = (
