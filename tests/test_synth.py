@@ -163,3 +163,15 @@ def test_schedule_tool_prints_every_schedule_side_by_side(tmp_path, capsys):
         assert f"| {name:<11} |" in out
     assert "| v-half      |     77.75 |  0.486 |                           2 | yes" in out
     assert "peak stashed activations per rank: [6, 6, 6, 6]" in out  # the synthesized V
+
+
+def test_train_auto_needs_memory_and_picks_its_chunks():
+    from mpipipe import TrainConfig
+
+    with pytest.raises(ConfigError, match="--schedule auto and --memory K go together"):
+        TrainConfig(schedule="auto").validate()
+    with pytest.raises(ConfigError, match="--schedule auto and --memory K go together"):
+        TrainConfig(memory=2).validate()
+    with pytest.raises(ConfigError, match="leave --virtual-stages out"):
+        TrainConfig(schedule="auto", memory=2, virtual_stages=2).validate()
+    TrainConfig(schedule="auto", memory=2).validate()

@@ -13,7 +13,17 @@ import pytest
 
 from tests import mpirun
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "v-half", "v-min", "dualpipev@8"]
+SCHEDULES = [
+    "gpipe",
+    "1f1b",
+    "interleaved",
+    "zb-h1",
+    "zbv",
+    "v-half",
+    "v-min",
+    "dualpipev@8",
+    "auto@8",  # the synthesized schedule (tests/scripts/transparency.py: --memory 1.5)
+]
 
 
 def reference(name: str) -> str:

@@ -70,6 +70,7 @@ def synthesize(
     costs: Costs,
     seeds: Sequence[Plan] = (),
     budget: int = 60,
+    chunks: Sequence[int] = (1, 2),
 ) -> Result:
     """The fastest schedule found whose memory (see `memory`) is at most `cap`."""
     if cap < 1:
@@ -89,7 +90,7 @@ def synthesize(
         if memory(report) <= cap + 1e-9 and (best is None or key < best):
             best, found = key, (plan, report, origin)
 
-    for stages in (linear_stages(pp), v_stages(pp)):
+    for stages in [s for s in (linear_stages(pp), v_stages(pp)) if len(s[0]) in chunks]:
         v = len(stages[0])
         limit = math.floor(cap * v + 1e-9)
         if limit < v:
@@ -98,7 +99,7 @@ def synthesize(
         for order, w_delay in POLICIES:
             plan = list_schedule("synth", m, stages, limit, scaled, order, w_delay)
             consider(plan, f"list v={v} {order} w_delay={w_delay:g}")
-    for seed in seeds:
+    for seed in [s for s in seeds if len(s.stages[0]) in chunks]:
         consider(_renamed(seed, "synth"), f"seed {seed.name}")
     assert found is not None  # cap >= 1 always admits the one-chunk list schedule
     plan, report, origin = found
@@ -246,3 +247,21 @@ def side_by_side(rows: Sequence[Row], result: Result, cap: float) -> str:
         )
     )
     return "\n".join(out)
+
+
+TRAIN_COSTS = Costs(1.0, 2.0, 1.0)  # what `train --schedule auto` assumes: B about twice F
+
+
+def for_training(
+    pp: int,
+    m: int,
+    cap: float,
+    chunks: Sequence[int],
+    names: Sequence[str],
+    build: Callable[[str, int, int], Plan],
+) -> Plan:
+    """`train --schedule auto --memory K`: the synthesized plan for equal stages and
+    TRAIN_COSTS, on the chunk counts the model's layers allow; named 'auto'."""
+    reports = named(pp, m, TRAIN_COSTS, names, build)
+    fit = [report.plan for _, report in reports if memory(report) <= cap + 1e-9]
+    return _renamed(synthesize(pp, m, cap, TRAIN_COSTS, fit, chunks=chunks).plan, "auto")

@@ -5,7 +5,7 @@ losses, every parameter, and the measured and predicted peak stash.
     mpiexec -n 4 python tests/scripts/transparency.py OUT.npz gpipe 1f1b interleaved zb-h1 zbv
 
 NAME@M runs with M micro-batches instead of 4 (dualpipev needs M >= 2 x ranks); its arrays are
-under NAME@M.
+under NAME@M. `auto` is the synthesized schedule under --memory 1.5 micro-batches.
 """
 
 import io
@@ -15,6 +15,9 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipipe import TrainConfig, schedule, train
+from mpipipe.schedule import synth
+
+AUTO_MEMORY = 1.5
 
 out, schedules = sys.argv[1], sys.argv[2:]
 comm = MPI.COMM_WORLD
@@ -32,6 +35,7 @@ for spec in schedules:
             microbatches=microbatches,
             steps=3,
             schedule=name,
+            memory=AUTO_MEMORY if name == "auto" else None,
             dtype=dtype,
             eval_every=0,
             eval_batches=1,
@@ -47,7 +51,13 @@ for spec in schedules:
                 for pname, value in stage_params.items():
                     arrays[f"{key}/{pname}"] = value
     if comm.rank == 0:
-        plan = schedule.build(name, comm.size, microbatches)
+        if name == "auto":  # 8 layers allow a V on up to 4 ranks
+            names = sorted(schedule.SCHEDULES)
+            plan = synth.for_training(
+                comm.size, microbatches, AUTO_MEMORY, (1, 2), names, schedule.build
+            )
+        else:
+            plan = schedule.build(name, comm.size, microbatches)
         arrays[f"peak/{spec}/measured"] = np.array(result.peak_stash)
         arrays[f"peak/{spec}/predicted"] = np.array(schedule.check(plan).peak_stash)
 if comm.rank == 0:
