@@ -1,72 +1,127 @@
-"""GPT training step on one GPU: tokens/s and achieved TFLOP/s against the peak of a plain large
-cuBLAS matmul (bf16 and fp32) measured in the same run. Needs CuPy and a GPU.
+"""GPT on one GPU: the cuBLAS matmul peak (bf16 and fp32) at the model's own shapes, then one
+block's forward+backward and a whole 1-rank training step as fractions of that peak (MFU), all
+in the same run and on CUDA events. Needs CuPy and a GPU (or the fake CuPy, for a rehearsal).
 
-    python benchmarks/bench_gpu.py [--d-model 2048] [--layers 4] [--seq-len 2048]
+    python benchmarks/bench_gpu.py [--shapes 1024x1024,2048x2048,4096x2048] [--json OUT.json]
+
+A shape is DxT: d_model x sequence length (heads of 128, micro-batch 1, 2 layers per step).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
+from typing import Any
+
+
+def elapsed(cupy: Any, work: Any, repeats: int = 3) -> float:
+    """Best seconds of `work()` by CUDA events, after a warm-up."""
+    work()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return best
+
+
+def matmul_peak(cupy: Any, dtype: Any, m: int, k: int, n: int) -> float:
+    """FLOP/s of (m, k) @ (k, n): the MLP's first product at the model's shape."""
+    a, b = cupy.ones((m, k), dtype=dtype), cupy.ones((k, n), dtype=dtype)
+    return 2 * m * k * n / elapsed(cupy, lambda: a @ b)
+
+
+def block_seconds(cupy: Any, dtype: Any, d: int, t: int) -> float:
+    """One transformer block's forward and backward (input and weight gradients)."""
+    from mpipipe.layers import Block, Init
+
+    block = Block(Init.for_layer(0, 0, dtype, cupy), d, max(d // 128, 1), 4)
+    x = cupy.ones((1, t, d), dtype=dtype) * 0.01
+
+    def work() -> None:
+        y, ctx = block.forward(x)
+        _, w = block.backward_input(y, ctx)
+        block.backward_weight(w)
+
+    return elapsed(cupy, work)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d-model", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--shapes", default="1024x1024,2048x2048,4096x2048")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     import cupy
 
     from mpipipe import TrainConfig, train
     from mpipipe.metrics import model_flops_per_step
+    from mpipipe.xp import bfloat16
 
-    def peak(dtype: str, n: int = 8192) -> float:
-        a = cupy.ones((n, n), dtype=dtype)
-        a @ a
-        cupy.cuda.Device().synchronize()
-        best = float("inf")
-        for _ in range(5):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            a @ a
-            end.record()
-            end.synchronize()
-            best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
-        return 2 * n**3 / best
-
-    fp32 = peak("float32")
-    c, L, t, b = args.d_model, args.layers, args.seq_len, args.micro_batch
-    cfg = TrainConfig(
-        layers=L,
-        d_model=c,
-        heads=c // 128,
-        seq_len=t,
-        global_batch=4 * b,
-        microbatches=4,
-        steps=args.steps,
-        eval_batches=1,
-        eval_every=0,
-        backend="cupy",
-        peak_tflops=fp32 / 1e12,
-    )
-    result = train(cfg, out=io.StringIO())
-    later = result.history[1:]
-    step = statistics.median(r["step_time_s"] for r in later)
-    n_params = sum(v.size for v in result.params.values())
-    flops = model_flops_per_step(
-        {"kind": "gpt", "n_layer": L, "d_model": c, "seq_len": t}, n_params, cfg.global_batch
-    )
-    print(f"GPT {L}x{c}, seq {t}, fp32 compute; cuBLAS fp32 peak {fp32 / 1e12:.1f} TFLOP/s")
-    print("| step ms | tokens/s | TFLOP/s | of fp32 matmul peak |")
-    print("|---|---|---|---|")
-    print(
-        f"| {step * 1e3:.1f} | {cfg.global_batch * t / step:.0f} | {flops / step / 1e12:.1f} | "
-        f"{flops / step / fp32:.2f} |"
-    )
+    bf16 = bfloat16()
+    rows = []
+    for shape in args.shapes.split(","):
+        d, t = map(int, shape.split("x"))
+        peak = {
+            "bf16": matmul_peak(cupy, bf16, t, d, 4 * d),
+            "fp32": matmul_peak(cupy, "float32", t, d, 4 * d),
+        }
+        block_flops = (
+            2 * 3 * t * (12 * d * d) + 2 * 3 * 2 * t * t * d
+        )  # attention whole, as MFU counts it
+        block = block_seconds(cupy, bf16, d, t)
+        layers = 2
+        cfg = TrainConfig(
+            layers=layers,
+            d_model=d,
+            heads=max(d // 128, 1),
+            seq_len=t,
+            global_batch=4,
+            microbatches=4,
+            steps=args.steps,
+            eval_batches=1,
+            eval_every=0,
+            backend="cupy",
+            dtype="bf16",
+            peak_tflops=peak["bf16"] / 1e12,
+        )
+        result = train(cfg, out=io.StringIO())
+        step = statistics.median(r["step_time_s"] for r in result.history[1:])
+        n_params = sum(v.size for v in result.params.values())
+        model = {"kind": "gpt", "n_layer": layers, "d_model": d, "seq_len": t}
+        flops = model_flops_per_step(model, n_params, cfg.global_batch)
+        rows.append(
+            {
+                "shape": shape,
+                "bf16_peak_tflops": peak["bf16"] / 1e12,
+                "fp32_peak_tflops": peak["fp32"] / 1e12,
+                "block_ms": block * 1e3,
+                "block_of_bf16_peak": block_flops / block / peak["bf16"],
+                "step_ms": step * 1e3,
+                "tokens_per_s": cfg.global_batch * t / step,
+                "step_mfu_bf16": flops / step / peak["bf16"],
+            }
+        )
+    table = [
+        "| d_model x seq | cuBLAS bf16 / fp32 TFLOP/s | block fwd+bwd ms (of bf16 peak) "
+        "| bf16 step ms | tokens/s | step MFU (of bf16 peak) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['shape']} | {r['bf16_peak_tflops']:.1f} / {r['fp32_peak_tflops']:.1f} | "
+            f"{r['block_ms']:.2f} ({r['block_of_bf16_peak']:.0%}) | {r['step_ms']:.1f} | "
+            f"{r['tokens_per_s']:.0f} | {r['step_mfu_bf16']:.0%} |"
+        )
+    print("\n".join(table))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "table": table}, f, indent=1)
     return 0
 
 

@@ -216,7 +216,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
         print(f"{rank:>4}  {host:<16}  {local:>5}  {dev:<6}  {stage:>5}  {replica:>7}  {shard:>2}")
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
-    print(table(per_rank(job), job.cfg.tp))
+    print(table(per_rank(job), job.cfg.tp, job.cfg.sequence_parallel))
     print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 

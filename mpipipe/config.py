@@ -80,6 +80,11 @@ class TrainConfig:
         "tensor-parallel ranks per stage (Megatron: heads, MLP and vocabulary split; must divide "
         "--heads and the vocabulary); the tp group is innermost in rank numbers",
     )
+    sequence_parallel: bool = _opt(
+        False,
+        "with --tp: LayerNorms, residual stream and pipeline messages hold 1/tp of the tokens "
+        "(all-gather / reduce-scatter instead of all-reduce; --seq-len a multiple of --tp)",
+    )
     rank_order: str = _opt(
         "dp",
         "which of pp and dp is contiguous in rank numbers (after tp, always innermost)",
@@ -247,6 +252,11 @@ class TrainConfig:
             from mpipipe.parallel.tensor import check  # noqa: PLC0415 - loads mpi4py
 
             if problem := check(self.heads, self.d_model, self.vocab or self.tp, self.tp):
+                raise ConfigError(problem)
+        if self.sequence_parallel:
+            from mpipipe.parallel.sequence import check as sp_check  # noqa: PLC0415
+
+            if problem := sp_check(self.tp, self.seq_len):
                 raise ConfigError(problem)
         if self.resume == "auto" and not self.checkpoint_dir:
             raise ConfigError("--resume auto needs --checkpoint-dir (where to look)")

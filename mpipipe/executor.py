@@ -78,6 +78,7 @@ class Executor:
         self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
         self.stash_bytes: dict[tuple[int, int], int] = {}
         self.peak_stash_bytes = 0  # most bytes held by saved contexts at once, over all runs
+        self.peak_ctx_bytes = 0  # most bytes one forward saved for one micro-batch and chunk
         self.dispatch: dict[str, Callable[[Action, int], None]] = {
             "F": self._forward,
             "B": self._backward_input,
@@ -168,6 +169,7 @@ class Executor:
             self.ctx[(a.mb, a.chunk)] = ctx
             self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
             self._account((a.mb, a.chunk), ctx)
+            self.peak_ctx_bytes = max(self.peak_ctx_bytes, self.stash_bytes[(a.mb, a.chunk)])
 
     def _backward_input(self, a: Action, i: int) -> None:
         k = self.stage.ids[a.chunk]

@@ -41,6 +41,10 @@ def train_parser(epilog: str | None = None) -> argparse.ArgumentParser:
         meta = f.metadata
         choices = meta.get("choices")
         default = "" if f.default is None else f" (default: {f.default})"
+        if kind.startswith("bool"):  # a switch: given means True
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_const",
+                           const=True, default=None, help=meta["help"])  # fmt: skip
+            continue
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,

@@ -44,6 +44,7 @@ def config_of(path: str) -> tuple[Any, TrainConfig]:
         pp=None,
         dp=None,
         tp=1,  # layout-free checkpoints: eval and generate run without tensor parallelism
+        sequence_parallel=False,  # (which needs tp)
         resume=None,
         checkpoint_dir=None,
         metrics_file=None,

@@ -23,6 +23,7 @@ from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
 from mpipipe.partition import split, uniform
 from mpipipe.profile import layer_times
+from mpipipe.schedule import collectives
 from mpipipe.xp import dtype_of, get, resolve_backend
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ def build_model(cfg: TrainConfig) -> Model:
     """The model `cfg` names (a recipe: nothing is allocated); vocabulary --vocab, else bytes."""
     vocab = cfg.vocab or BYTES_VOCAB
     if cfg.is_gpt:
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab)
+        shards = cfg.tp if cfg.sequence_parallel else 1
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, shards)
     return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 
@@ -51,6 +53,7 @@ class Job:
     bounds: list[range] = field(default_factory=list)  # global layers of each virtual stage
     backend: str = "numpy"  # resolved from --backend
     layer_costs: list[float] | None = None  # what the partition balanced (params or seconds)
+    layer_clock: str = ""  # what timed the layers, for --partition time
 
 
 def prepare(
@@ -93,6 +96,8 @@ def prepare(
     else:
         plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
     chunks = len(plan.stages[0])
+    held = collectives.holding(cfg.tp, cfg.sequence_parallel)
+    collectives.check(collectives.rows(plan, cfg.tp), held)  # before anything runs
     costs = None
     if cfg.partition == "params":
         costs = [float(s.params) for s in model.layers]
@@ -167,8 +172,8 @@ def finalize(job: Job, comm: MPI.Comm, xp: ModuleType | None = None) -> Job:
     if isinstance(result, str):
         raise ConfigError(result)
     body = [s.body for s in job.model.layers]
-    job.layer_costs = result
-    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), "time", result)
+    job.layer_costs, job.layer_clock = result
+    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), "time", job.layer_costs)
     _simulate(job)
     return job
 
@@ -241,12 +246,14 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
     )
     sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
     tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
+    tp += " (sequence parallel)" if cfg.sequence_parallel else ""
     lines = [
         f"mpipipe: {what} ({cfg.dtype}), pp={plan.pp} x dp={cfg.dp}{tp} ({first}"
         f"{cfg.rank_order} contiguous), schedule {plan.name}, {cfg.microbatches} micro-batches of "
         f"{cfg.micro_batch} per replica, peak stash {job.report.peak_stash}, simulated bubble "
         f"{job.report.bubble:.2f} ({sim})",
-        f"stages ({cfg.partition} partition): {' | '.join(parts)}",
+        f"stages ({cfg.partition} partition{', timed by ' * bool(job.layer_clock)}"
+        f"{job.layer_clock}): {' | '.join(parts)}",
     ]
     if cfg.partition == "time" and job.layer_costs:
         t = [sum(job.layer_costs[i] for i in r) for r in job.bounds]

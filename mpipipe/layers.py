@@ -28,7 +28,7 @@ from mpipipe.kernels.vocab_parallel import (
     vocab_embedding_forward,
 )
 from mpipipe.parallel.tensor import SINGLE, Split, TensorGroup
-from mpipipe.xp import Array
+from mpipipe.xp import Array, namespace_of
 
 
 @dataclass
@@ -39,19 +39,28 @@ class Init:
     parameters depend only on (seed, global layer index), never on the rank that builds it. With
     tensor parallelism (`tp`, the group of ranks sharing the layer) a split parameter is drawn
     whole and then cut (`Split`), so the shards are exactly the single-process tensor's pieces;
-    the whole tensor exists on the host only while it is cut.
+    the whole tensor exists on the host only while it is cut. `sequence`: sequence parallelism
+    (parallel/sequence.py): the residual stream between layers is my token block.
     """
 
     rng: np.random.Generator
     dtype: np.dtype
     xp: ModuleType
     tp: TensorGroup = SINGLE
+    sequence: bool = False
 
     @classmethod
     def for_layer(
-        cls, seed: int, index: int, dtype: Any, xp: ModuleType, tp: TensorGroup = SINGLE
+        cls,
+        seed: int,
+        index: int,
+        dtype: Any,
+        xp: ModuleType,
+        tp: TensorGroup = SINGLE,
+        sequence: bool = False,
     ) -> Init:
-        return cls(np.random.default_rng([seed, index]), np.dtype(dtype), xp, tp)
+        rng = np.random.default_rng([seed, index])
+        return cls(rng, np.dtype(dtype), xp, tp, sequence and tp.size > 1)
 
     def normal(self, shape: tuple[int, ...], std: float, split: Split | None = None) -> Array:
         whole = self.rng.normal(0.0, std, size=shape)
@@ -68,7 +77,8 @@ class Init:
 
 class Layer(Protocol):
     """A layer; ours also carry `splits` (tensor parallelism: how each shard in `params` was
-    cut), which a user's layer may leave out: its parameters are then whole on every rank."""
+    cut) and `partial` (sequence parallelism: which gradients sum over my token block only),
+    which a user's layer may leave out: its parameters are then whole on every rank."""
 
     params: dict[str, Array]
     grads: dict[str, Array]
@@ -90,6 +100,9 @@ class Base:
         self.params = params
         self.grads = {k: v * 0 for k, v in params.items()}
         self.splits: dict[str, Split] = {}  # tensor parallelism: how each shard was cut
+        # sequence parallelism: replicated parameters whose gradients sum over my token block
+        # only (the tp group all-reduces them once per step: parallel/sequence.py)
+        self.partial: set[str] = set()
 
     def recompute_selectively(self) -> None:
         """Nothing is cheap to recompute in most layers; attention overrides this."""
@@ -106,6 +119,7 @@ class Base:
             self.grads[f"{prefix}.{k}"] = child.grads[k]
         for k, split in getattr(child, "splits", {}).items():
             self.splits[f"{prefix}.{k}"] = split
+        self.partial |= {f"{prefix}.{k}" for k in getattr(child, "partial", ())}
 
 
 class Linear(Base):
@@ -129,29 +143,50 @@ class Linear(Base):
 class ColumnLinear(Linear):
     """Column-parallel Linear (Megatron): my columns of w and b, so my slice of the output; its
     input gradient is a partial sum over the group, all-reduced in backward (Megatron's `f`).
-    `blocks`: the output is several fused matrices (qkv: 3), each split across the group."""
+    `blocks`: the output is several fused matrices (qkv: 3), each split across the group.
+    With sequence parallelism the input is my token block (B, T / tp, Cin): all-gathered
+    before the product, and only the block is saved; the input gradient is reduce-scattered;
+    the weight gradient gathers the input again (in W: a collective, see parallel/sequence.py)."""
 
     def __init__(self, init: Init, c_in: int, c_out: int, std: float = 0.02,
                  bias: bool = True, blocks: int = 1) -> None:  # fmt: skip
-        self.tp, split = init.tp, Split(1, blocks)
+        self.tp, self.sequence, split = init.tp, init.sequence, Split(1, blocks)
         p = {"w": init.normal((c_in, c_out), std, split)}
         if bias:
             p["b"] = init.zeros((c_out // self.tp.size,))
         Base.__init__(self, p)
         self.splits = {"w": split, **({"b": Split(0, blocks)} if bias else {})}
 
+    def forward(self, x: Array) -> tuple[Array, Any]:
+        if not self.sequence:
+            return super().forward(x)
+        whole = self.tp.all_gather(x)  # (B, T, Cin) from my block (B, T / tp, Cin)
+        out, _ = linear_forward(whole, self.params["w"], self.params.get("b"))  # (B, T, Cout/tp)
+        return out, x  # my block only: the gathered input dies here
+
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
         dx = linear_backward_input(dy, self.params["w"])  # (..., Cin), my columns' share
+        if self.sequence:
+            return self.tp.reduce_scatter(dx), (dy, ctx)  # (B, T / tp, Cin)
         return self.tp.all_reduce(dx), (dy, ctx)
+
+    def backward_weight(self, wctx: Any) -> None:
+        dy, x = wctx
+        if self.sequence:
+            x = self.tp.all_gather(x)  # (B, T, Cin) again, for this product only
+        linear_backward_weight(dy, x, self.grads["w"], self.grads.get("b"))
 
 
 class RowLinear(Linear):
     """Row-parallel Linear (Megatron): my rows of w take my slice of the input; the partial
     products are all-reduced in forward (Megatron's `g`), then the whole, replicated bias is
-    added. The input gradient is my slice, with no collective."""
+    added. The input gradient is my slice, with no collective. With sequence parallelism the
+    sums are reduce-scattered (my token block of the output) and the output gradient, my
+    block, is all-gathered in backward; W keeps the block and gathers it again (so what waits
+    from B to W is 1/tp too), which makes the bias gradient whole, not a partial sum."""
 
     def __init__(self, init: Init, c_in: int, c_out: int, std: float = 0.02) -> None:
-        self.tp = init.tp
+        self.tp, self.sequence = init.tp, init.sequence
         Base.__init__(
             self, {"w": init.normal((c_in, c_out), std, Split(0)), "b": init.zeros((c_out,))}
         )
@@ -159,14 +194,28 @@ class RowLinear(Linear):
 
     def forward(self, x: Array) -> tuple[Array, Any]:
         out, ctx = linear_forward(x, self.params["w"], None)  # (..., Cout), partial
-        out = self.tp.all_reduce(out)
+        out = self.tp.reduce_scatter(out) if self.sequence else self.tp.all_reduce(out)
         out += self.params["b"]
         return out, ctx
+
+    def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
+        if not self.sequence:
+            return super().backward_input(dy, ctx)
+        whole = self.tp.all_gather(dy)  # (B, T, Cout) from my block
+        return linear_backward_input(whole, self.params["w"]), (dy, ctx)  # keep the block
+
+    def backward_weight(self, wctx: Any) -> None:
+        dy, x = wctx
+        if self.sequence:
+            dy = self.tp.all_gather(dy)  # (B, T, Cout) again, for this product only
+        linear_backward_weight(dy, x, self.grads["w"], self.grads.get("b"))
 
 
 class LayerNorm(Base):
     def __init__(self, init: Init, c: int):
         super().__init__({"g": init.ones((c,)), "b": init.zeros((c,))})
+        if init.sequence:  # normalises my token block: g and b see my rows only
+            self.partial = {"g", "b"}
 
     def forward(self, x: Array) -> tuple[Array, Any]:
         return layernorm_forward(x, self.params["g"], self.params["b"])
@@ -196,10 +245,12 @@ class GELU(Base):
 class Embedding(Base):
     """Token + learned position embedding: tokens (B, T) -> (B, T, C). First layer only. With
     tensor parallelism the token embedding is split by vocabulary rows (kernels/vocab_parallel)
-    and the position embedding is replicated."""
+    and the position embedding is replicated. With sequence parallelism the sum over the group
+    is reduce-scattered (my token block, plus its rows' position embeddings); the weight
+    gradient gathers the output gradient (in W), since my vocabulary rows occur anywhere."""
 
     def __init__(self, init: Init, vocab: int, c: int, max_len: int):
-        self.tp = init.tp
+        self.tp, self.sequence = init.tp, init.sequence
         super().__init__(
             {
                 "wte": init.normal((vocab, c), 0.02, Split(0)),
@@ -212,6 +263,12 @@ class Embedding(Base):
     def forward(self, x: Array) -> tuple[Array, Any]:
         if self.tp.size > 1:
             p = self.params
+            if self.sequence:  # my token block: rows [r n, (r + 1) n) of the B x T in order
+                xp, (b, t), tp = namespace_of(x), x.shape, self.tp
+                n = b * t // tp.size
+                positions = ((tp.rank * n + xp.arange(n)) % t).reshape(b, t // tp.size)
+                combine = tp.reduce_scatter
+                return vocab_embedding_forward(x, p["wte"], p["wpe"], self.lo, combine, positions)
             return vocab_embedding_forward(x, p["wte"], p["wpe"], self.lo, self.tp.all_reduce)
         return embedding_forward(x, self.params["wte"], self.params["wpe"])
 
@@ -220,6 +277,8 @@ class Embedding(Base):
 
     def backward_weight(self, wctx: Any) -> None:
         dy, tokens = wctx
+        if self.sequence:
+            dy = self.tp.all_gather(dy)  # (B, T, C) from my block
         if self.tp.size > 1:
             vocab_embedding_backward_weight(dy, tokens, self.grads["wte"], self.grads["wpe"])
             return

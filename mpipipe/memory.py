@@ -3,15 +3,20 @@
     weights   parameters, gradients and optimizer state: bytes per parameter by dtype and
               optimizer (fp16/bf16 add fp32 master weights and fp32 gradients)
     stash     saved activations at the schedule's peak stash (the checker's count), per
-              micro-batch b x T x C (H heads, vocabulary V):
-                block  16 bTC + b H T^2 elements (LayerNorm, qkv, attention probabilities,
-                       projections, the 4C-wide MLP; no dropout)
-                head   2 bTV + 2 bTC (logits and probabilities, the final LayerNorm)
+              micro-batch b x T x C (H heads, vocabulary V), what the layers' contexts hold:
+                block  21 bTC + 2 bT + b H T^2 elements: at the two LayerNorms and the inputs
+                       of qkv and fc 4 bTC + 2 bT (normalised rows, 1/std), after them 16 bTC
+                       + b H T^2 (q, k, v, the attention probabilities, the proj input, GELU's
+                       input and tanh, the second proj's input; no dropout)
+                head   2 bTC + bT (the final LayerNorm and the LM head's input), plus on the
+                       last stage the loss gradient bTV, which waits from F to B
 With tensor parallelism (tp) a rank holds 1/tp of each split tensor (qkv, fc and their biases,
 the proj weights, the token embedding, the LM head) and whole copies of the rest (LayerNorms,
-the row-parallel biases, the position embedding); of a block's saved activations, the 12 bTC
-after the column-parallel products and the attention probabilities are split, the 4 bTC at the
-LayerNorms are whole; the head's logits and probabilities are split.
+the row-parallel biases, the position embedding); of a block's saved activations the 16 bTC +
+b H T^2 after the column-parallel products are split, the 4 bTC + 2 bT at the LayerNorms whole;
+the loss gradient is split (my vocabulary columns). With sequence parallelism (`sp`) the
+LayerNorms and the column-parallel layers save their token block (1/tp of the rows): every saved
+activation of a block and of the head is split (1/tp), the embedding's token ids are not.
 The estimate leaves out receive buffers and transient workspaces; `stash_mb` and `max_rss_mb`
 in the metrics file are the measured figures.
 """
@@ -45,15 +50,25 @@ def shard_params(name: str, meta: dict[str, Any], params: int, tp: int = 1) -> i
     return v * c // tp + t * c  # token embedding split by vocabulary, positions whole
 
 
-def activation_elements(name: str, meta: dict[str, Any], b: int, tp: int = 1) -> int:
-    """Elements one layer saves for backward for a micro-batch of `b` samples (GPT layers), on
-    one of `tp` ranks."""
+def activation_elements(
+    name: str, meta: dict[str, Any], b: int, tp: int = 1, sp: bool = False
+) -> int:
+    """Elements one layer's context saves for backward for a micro-batch of `b` samples (GPT
+    layers), on one of `tp` ranks (`sp`: with sequence parallelism)."""
     t, c = meta.get("seq_len", 0), meta.get("d_model", 0)
+    seq = tp if sp else 1  # the LayerNorms and column-layer inputs: split by sequence, or whole
     if name.startswith("block"):
-        return 4 * b * t * c + (12 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
+        return (4 * b * t * c + 2 * b * t) // seq + (
+            16 * b * t * c + b * meta.get("n_head", 1) * t * t
+        ) // tp
     if name == "head":
-        return 2 * b * t * meta.get("vocab", 0) // tp + 2 * b * t * c
+        return (2 * b * t * c + b * t) // seq
     return b * t  # the embedding keeps its token ids
+
+
+def loss_gradient_elements(meta: dict[str, Any], b: int, tp: int = 1) -> int:
+    """The loss gradient (b, T, V / tp) that the last stage holds from F to B."""
+    return b * meta.get("seq_len", 0) * meta.get("vocab", 0) // tp
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,7 @@ def per_rank(job: Any) -> list[RankMemory]:
     """The estimate for every rank of one pipeline (replicas and a stage's tp ranks hold the
     same)."""
     cfg, model, plan = job.cfg, job.model, job.plan
-    tp, meta = getattr(cfg, "tp", 1) or 1, model.meta
+    tp, meta, sp = cfg.tp, model.meta, cfg.sequence_parallel
     per_param = bytes_per_param(cfg.dtype, cfg.optimizer)
     width = _WIDTH[cfg.dtype]
     names = [s.name for s in model.layers]
@@ -81,8 +96,10 @@ def per_rank(job: Any) -> list[RankMemory]:
     for r, chunks in enumerate(plan.stages):
         layers = [i for k in chunks for i in job.bounds[k]]
         params = sum(shard_params(names[i], meta, model.layers[i].params, tp) for i in layers)
+        b, last = cfg.micro_batch, len(names) - 1
         chunk_act = [
-            sum(activation_elements(names[i], meta, cfg.micro_batch, tp) for i in job.bounds[k])
+            sum(activation_elements(names[i], meta, b, tp, sp) for i in job.bounds[k])
+            + (loss_gradient_elements(meta, b, tp) if last in job.bounds[k] else 0)
             for k in chunks
         ]
         stash = job.report.peak_stash[r] * max(chunk_act) * width
@@ -91,10 +108,11 @@ def per_rank(job: Any) -> list[RankMemory]:
     return out
 
 
-def table(rows: list[RankMemory], tp: int = 1) -> str:
+def table(rows: list[RankMemory], tp: int = 1, sp: bool = False) -> str:
     """The dry run's per-rank table, in GiB."""
     gib = 2**30
     each = f", each of its {tp} tensor-parallel ranks" if tp > 1 else ""
+    each += " (sequence parallel)" if sp else ""
     lines = [
         f"memory per pipeline rank{each} (estimate: weights = parameters, gradients, optimizer "
         "state; stash = activations at the peak stash)",

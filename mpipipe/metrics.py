@@ -84,20 +84,21 @@ def interactive(stream: IO[str], env: Mapping[str, str] | None = None) -> bool:
     return launcher_stdout.startswith(("/dev/pts/", "/dev/tty"))
 
 
-def measure_peak_flops(xp: Any, dtype: Any, n: int = 128, repeats: int = 3) -> float:
+def measure_peak_flops(xp: Any, dtype: Any, n: int = 128, repeats: int = 3) -> tuple[float, str]:
     """FLOP/s of a plain n x n matrix product on this rank's device (best of `repeats`, on the
     backend's own clock): the reference for MFU when no --peak-tflops is given. Ranks sharing
     cores measure their share. n starts small and doubles (up to 8192) while one product takes
     under 5 ms: a fast device is measured full, not at its launch latency, and a slow product
     (NumPy's float16, which has no BLAS: about a minute at n = 768 on 4 ranks sharing 2 cores)
-    is measured at the size that first takes 5 ms, in milliseconds."""
+    is measured at the size that first takes 5 ms, in milliseconds. Returns the FLOP/s and the
+    clock's name (CUDA events or perf_counter), which the log states."""
     from mpipipe.xp import best_seconds
 
     while True:
         a = xp.ones((n, n), dtype=dtype)
-        best, _ = best_seconds(xp, lambda a=a: a @ a, repeats)
+        best, clock = best_seconds(xp, lambda a=a: a @ a, repeats)
         if best >= 5e-3 or n >= 8192:
-            return 2.0 * n**3 / best
+            return 2.0 * n**3 / best, clock
         n *= 2
 
 

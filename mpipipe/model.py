@@ -51,8 +51,12 @@ class Model:
         return sum(1 for s in self.layers if s.body)
 
 
-def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB) -> Model:
-    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head."""
+def gpt(
+    n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB, seq_shards: int = 1
+) -> Model:
+    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head.
+    `seq_shards`: with sequence parallelism (tp ranks), the activations between layers (the
+    pipeline messages) are one token block, (b, seq_len / seq_shards, d_model)."""
     c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
     specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
     specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms
@@ -68,12 +72,13 @@ def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCA
     last = len(specs) - 1
 
     def act_shape(i: int, b: int) -> tuple[int, ...]:
-        return (b, seq_len, vocab) if i == last else (b, seq_len, d_model)
+        return (b, seq_len, vocab) if i == last else (b, seq_len // seq_shards, d_model)
 
     def example(b: int) -> Any:
         return np.random.default_rng(0).integers(0, vocab, size=(b, seq_len))
 
     meta = {
+        "seq_shards": seq_shards,
         "kind": "gpt",
         "n_layer": n_layer,
         "d_model": d_model,

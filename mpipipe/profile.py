@@ -29,8 +29,9 @@ def _recipe(spec: Any) -> Any:
 
 def layer_times(
     model: Model, micro_batch: int, dtype: Any, xp: ModuleType = np, repeats: int = 3
-) -> list[float]:
-    """Seconds of F + B + W per global layer for one micro-batch (best of `repeats`)."""
+) -> tuple[list[float], str]:
+    """Seconds of F + B + W per global layer for one micro-batch (best of `repeats`), and the
+    clock that timed them (CUDA events or perf_counter)."""
     if model.input_example is None:
         raise ValueError(
             "--partition time needs the model's input_example (built-in models "
@@ -39,6 +40,7 @@ def layer_times(
     rng = np.random.default_rng(0)
     last = len(model.layers) - 1
     known: dict[Any, float] = {}
+    clock = "perf_counter"
     times = []
     for i, spec in enumerate(model.layers):
         key = (_recipe(spec), i == 0, i == last)
@@ -62,6 +64,6 @@ def layer_times(
                 _, wctx = layer.backward_input(dy, ctx)
                 layer.backward_weight(wctx)
 
-            known[key], _ = best_seconds(xp, work, repeats)
+            known[key], clock = best_seconds(xp, work, repeats)
         times.append(known[key])
-    return times
+    return times, clock

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -30,6 +30,7 @@ from mpipipe.job import Job
 from mpipipe.parallel.cuda_aware import verdict
 from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.grid import Grid
+from mpipipe.parallel.sequence import SequenceGrads
 from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
 from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
 from mpipipe.parallel.transport import Transport, spin_for
@@ -133,7 +134,8 @@ class Runtime:
         self.tp: TensorGroup = SINGLE
         if grid.tp_comm is not None:
             self.tp = TpGroup(grid.tp_comm, self.transport)
-        compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute, self.tp)
+        sp = cfg.sequence_parallel
+        compute: Any = Compute(cfg.seed, device.dtype, device.xp, cfg.recompute, self.tp, sp)
         if job.emulated is not None:
             compute = EmulatedCompute(compute, job.emulated, cfg.micro_batch)
         self.stage = Stage(job.model, plan.stages[self.rank], job.bounds, compute, self.tp)
@@ -165,8 +167,25 @@ class Runtime:
             self.dtype,
             self.xp,
             scale,
-            on_layer_final=reducer.layer_ready if reducer is not None else None,
+            on_layer_final=self._on_layer_final(reducer),
         )
+
+    def _on_layer_final(self, reducer: Any) -> Callable[[int], None] | None:
+        """What runs once a layer's weight gradients are final: the sequence-parallel sums over
+        the tp group (parallel/sequence.py), then the data-parallel bucket's all-reduce."""
+        hooks: list[Callable[[int], None]] = []
+        if self.stage.partial:
+            hooks.append(SequenceGrads(self.stage, self.tp))
+        if reducer is not None:
+            hooks.append(reducer.layer_ready)
+        if len(hooks) < 2:
+            return hooks[0] if hooks else None
+
+        def both(layer: int) -> None:
+            for hook in hooks:
+                hook(layer)
+
+        return both
 
     @property
     def rows(self) -> range:

@@ -126,12 +126,13 @@ class Compute:
     xp: ModuleType
     recompute: str = "none"
     tp: TensorGroup = SINGLE
+    sequence: bool = False  # sequence parallelism (parallel/sequence.py)
 
     def layers(self, model: Model, indices: range) -> list[Layer]:
-        return [
-            model.layers[i].build(Init.for_layer(self.seed, i, self.dtype, self.xp, self.tp))
-            for i in indices
-        ]
+        def init(i: int) -> Init:
+            return Init.for_layer(self.seed, i, self.dtype, self.xp, self.tp, self.sequence)
+
+        return [model.layers[i].build(init(i)) for i in indices]
 
     def chunk(self, model: Model, indices: range, k: int) -> ChunkLike:
         return Chunk(self.layers(model, indices), indices, self.recompute)
@@ -167,6 +168,9 @@ class Stage:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
         self.layer_params: dict[int, list[str]] = {}  # global layer index -> its param names
+        # global layer index -> its parameters whose gradients are sums over my token block
+        # only (sequence parallelism; parallel/sequence.py completes them)
+        self.partial: dict[int, list[str]] = {}
         self.layers: dict[int, Layer] = {}  # global layer index -> the layer
         for chunk in self.chunks:
             for i, layer in zip(chunk.indices, chunk.layers, strict=True):
@@ -181,6 +185,9 @@ class Stage:
                     if tp.size > 1 and split is not None:
                         self.splits[name] = split
                 self.layer_params[i] = names
+                partial = sorted(getattr(layer, "partial", ()))  # a user's layer: none
+                if partial:
+                    self.partial[i] = [param_name(i, k) for k in partial]
 
     @classmethod
     def of_rank(

@@ -54,6 +54,7 @@ class TrainResult:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     peak_stash: list[int] = field(default_factory=list)  # measured, per rank of my pipeline
     param_bytes: int = 0  # bytes of the parameters this rank holds (its shards with --tp)
+    activation_bytes: int = 0  # most bytes one micro-batch's forward saved on this rank
     preempted: str | None = None  # the signal that stopped the run early, if any
 
     @property
@@ -136,7 +137,11 @@ class _Run:
             world.allreduce(self.param_bytes, op=MPI.MIN),
             world.allreduce(self.param_bytes, op=MPI.MAX),
         )
-        peak = cfg.peak_tflops * 1e12 or measure_peak_flops(rt.xp, rt.dtype)
+        if cfg.peak_tflops:
+            peak, self.peak_source = cfg.peak_tflops * 1e12, "--peak-tflops per rank"
+        else:
+            peak, clock = measure_peak_flops(rt.xp, rt.dtype)
+            self.peak_source = f"a matrix product measured on each rank, timed by {clock}"
         self.peak_flops = world.allreduce(peak, op=MPI.SUM)  # the whole grid's
         self.flops_per_step = model_flops_per_step(
             self.job.model.meta, self.n_params, cfg.global_batch
@@ -343,6 +348,7 @@ class _Run:
             f"parameter bytes per rank: {low:,} to {high:,} ({self.n_params:,} parameters in "
             f"all{f', split over tp={self.grid.tp}' if self.grid.tp > 1 else ''})"
         )
+        self.say(f"MFU of {self.peak_flops / 1e12:.3g} TFLOP/s in all ({self.peak_source})")
         result = TrainResult(cfg, param_bytes=self.param_bytes)
         preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
@@ -395,6 +401,11 @@ class _Run:
         if cfg.trace:
             self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
+        result.activation_bytes = act = self.train_exec.peak_ctx_bytes
+        low, high = world.allreduce(act, op=MPI.MIN), world.allreduce(act, op=MPI.MAX)
+        self.say(
+            f"saved activations per micro-batch per rank (measured): {low:,} to {high:,} bytes"
+        )
         if result.history:
             self.say(summary_line(result, time.perf_counter() - t_start))
         elif not result.preempted:

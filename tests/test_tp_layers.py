@@ -33,19 +33,35 @@ class Threads:
 
 
 class ThreadGroup:
-    """One rank of a threaded tp group; counts the all-reduces it takes part in."""
+    """One rank of a threaded tp group; counts the collectives it takes part in."""
 
     def __init__(self, shared: Threads, rank: int) -> None:
         self.shared, self.size, self.rank, self.calls = shared, shared.size, rank, 0
 
-    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+    def _exchange(self, x: Any) -> list[Any]:
+        """Every rank's `x`, in rank order."""
         self.calls += 1
         self.shared.slots[self.rank] = x.copy()
         self.shared.barrier.wait()
         parts = list(self.shared.slots)
-        total = np.maximum.reduce(parts) if op == "max" else sum(parts[1:], parts[0].copy())
         self.shared.barrier.wait()  # nobody overwrites a slot before all have read them
-        return total
+        return parts
+
+    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+        parts = self._exchange(x)
+        return np.maximum.reduce(parts) if op == "max" else sum(parts[1:], parts[0].copy())
+
+    def all_gather(self, x: Any) -> Any:
+        """Token blocks (B, S, C) joined in memory order: (B, tp S, C)."""
+        flat = np.concatenate([p.reshape(-1) for p in self._exchange(x)])
+        return flat.reshape(x.shape[0], x.shape[1] * self.size, *x.shape[2:])
+
+    def reduce_scatter(self, x: Any) -> Any:
+        """The sum, cut in memory order: my token block (B, T / tp, C)."""
+        parts = self._exchange(x)
+        total = sum(parts[1:], parts[0].copy())
+        block = np.split(total.reshape(-1), self.size)[self.rank]
+        return block.reshape(x.shape[0], x.shape[1] // self.size, *x.shape[2:]).copy()
 
 
 def on_threads(tp: int, work: Callable[[ThreadGroup], Any]) -> list[Any]:

@@ -3,7 +3,9 @@ holds the vocabulary rows [lo, lo + Vs) of the token embedding and the same colu
 head's logits; no rank ever holds (N, V) logits.
 
 `all_reduce(x, op)` is the tp group's collective (parallel/tensor.py), passed in so that these
-stay pure functions of their arrays; Vs is the shard's vocabulary size (V / tp).
+stay pure functions of their arrays; Vs is the shard's vocabulary size (V / tp). The embedding
+takes any `combine` of the group's partial sums: the all-reduce, or with sequence parallelism the
+reduce-scatter that leaves each rank its token block, whose rows' `positions` it is given.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ def _local(targets: Array, lo: int, vs: int) -> tuple[Array, Array]:
 
 
 def vocab_embedding_forward(
-    tokens: Array, wte: Array, wpe: Array, lo: int, all_reduce: Reduce
-) -> tuple[Array, tuple[Array, Array]]:
+    tokens: Array, wte: Array, wpe: Array, lo: int, combine: Callable[[Array], Array],
+    positions: Array | None = None,
+) -> tuple[Array, tuple[Array, Array]]:  # fmt: skip
     # tokens (B, T) int  wte (Vs, C) my rows  wpe (Tmax, C) whole
     xp = namespace_of(wte)
-    t = tokens.shape[1]
     local, inside = _local(tokens, lo, wte.shape[0])  # (B, T) each
     out = wte[xp.where(inside, local, 0)]  # (B, T, C), row 0 stands in for others' tokens
     out *= inside[..., None]  # others' tokens contribute exact zeros to the sum
-    out = all_reduce(out, "sum")  # (B, T, C): every token's row, from its owner
-    out += wpe[:t]
+    out = combine(out)  # (B, T', C): every token's row, from its owner (T' = T, or my block)
+    out += wpe[: tokens.shape[1]] if positions is None else wpe[positions]  # (T' C) / (B, T', C)
     return out, (local, inside)
 
 

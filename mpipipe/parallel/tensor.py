@@ -25,6 +25,11 @@ but it goes through the rank's one transport like every other collective: a host
 reduced in place by MPI, a device array directly (CUDA-aware MPI, after the producing kernels)
 or staged through pinned host memory, and the wait polls with the transport's back-off (no
 MPICH busy-spin on oversubscribed nodes). 16-bit arrays are summed in a float32 copy.
+
+Sequence parallelism (Korthikanti et al. 2022) replaces each all-reduce of the residual stream
+by its two halves, same bytes: `reduce_scatter` (the row-parallel sums, leaving each rank its
+token block: `Single` says which rows) and `all_gather` (the whole again, before a column-parallel
+product); parallel/sequence.py says what runs where.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class Split:
 
 
 class TensorGroup(Protocol):
-    """The ranks that share one stage's layers: their number, my index, and the all-reduce."""
+    """The ranks that share one stage's layers: their number, my index, and the collectives."""
 
     @property
     def size(self) -> int: ...
@@ -74,13 +79,36 @@ class TensorGroup(Protocol):
         """The elementwise SUM (or MAX) of `x` over the group; may reuse `x`'s memory."""
         ...
 
+    def all_gather(self, x: Array) -> Array:
+        """Every rank's block joined in rank order, in memory order: my token block
+        (B, T / tp, C) -> the whole (B, T, C) (sequence parallelism; see `Single`); new."""
+        ...
+
+    def reduce_scatter(self, x: Array) -> Array:
+        """The SUM of `x` (B, T, C) over the group, cut in memory order into tp equal blocks:
+        block `rank`, shaped (B, T / tp, C)."""
+        ...
+
 
 class Single:
-    """No tensor parallelism: the group of one rank, whose collectives do nothing."""
+    """No tensor parallelism: the group of one rank, whose collectives do nothing.
+
+    A token block (sequence parallelism) is block `rank` of the (B, T, C) activation's B x T
+    token rows in memory order (batch-major), shaped (B, T / tp, C): for one sample per
+    micro-batch exactly the sequence cut in tp; for more, the samples' rows run on from one
+    into the next (Megatron cuts a [T, B, C] layout along T; ours is the same cut on our
+    [B, T, C] layout without the transposes: a contiguous slice, so the collectives copy
+    nothing). Per-row layers (LayerNorm, bias, residual) do not mind which rows they get."""
 
     size, rank = 1, 0
 
     def all_reduce(self, x: Array, op: str = "sum") -> Array:
+        return x
+
+    def all_gather(self, x: Array) -> Array:
+        return x
+
+    def reduce_scatter(self, x: Array) -> Array:
         return x
 
 
@@ -109,6 +137,28 @@ class TpGroup:
             buf = buf.copy()
         self.transport.allreduce_now(self.comm, buf, _OPS[op], self.spin_s)
         return buf.astype(x.dtype) if half else buf
+
+    def all_gather(self, x: Array) -> Array:
+        self.calls += 1
+        xp = namespace_of(x)
+        send = xp.ascontiguousarray(x)  # (B, S, C) my token block (a no-op when contiguous)
+        recv = xp.empty((x.shape[0], x.shape[1] * self.size, *x.shape[2:]), dtype=x.dtype)
+        self.transport.allgather_now(self.comm, send, recv, self.spin_s)  # (B, T, C)
+        return recv
+
+    def reduce_scatter(self, x: Array) -> Array:
+        self.calls += 1
+        xp = namespace_of(x)
+        half = is_half(x.dtype)
+        if x.shape[1] % self.size:
+            raise ValueError(
+                f"reduce-scatter of a sequence of {x.shape[1]} over {self.size} tp ranks: the "
+                f"sequence must be a multiple of --tp"
+            )
+        send = xp.ascontiguousarray(x, dtype="float32" if half else x.dtype)  # (B, T, C)
+        recv = xp.empty((x.shape[0], x.shape[1] // self.size, *x.shape[2:]), dtype=send.dtype)
+        self.transport.reduce_scatter_now(self.comm, send, recv, MPI.SUM, self.spin_s)
+        return recv.astype(x.dtype) if half else recv  # (B, S, C) my token block
 
 
 def whole(

@@ -1,6 +1,8 @@
 """Train a small GPT for 3 steps (float64, SGD with momentum) in each given layout on the ranks
 this was launched on, and save every layout's losses and parameters (gathered from replica 0,
-whole: tp shards are joined), and under `bytes/LAYOUT` the parameter bytes of its fullest rank.
+whole: tp shards are joined), under `bytes/LAYOUT` the parameter bytes of its fullest rank and
+under `act/LAYOUT` the most bytes one micro-batch's forward saved on a rank (measured), under
+`time/LAYOUT` its wall seconds (what each layout adds to a test).
 A layout is a comma-separated list of TrainConfig overrides; its text is the key prefix.
 
     python tests/scripts/data_parallel.py OUT.npz pp=1                       # the reference
@@ -13,6 +15,7 @@ A layout is a comma-separated list of TrainConfig overrides; its text is the key
 import dataclasses
 import io
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -42,11 +45,16 @@ for layout in layouts:
     cfg = dataclasses.replace(
         base, **{k: int(v) if v.isdigit() else v for k, v in overrides.items()}
     )
+    t0 = time.perf_counter()
     result = train(cfg, comm=comm, out=io.StringIO())
+    seconds = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
     gathered = comm.gather(result.params, root=0)
     most = comm.allreduce(result.param_bytes, op=MPI.MAX)  # parameter bytes of the fullest rank
+    act = comm.allreduce(result.activation_bytes, op=MPI.MAX)  # and saved activations
     if comm.rank == 0:
         arrays[f"bytes/{layout}"] = np.array(most)
+        arrays[f"act/{layout}"] = np.array(act)
+        arrays[f"time/{layout}"] = np.array(seconds)
         arrays[f"{layout}/loss"] = np.array([r["loss"] for r in result.history])
         arrays[f"{layout}/eval"] = np.array(result.eval_losses)
         for params in gathered:
