@@ -35,13 +35,14 @@ def costs_for(pp: int, fbw: tuple[float, float, float], latency: float, skew: bo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pp", default="4,8,16")
+    p.add_argument("--ms", default="1,2,4", help="micro-batches as multiples of P")
     p.add_argument("--full", action="store_true", help="print every case, not just the summary")
     args = p.parse_args()
     t0 = time.perf_counter()
     summary: list[tuple[int, int, int, int, int, list[float]]] = []
     never_slower = True
     for pp in map(int, args.pp.split(",")):
-        for m in (pp, 2 * pp, 4 * pp):
+        for m in (k * pp for k in map(int, args.ms.split(","))):
             plans = []
             for name in sorted(SCHEDULES):
                 try:
@@ -78,7 +79,9 @@ def main() -> int:
                                 )
             summary.append((pp, m, cases, wins, grown, gains))
             print(
-                f"P={pp} M={m}: {cases} cases done at {time.perf_counter() - t0:.0f} s", flush=True
+                f"P={pp} M={m}: {cases} cases, {wins} strictly faster, {len(gains)} with a named "
+                f"schedule under the cap, done at {time.perf_counter() - t0:.0f} s",
+                flush=True,
             )
     print()
     print(_HEAD)
