@@ -1,7 +1,7 @@
 """Run the benchmarks and print one summary table (each benchmark's own tables follow).
 
     python benchmarks/run_all.py          # kernels, step, p2p: under 3 minutes on 2 cores
-    python benchmarks/run_all.py --all    # also schedules, the synthesizer, data parallel, checkpoints
+    python benchmarks/run_all.py --all    # also schedules, synthesizer, data parallel, checkpoints
 
 Every ratio compares against a reference measured in the same run on the same machine, since
 absolute times drift on a shared machine.
