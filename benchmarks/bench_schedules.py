@@ -7,7 +7,7 @@ MPI. The simulator's step time for the same plan and costs
 is what a zero-overhead runtime would take, so measured / simulated is the executor's overhead
 (messages, waits, Python). Goal: every ratio <= 1.10.
 
-    python benchmarks/bench_schedules.py [--costs F=5,B=5,W=5] [--steps 5]
+    python benchmarks/bench_schedules.py [--costs F=5,B=5,W=5] [--steps 5] [--schedules a,b]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 
 from _launch import median, train
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "v-half", "v-min", "dualpipev"]
 
 
 def main() -> int:
@@ -25,6 +25,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--microbatches", default="16,32")
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated names")
     args = p.parse_args()
     print(
         f"emulated compute {args.costs} ms per layer and sample on {args.ranks} ranks; median "
@@ -37,7 +38,7 @@ def main() -> int:
     print("|" + "|".join("-" * w for w in (13, 5, 13, 14, 7, 14, 13)) + "|")
     worst = 0.0
     for m in map(int, args.microbatches.split(",")):
-        for name in SCHEDULES:
+        for name in args.schedules.split(","):
             recs = train(
                 args.ranks,
                 "--layers",

@@ -1,7 +1,7 @@
 """Run the benchmarks and print one summary table (each benchmark's own tables follow).
 
     python benchmarks/run_all.py          # kernels, step, p2p: under 3 minutes on 2 cores
-    python benchmarks/run_all.py --all    # also schedules, data parallel, checkpoints
+    python benchmarks/run_all.py --all    # also schedules, synthesizer, data parallel, checkpoints
 
 Every ratio compares against a reference measured in the same run on the same machine, since
 absolute times drift on a shared machine.
@@ -19,7 +19,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CORE = ["bench_kernels.py", "bench_step.py", "bench_p2p.py", "bench_host_syncs.py"]
-MORE = ["bench_schedules.py", "bench_data_parallel.py", "bench_checkpoint.py", "bench_data.py"]
+MORE = [
+    "bench_schedules.py",
+    "bench_synth.py",
+    "bench_data_parallel.py",
+    "bench_checkpoint.py",
+    "bench_data.py",
+]
 
 
 def main() -> int:

@@ -31,6 +31,7 @@ What the machine offers (MPI library, CUDA-aware verdict, GPUs per rank):
 Inspect a schedule (no MPI needed):
     python -m mpipipe schedule --schedule 1f1b --pp 4 --microbatches 8
     python -m mpipipe schedule --file my_schedule.txt
+    python -m mpipipe schedule --synthesize --pp 8 --microbatches 32 --memory 6 --costs F=1,B=2,W=1
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def _schedule_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--file", help="a hand-written schedule: one line of actions per rank")
     p.add_argument("--plot", metavar="OUT.png", help="also draw the Gantt chart (matplotlib)")
+    # issue 17: compare every schedule under a memory cap, and synthesize one to measure
+    p.add_argument("--memory", type=float, help="cap on stashed activations, micro-batches")
+    p.add_argument("--synthesize", action="store_true", help="build the fastest under --memory")
+    p.add_argument("--stage-costs", metavar="FILE", help="per-rank costs, 'F=..,B=..,W=..' lines")
     return p
 
 
@@ -85,6 +90,8 @@ def cmd_schedule(argv: list[str]) -> int:
         costs = schedule.Costs.parse(args.costs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if args.memory is not None or args.synthesize:
+        return _compare(args, costs)
     if args.file:
         plan = schedule.from_text(_read(args.file), name=args.file)
     else:
@@ -99,6 +106,34 @@ def cmd_schedule(argv: list[str]) -> int:
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, costs: Any) -> int:
+    """`schedule --memory K [--synthesize]`: every schedule side by side, the synthesized one
+    included (costs per rank's share of the model; a chunk costs its share of it)."""
+    from mpipipe import schedule
+    from mpipipe.schedule import synth
+    from mpipipe.schedule.render import summary, timeline
+
+    if args.memory is None:
+        raise ConfigError("--synthesize needs --memory K (micro-batches of activations per rank)")
+    if args.stage_costs:
+        try:
+            costs = synth.read_stage_costs(_read(args.stage_costs), costs.latency)
+        except ValueError as e:
+            raise ConfigError(f"--stage-costs {args.stage_costs}: {e}") from None
+    rows, result = synth.compare(
+        args.pp, args.microbatches, args.memory, costs, sorted(SCHEDULES), schedule.build
+    )
+    print(
+        f"pp={args.pp}, {args.microbatches} micro-batches, memory cap {args.memory:g} "
+        f"micro-batches, costs {args.stage_costs or args.costs} per rank's share"
+    )
+    if args.synthesize:
+        print(timeline(result.report))
+        print(summary(result.report))
+    print(synth.side_by_side(rows, result, args.memory))
     return 0
 
 

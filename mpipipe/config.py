@@ -118,8 +118,14 @@ class TrainConfig:
     )
     schedule: str = _opt(
         "1f1b",
-        "pipeline schedule (interleaved: Megatron's virtual stages; zb-h1, zbv: zero bubble)",
-        choices=tuple(sorted(SCHEDULES)),
+        "pipeline schedule (interleaved: Megatron's virtual stages; zb-h1, zbv: zero bubble; "
+        "auto: synthesized under --memory)",
+        choices=(*sorted(SCHEDULES), "auto"),
+    )
+    memory: float | None = _opt(
+        None,
+        "--schedule auto: cap on stashed activations per rank, in "
+        "micro-batches (see `schedule --memory`)",
     )
     virtual_stages: int | None = _opt(
         None, "chunks of layers per rank (interleaved: 2 or more, default 2; zbv: 2)"
@@ -271,7 +277,13 @@ class TrainConfig:
 
         Faults.parse(self.inject_fault)
 
-        if self.schedule_file is None:
+        if (self.schedule == "auto") != (self.memory is not None) and not self.schedule_file:
+            raise ConfigError("--schedule auto and --memory K go together (give both, or neither)")
+        if self.schedule == "auto" and self.virtual_stages is not None:
+            raise ConfigError(
+                "--schedule auto picks its chunks itself (leave --virtual-stages out)"
+            )
+        if self.schedule_file is None and self.schedule != "auto":
             chunks_for(self.schedule, self.virtual_stages)  # unknown name, bad chunk count
         return self
 

@@ -83,12 +83,20 @@ def prepare(
                 f"{cfg.pp} (write one line per pipeline rank)"
             )
         cfg = cfg.replace(pp=hand.pp)
-    chunks = len(hand.stages[0]) if hand else schedule.chunks_for(cfg.schedule, cfg.virtual_stages)
+    auto = hand is None and cfg.schedule == "auto"
+    if hand:
+        chunks = len(hand.stages[0])
+    else:
+        chunks = 1 if auto else schedule.chunks_for(cfg.schedule, cfg.virtual_stages)
     if cfg.pp is not None:  # stages vs layers first: the same answer on any number of ranks
         uniform(body, cfg.pp * chunks, chunks)
     cfg = cfg.layout(world_size, max_pp=sum(body) // chunks)
     assert cfg.pp is not None
-    plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
+    if auto:
+        plan = _synthesize(cfg, body)
+    else:
+        plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
+    chunks = len(plan.stages[0])
     held = collectives.holding(cfg.tp, cfg.sequence_parallel)
     collectives.check(collectives.rows(plan, cfg.tp), held)  # before anything runs
     costs = None
@@ -126,6 +134,17 @@ def prepare(
     )
     _simulate(job)
     return job
+
+
+def _synthesize(cfg: TrainConfig, body: list[bool]) -> schedule.Plan:
+    """--schedule auto: the synthesizer's plan under --memory, on one chunk per rank or a V
+    where the layers allow two chunks per rank."""
+    from mpipipe.schedule import synth  # noqa: PLC0415
+
+    assert cfg.pp is not None and cfg.memory is not None
+    chunks = [1] + ([2] if sum(body) >= 2 * cfg.pp else [])
+    names = sorted(schedule.SCHEDULES)
+    return synth.for_training(cfg.pp, cfg.microbatches, cfg.memory, chunks, names, schedule.build)
 
 
 def _simulate(job: Job) -> None:

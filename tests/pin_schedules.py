@@ -44,6 +44,10 @@ ROW_CASES: list[tuple[str, int, int, int | None]] = [
     ("zbv", 4, 5, None),
     ("forward:interleaved", 2, 4, 2),
     ("forward:zbv", 3, 3, None),
+    ("v-half", 3, 4, None),
+    ("v-min", 3, 4, None),
+    ("dualpipev", 2, 4, None),
+    ("dualpipev", 3, 7, None),
 ]
 TABLE_PP = (2, 3, 4, 8)
 TABLE_M = (1, 2, 3, 4, 5, 8, 12, 16, 32)
@@ -74,7 +78,7 @@ def table_cases() -> list[tuple[str, int, int, int | None]]:
         for v in vs:
             for pp in TABLE_PP:
                 for m in TABLE_M:
-                    if name == "interleaved" and m % pp:
+                    if name == "interleaved" and m % pp or name == "dualpipev" and m < 2 * pp:
                         continue
                     cases.append((name, pp, m, v))
     return cases

@@ -33,7 +33,8 @@ BAD = {
     "world size not a multiple of pp": (["--pp", "3"], "is not a multiple of --pp 3"),
     "unknown schedule": (
         ["--schedule", "zigzag"],
-        "--schedule 'zigzag' is not one of: 1f1b, gpipe, interleaved, zb-h1, zbv",
+        "--schedule 'zigzag' is not one of: 1f1b, dualpipev, gpipe, interleaved, v-half, v-min, "
+        "zb-h1, zbv",
     ),
     "missing data path": (
         ["--data", "/no/such/corpus.txt"],

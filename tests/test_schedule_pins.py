@@ -42,7 +42,7 @@ def test_exact_rows(case):
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_bubble_peak_stash_and_order_table(name):
     cases = [e for e in GOLDEN["table"] if e["schedule"] == name]
-    assert len(cases) >= 20
+    assert len(cases) >= (16 if name == "dualpipev" else 20)  # dualpipev needs m >= 2 pp
     for want in cases:
         got = pins.table_entry(want["schedule"], want["pp"], want["m"], want["v"])
         where = f"{pins.key(want)} ({REGENERATE})"

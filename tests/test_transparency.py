@@ -13,7 +13,22 @@ import pytest
 
 from tests import mpirun
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"]
+SCHEDULES = [
+    "gpipe",
+    "1f1b",
+    "interleaved",
+    "zb-h1",
+    "zbv",
+    "v-half",
+    "v-min",
+    "dualpipev@8",
+    "auto@8",  # the synthesized schedule (tests/scripts/transparency.py: --memory 1.5)
+]
+
+
+def reference(name: str) -> str:
+    """The single-process run with the same micro-batches: 'NAME@M' runs M, not 4."""
+    return "1f1b@" + name.split("@")[1] if "@" in name else "1f1b"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +37,7 @@ def runs(tmp_path_factory):
     out = {}
     for pp in (1, 2, 4):
         path = tmp / f"pp{pp}.npz"
-        names = ["1f1b", "gpipe"] if pp == 1 else SCHEDULES
+        names = ["1f1b", "gpipe", "1f1b@8"] if pp == 1 else SCHEDULES
         r = mpirun.run(
             ["tests/scripts/transparency.py", str(path), *names],
             n=None if pp == 1 else pp,
@@ -38,15 +53,17 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_pipeline_equals_single_process_bitwise(runs, pp, name, dtype):
-    ref, got = runs[1], runs[pp]
-    ref_keys = sorted(k[len(f"1f1b/{dtype}/") :] for k in ref if k.startswith(f"1f1b/{dtype}/"))
+    ref, got, base = runs[1], runs[pp], reference(name)
+    ref_keys = sorted(
+        k[len(f"{base}/{dtype}/") :] for k in ref if k.startswith(f"{base}/{dtype}/")
+    )
     got_keys = sorted(
         k[len(f"{name}/{dtype}/") :] for k in got if k.startswith(f"{name}/{dtype}/")
     )
     assert got_keys == ref_keys
     assert len([k for k in ref_keys if k.startswith("layers.")]) > 40  # every parameter
     for k in ref_keys:
-        a, b = got[f"{name}/{dtype}/{k}"], ref[f"1f1b/{dtype}/{k}"]
+        a, b = got[f"{name}/{dtype}/{k}"], ref[f"{base}/{dtype}/{k}"]
         assert a.dtype == b.dtype, k
         diff = np.abs(a.astype(float) - b.astype(float)).max()
         assert np.array_equal(a, b), f"{k} differs (max |diff| {diff:.3g})"

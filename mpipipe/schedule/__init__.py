@@ -15,6 +15,7 @@ from mpipipe.schedule.gpipe import forward_only, gpipe
 from mpipipe.schedule.interleaved import interleaved
 from mpipipe.schedule.lower import buffer_releases, lower, message, recv_buffer_peaks
 from mpipipe.schedule.one_f_one_b import one_f_one_b
+from mpipipe.schedule.vshape import dualpipev, v_half, v_min
 from mpipipe.schedule.zero_bubble import zb_h1, zbv
 
 
@@ -33,6 +34,9 @@ SCHEDULES: dict[str, Family] = {
     "interleaved": Family(interleaved, (), 2),
     "zb-h1": Family(lambda pp, m, v: zb_h1(pp, m)),
     "zbv": Family(lambda pp, m, v: zbv(pp, m), (2,), 2),
+    "v-half": Family(lambda pp, m, v: v_half(pp, m), (2,), 2),
+    "v-min": Family(lambda pp, m, v: v_min(pp, m), (2,), 2),
+    "dualpipev": Family(lambda pp, m, v: dualpipev(pp, m), (2,), 2),
 }
 
 

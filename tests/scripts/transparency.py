@@ -3,6 +3,9 @@ losses, every parameter, and the measured and predicted peak stash.
 
     python tests/scripts/transparency.py OUT.npz 1f1b               # the reference: 1 process
     mpiexec -n 4 python tests/scripts/transparency.py OUT.npz gpipe 1f1b interleaved zb-h1 zbv
+
+NAME@M runs with M micro-batches instead of 4 (dualpipev needs M >= 2 x ranks); its arrays are
+under NAME@M. `auto` is the synthesized schedule under --memory 1.5 micro-batches.
 """
 
 import io
@@ -12,11 +15,16 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipipe import TrainConfig, schedule, train
+from mpipipe.schedule import synth
+
+AUTO_MEMORY = 1.5
 
 out, schedules = sys.argv[1], sys.argv[2:]
 comm = MPI.COMM_WORLD
 arrays = {}
-for name in schedules:
+for spec in schedules:
+    name, _, m = spec.partition("@")
+    microbatches = int(m or 4)
     for dtype in ("float64", "float32"):
         cfg = TrainConfig(
             layers=8,
@@ -24,9 +32,10 @@ for name in schedules:
             heads=4,
             seq_len=16,
             global_batch=8,
-            microbatches=4,
+            microbatches=microbatches,
             steps=3,
             schedule=name,
+            memory=AUTO_MEMORY if name == "auto" else None,
             dtype=dtype,
             eval_every=0,
             eval_batches=1,
@@ -35,15 +44,21 @@ for name in schedules:
         result = train(cfg, comm=comm, out=io.StringIO())
         params = comm.gather(result.params, root=0)
         if comm.rank == 0:
-            key = f"{name}/{dtype}"
+            key = f"{spec}/{dtype}"
             arrays[f"{key}/loss"] = np.array([r["loss"] for r in result.history])
             arrays[f"{key}/eval"] = np.array(result.eval_losses)
             for stage_params in params:
                 for pname, value in stage_params.items():
                     arrays[f"{key}/{pname}"] = value
     if comm.rank == 0:
-        plan = schedule.build(name, comm.size, 4)
-        arrays[f"peak/{name}/measured"] = np.array(result.peak_stash)
-        arrays[f"peak/{name}/predicted"] = np.array(schedule.check(plan).peak_stash)
+        if name == "auto":  # 8 layers allow a V on up to 4 ranks
+            names = sorted(schedule.SCHEDULES)
+            plan = synth.for_training(
+                comm.size, microbatches, AUTO_MEMORY, (1, 2), names, schedule.build
+            )
+        else:
+            plan = schedule.build(name, comm.size, microbatches)
+        arrays[f"peak/{spec}/measured"] = np.array(result.peak_stash)
+        arrays[f"peak/{spec}/predicted"] = np.array(schedule.check(plan).peak_stash)
 if comm.rank == 0:
     np.savez(out, **arrays)
