@@ -35,7 +35,7 @@ def build_model(cfg: TrainConfig) -> Model:
     """The model `cfg` names (a recipe: nothing is allocated); vocabulary --vocab, else bytes."""
     vocab = cfg.vocab or BYTES_VOCAB
     if cfg.is_gpt:
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab)
+        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, cfg.attention)
     return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 

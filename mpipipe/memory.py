@@ -5,7 +5,8 @@
     stash     saved activations at the schedule's peak stash (the checker's count), per
               micro-batch b x T x C (H heads, vocabulary V):
                 block  16 bTC + b H T^2 elements (LayerNorm, qkv, attention probabilities,
-                       projections, the 4C-wide MLP; no dropout)
+                       projections, the 4C-wide MLP; no dropout); b H T instead of b H T^2
+                       with --attention tiled (a logsumexp per row, not the probabilities)
                 head   2 bTV + 2 bTC (logits and probabilities, the final LayerNorm)
 With tensor parallelism (tp) a rank holds 1/tp of each split tensor (qkv, fc and their biases,
 the proj weights, the token embedding, the LM head) and whole copies of the rest (LayerNorms,
@@ -50,7 +51,8 @@ def activation_elements(name: str, meta: dict[str, Any], b: int, tp: int = 1) ->
     one of `tp` ranks."""
     t, c = meta.get("seq_len", 0), meta.get("d_model", 0)
     if name.startswith("block"):
-        return 4 * b * t * c + (12 * b * t * c + b * meta.get("n_head", 1) * t * t) // tp
+        scores = t if meta.get("attention") == "tiled" else t * t  # logsumexp, or probabilities
+        return 4 * b * t * c + (12 * b * t * c + b * meta.get("n_head", 1) * scores) // tp
     if name == "head":
         return 2 * b * t * meta.get("vocab", 0) // tp + 2 * b * t * c
     return b * t  # the embedding keeps its token ids

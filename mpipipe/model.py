@@ -51,14 +51,22 @@ class Model:
         return sum(1 for s in self.layers if s.body)
 
 
-def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCAB) -> Model:
-    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head."""
+def gpt(
+    n_layer: int,
+    d_model: int,
+    n_head: int,
+    seq_len: int,
+    vocab: int = VOCAB,
+    attention: str = "tiled",
+) -> Model:
+    """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head; `attention`
+    names the attention core's kernel (layers.ATTENTION_KERNELS)."""
     c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
     specs = [LayerSpec("embed", embed, False, (vocab + seq_len) * c)]
     specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms
         LayerSpec(
             f"block{i}",
-            partial(Block, c=c, n_head=n_head, n_layer=n_layer),
+            partial(Block, c=c, n_head=n_head, n_layer=n_layer, attention=attention),
             True,
             12 * c * c + 13 * c,
         )
@@ -80,6 +88,7 @@ def gpt(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab: int = VOCA
         "n_head": n_head,
         "seq_len": seq_len,
         "vocab": vocab,
+        "attention": attention,
     }
     return Model(specs, act_shape, meta, example)
 
