@@ -56,7 +56,7 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--attention", default="tiled", choices=("tiled", "dense"))
+    p.add_argument("--attention", default="dense", choices=("tiled", "dense"))
     p.add_argument("--one-thread-row", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 

@@ -98,7 +98,7 @@ class TrainConfig:
         choices=METHODS,
     )
     attention: str = _opt(
-        "tiled",
+        "dense",
         "attention core: tiled (FlashAttention-2 tiles, online softmax: keeps O(T) statistics, "
         "not the T x T scores, and skips the masked half) or dense (the reference)",
         choices=("tiled", "dense"),

@@ -272,7 +272,7 @@ class Attention(Sequential):
     (q, k and v each split by heads), the output projection row-parallel."""
 
     def __init__(
-        self, init: Init, c: int, n_head: int, proj_std: float = 0.02, kernel: str = "tiled"
+        self, init: Init, c: int, n_head: int, proj_std: float = 0.02, kernel: str = "dense"
     ):
         super().__init__(
             [
@@ -291,7 +291,7 @@ class _AttentionCore(Base):
     scores in backward (nothing T x T is kept, so selective recomputation changes nothing);
     "dense" keeps the (B, H, T, T) probabilities unless asked to recompute them."""
 
-    def __init__(self, n_head: int, kernel: str = "tiled"):
+    def __init__(self, n_head: int, kernel: str = "dense"):
         super().__init__({})
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(
@@ -348,7 +348,7 @@ class Residual(Sequential):
 class Block(Sequential):
     """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(self, init: Init, c: int, n_head: int, n_layer: int, attention: str = "tiled"):
+    def __init__(self, init: Init, c: int, n_head: int, n_layer: int, attention: str = "dense"):
         proj_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2: scale residual projections by depth
         super().__init__(
             [

@@ -57,7 +57,7 @@ def gpt(
     n_head: int,
     seq_len: int,
     vocab: int = VOCAB,
-    attention: str = "tiled",
+    attention: str = "dense",
 ) -> Model:
     """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head; `attention`
     names the attention core's kernel (layers.ATTENTION_KERNELS)."""

@@ -15,6 +15,7 @@ from mpipipe.kernels.tiled_attention import (
     tiled_attention_forward,
 )
 from mpipipe.layers import Attention, Init
+from mpipipe.memory import activation_elements
 from tests.gradcheck import numeric_grad, rel_error
 
 # (B, T, H, D, tile, kv_tile): one tile; tiles that do not divide T; key tiles wider and
@@ -104,3 +105,10 @@ def test_training_with_tiled_attention_equals_dense_to_rounding():
         losses[kernel] = np.array([r["loss"] for r in result.history])
     assert losses["dense"][-1] < losses["dense"][0]  # it trained
     np.testing.assert_allclose(losses["tiled"], losses["dense"], rtol=1e-12, atol=0)
+
+
+def test_memory_estimate_counts_a_logsumexp_per_row_for_tiled():
+    meta = {"kind": "gpt", "seq_len": 64, "d_model": 16, "n_head": 2, "vocab": 32}
+    dense = activation_elements("block0", {**meta, "attention": "dense"}, b=3)
+    tiled = activation_elements("block0", {**meta, "attention": "tiled"}, b=3)
+    assert dense - tiled == 3 * 2 * (64 * 64 - 64)  # b H (T^2 - T)

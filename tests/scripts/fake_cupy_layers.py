@@ -56,7 +56,7 @@ assert grads.keys() == fake_grads.keys()
 for k, g in grads.items():
     assert np.array_equal(fake_grads[k], g), k
 
-# the tiled attention core with several query and key tiles (the layers above use one tile)
+# the tiled attention core (the layers above use the dense one), several query and key tiles
 qkv_h = np.random.default_rng(2).normal(size=(B, T + 1, 3 * C))
 dout_h = np.random.default_rng(3).normal(size=(B, T + 1, C))
 tiled = {}
