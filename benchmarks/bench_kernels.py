@@ -7,18 +7,27 @@ large `xp.matmul` of the same dtype measured in the same run. Memory-bound layer
 GELU, embedding) do few FLOPs: they are reported as GB/s moved against a large array copy
 (`out[...] = a`) in the same run instead.
 
-    python benchmarks/bench_kernels.py [--widths 256,512] [--dtype float32]
+Then the attention core alone at micro-batch 1, d_model 256 (4 heads of 64), for sequence lengths
+128 to 4096: the tiled kernel (kernels/tiled_attention.py) against the dense reference
+(kernels/attention.py), same run: time of forward + backward, the bytes its context keeps for
+backward, and the peak of the bytes NumPy allocated during forward + backward (tracemalloc).
+
+    python benchmarks/bench_kernels.py [--widths 256,512] [--dtype float32] [--seqs 128,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 
+from mpipipe.kernels.attention import attention_backward_input, attention_forward
+from mpipipe.kernels.tiled_attention import tiled_attention_backward_input, tiled_attention_forward
 from mpipipe.layers import GELU, MLP, Attention, Block, Embedding, Head, Init, LayerNorm, Linear
+from mpipipe.runtime import reuse_host_memory
 
 B, T, V, HEAD = 8, 256, 256, 64
 
@@ -69,8 +78,66 @@ def flops(name: str, c: int) -> float:
         "mlp": lin(c, 4 * c) + lin(4 * c, c),
         "block": lin(c, 3 * c) + attn_core + lin(c, c) + lin(c, 4 * c) + lin(4 * c, c),
         "head": lin(c, V),
-    }[name]
+    }[name.removesuffix("_tiled")]  # the tiled kernel counted as dense: masked half included
     return 3.0 * fwd
+
+
+def saved_bytes(ctx: tuple[object, ...]) -> int:
+    """Bytes of the distinct buffers a context keeps alive (views count their base once)."""
+    bases = {}
+    for a in ctx:
+        if isinstance(a, np.ndarray):
+            base = a if a.base is None else a.base
+            bases[id(base)] = base.nbytes
+    return sum(bases.values())
+
+
+KERNELS = {
+    "dense": (attention_forward, attention_backward_input),
+    "tiled": (tiled_attention_forward, tiled_attention_backward_input),
+}
+
+
+def attention_by_length(seqs: list[int], dtype: np.dtype, c: int = 256) -> None:
+    """The attention core at micro-batch 1, width c, for each sequence length: tiled vs dense."""
+    h = c // HEAD
+    print(f"\nattention core, micro-batch 1, d_model {c} ({h} heads of {HEAD}), {dtype}")
+    print(
+        "| seq | dense ms | tiled ms | tiled / dense time | dense saved MiB | tiled saved MiB "
+        "| dense peak MiB | tiled peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    mib, ratios = 2.0**20, {}
+    for t in seqs:
+        rng = np.random.default_rng(0)
+        qkv = rng.normal(size=(1, t, 3 * c)).astype(dtype)
+        dout = rng.normal(size=(1, t, c)).astype(dtype)
+        row = {}
+        for name, (fwd, bwd) in KERNELS.items():
+
+            def run(fwd=fwd, bwd=bwd, qkv=qkv, dout=dout) -> None:  # type: ignore[no-untyped-def]
+                y, ctx = fwd(qkv, h)
+                bwd(dout, ctx)
+
+            secs = best_time(run, 3 if t <= 1024 else 1, min_s=0.05)
+            tracemalloc.start()
+            y, ctx = fwd(qkv, h)
+            bwd(dout, ctx)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            row[name] = (secs, saved_bytes(ctx), peak)
+            del y, ctx
+        (dt, ds, dp), (tt, ts, tp) = row["dense"], row["tiled"]
+        ratios[t] = tt / dt
+        print(
+            f"| {t} | {dt * 1e3:.1f} | {tt * 1e3:.1f} | {tt / dt:.2f} | {ds / mib:.1f} | "
+            f"{ts / mib:.2f} | {dp / mib:.1f} | {tp / mib:.1f} |"
+        )
+    longest = max(seqs)
+    print(
+        f"summary: kernels | tiled / dense attention time at seq {longest} "
+        f"(at {min(seqs)}: {ratios[min(seqs)]:.2f}) | {ratios[longest]:.2f} | < 1"
+    )
 
 
 def main() -> int:
@@ -78,7 +145,9 @@ def main() -> int:
     p.add_argument("--widths", default="256,512")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seqs", default="128,256,512,1024,2048,4096", help="attention lengths")
     args = p.parse_args()
+    reuse_host_memory()  # as a training run does: temporaries stay mapped between calls
     dtype = np.dtype(args.dtype)
     peak, bw = matmul_peak(dtype), copy_bandwidth(dtype)
     print(
@@ -88,13 +157,14 @@ def main() -> int:
     print("| layer | width | ms (fwd+bwd) | achieved | of reference |")
     print("|---|---|---|---|---|")
     rows = []
-    for c in map(int, args.widths.split(",")):
+    for c in [int(w) for w in args.widths.split(",") if w]:  # --widths "": attention only
         init = Init.for_layer(0, 0, dtype, np)
         x = np.random.default_rng(0).normal(size=(B, T, c)).astype(dtype)
         tokens = np.random.default_rng(1).integers(0, V, size=(B, T))
         layers = {
             "linear": (Linear(init, c, c), x),
             "attention": (Attention(init, c, c // HEAD), x),
+            "attention_tiled": (Attention(init, c, c // HEAD, kernel="tiled"), x),
             "mlp": (MLP(init, c), x),
             "block": (Block(init, c, c // HEAD, 4), x),
             "head": (Head(init, c, V), x),
@@ -124,6 +194,8 @@ def main() -> int:
             f"summary: kernels | worst FLOP-bound layer at d >= 512 ({worst[0]}) vs matmul "
             f"peak | {worst[2]:.2f} | >= 0.50"
         )
+    if args.seqs:
+        attention_by_length([int(t) for t in args.seqs.split(",")], dtype)
     return 0
 
 

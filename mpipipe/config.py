@@ -110,10 +110,17 @@ class TrainConfig:
         "counts), time (balance F+B+W times measured at start, loss counted)",
         choices=METHODS,
     )
+    attention: str = _opt(
+        "dense",
+        "attention core: tiled (FlashAttention-2 tiles, online softmax: keeps O(T) statistics, "
+        "not the T x T scores, and skips the masked half) or dense (the reference)",
+        choices=("tiled", "dense"),
+    )
     recompute: str = _opt(
         "none",
         "activation recomputation: none, full (keep each stage's input, redo its forward in "
-        "backward), selective (recompute only the attention scores)",
+        "backward), selective (recompute only the attention scores: --attention dense; tiled "
+        "always recomputes them)",
         choices=("none", "full", "selective"),
     )
     schedule: str = _opt(

@@ -38,7 +38,9 @@ def build_model(cfg: TrainConfig) -> Model:
     if cfg.is_gpt:
         shards = cfg.tp if cfg.sequence_parallel else 1
         tied = cfg.tie_embeddings == "yes"
-        return gpt(cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, shards, tied)
+        return gpt(
+            cfg.layers, cfg.d_model, cfg.heads, cfg.seq_len, vocab, shards, tied, cfg.attention
+        )
     return mlp(cfg.layers, cfg.d_model, cfg.seq_len, vocab)
 
 

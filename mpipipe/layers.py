@@ -23,6 +23,10 @@ from mpipipe.kernels.layernorm import (
     layernorm_forward,
 )
 from mpipipe.kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
+from mpipipe.kernels.tiled_attention import (
+    tiled_attention_backward_input,
+    tiled_attention_forward,
+)
 from mpipipe.kernels.vocab_parallel import (
     vocab_embedding_backward_weight,
     vocab_embedding_forward,
@@ -326,29 +330,47 @@ class Attention(Sequential):
     tensor parallelism each rank of the group computes n_head / tp heads: qkv column-parallel
     (q, k and v each split by heads), the output projection row-parallel."""
 
-    def __init__(self, init: Init, c: int, n_head: int, proj_std: float = 0.02):
+    def __init__(
+        self, init: Init, c: int, n_head: int, proj_std: float = 0.02, kernel: str = "dense"
+    ):
         super().__init__(
             [
                 ("qkv", ColumnLinear(init, c, 3 * c, blocks=3)),
-                ("core", _AttentionCore(n_head // init.tp.size)),
+                ("core", _AttentionCore(n_head // init.tp.size, kernel)),
                 ("proj", RowLinear(init, c, c, std=proj_std)),
             ]
         )
 
 
+ATTENTION_KERNELS = ("tiled", "dense")  # kernels/tiled_attention.py, kernels/attention.py
+
+
 class _AttentionCore(Base):
-    def __init__(self, n_head: int):
+    """The attention core, by `kernel`: "tiled" saves per-row statistics and recomputes tile
+    scores in backward (nothing T x T is kept, so selective recomputation changes nothing);
+    "dense" keeps the (B, H, T, T) probabilities unless asked to recompute them."""
+
+    def __init__(self, n_head: int, kernel: str = "dense"):
         super().__init__({})
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"attention kernel {kernel!r} is unknown (choose {' or '.join(ATTENTION_KERNELS)})"
+            )
         self.n_head = n_head
-        self.keep_scores = True  # False: selective recomputation of the attention scores
+        self.tiled = kernel == "tiled"
+        self.keep_scores = True  # False: selective recomputation of the dense scores
 
     def recompute_selectively(self) -> None:
         self.keep_scores = False  # the (B, H, T, T) scores are recomputed from q and k
 
     def forward(self, x: Array) -> tuple[Array, Any]:
+        if self.tiled:
+            return tiled_attention_forward(x, self.n_head)
         return attention_forward(x, self.n_head, self.keep_scores)
 
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
+        if self.tiled:
+            return tiled_attention_backward_input(dy, ctx), None
         return attention_backward_input(dy, ctx), None
 
     def backward_weight(self, wctx: Any) -> None:
@@ -385,7 +407,7 @@ class Residual(Sequential):
 class Block(Sequential):
     """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(self, init: Init, c: int, n_head: int, n_layer: int):
+    def __init__(self, init: Init, c: int, n_head: int, n_layer: int, attention: str = "dense"):
         proj_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2: scale residual projections by depth
         super().__init__(
             [
@@ -394,7 +416,7 @@ class Block(Sequential):
                     Residual(
                         [
                             ("ln", LayerNorm(init, c)),
-                            ("attn", Attention(init, c, n_head, proj_std)),
+                            ("attn", Attention(init, c, n_head, proj_std, attention)),
                         ]
                     ),
                 ),

@@ -8,7 +8,8 @@
                 block  20 bTC + 2 bT + b H T^2 elements: at the two LayerNorms and the inputs
                        of qkv and fc 4 bTC + 2 bT (normalised rows, 1/std), after them 16 bTC
                        + b H T^2 (q, k, v, the attention probabilities, the proj input, GELU's
-                       input and tanh, the second proj's input; no dropout)
+                       input and tanh, the second proj's input; no dropout); with
+                       --attention tiled b H T (a logsumexp per row) instead of b H T^2
                 head   2 bTC + bT (the final LayerNorm and the LM head's input), plus on the
                        last stage the loss gradient bTV, which waits from F to B
 With tensor parallelism (tp) a rank holds 1/tp of each split tensor (qkv, fc and their biases,
@@ -60,8 +61,9 @@ def activation_elements(
     t, c = meta.get("seq_len", 0), meta.get("d_model", 0)
     seq = tp if sp else 1  # the LayerNorms and column-layer inputs: split by sequence, or whole
     if name.startswith("block"):
+        scores = t if meta.get("attention") == "tiled" else t * t  # logsumexp, or probabilities
         return (4 * b * t * c + 2 * b * t) // seq + (
-            16 * b * t * c + b * meta.get("n_head", 1) * t * t
+            16 * b * t * c + b * meta.get("n_head", 1) * scores
         ) // tp
     if name == "head":
         return (2 * b * t * c + b * t) // seq

@@ -59,11 +59,13 @@ def gpt(
     vocab: int = VOCAB,
     seq_shards: int = 1,
     tied: bool = False,
+    attention: str = "dense",
 ) -> Model:
     """GPT-style decoder: embedding, `n_layer` pre-norm blocks, final norm + LM head.
     `seq_shards`: with sequence parallelism (tp ranks), the activations between layers (the
     pipeline messages) are one token block, (b, seq_len / seq_shards, d_model). `tied`: the
-    head multiplies by the token embedding (mpipipe/tied.py)."""
+    head multiplies by the token embedding (mpipipe/tied.py). `attention` names the attention
+    core's kernel (layers.ATTENTION_KERNELS)."""
     from mpipipe.tied import TiedHead  # noqa: PLC0415 - tied.py builds on layers and mpi4py
 
     c, embed = d_model, partial(Embedding, vocab=vocab, c=d_model, max_len=seq_len)
@@ -71,7 +73,7 @@ def gpt(
     specs += [  # qkv, proj, fc, proj weights and biases, two LayerNorms
         LayerSpec(
             f"block{i}",
-            partial(Block, c=c, n_head=n_head, n_layer=n_layer),
+            partial(Block, c=c, n_head=n_head, n_layer=n_layer, attention=attention),
             True,
             12 * c * c + 13 * c,
         )
@@ -95,6 +97,7 @@ def gpt(
         "seq_len": seq_len,
         "vocab": vocab,
         **({"tied": True} if tied else {}),  # absent when untied: older checkpoints still load
+        "attention": attention,
     }
     return Model(specs, act_shape, meta, example)
 

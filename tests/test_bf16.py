@@ -47,7 +47,8 @@ LAYERS = {
     "linear_nobias": lambda i: Linear(i, C, 7, bias=False),
     "layernorm": lambda i: LayerNorm(i, C),
     "gelu": lambda i: GELU(),
-    "attention": lambda i: Attention(i, C, H),
+    "attention": lambda i: Attention(i, C, H),  # dense
+    "attention_tiled": lambda i: Attention(i, C, H, kernel="tiled"),
     "mlp": lambda i: MLP(i, C),
     "residual": lambda i: Residual([("ln", LayerNorm(i, C)), ("fc", Linear(i, C, C))]),
     "block": lambda i: Block(i, C, H, n_layer=2),

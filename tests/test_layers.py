@@ -45,7 +45,8 @@ LAYERS = {
     "linear_nobias": lambda dt: Linear(init(dt), C, 7, bias=False),
     "layernorm": lambda dt: LayerNorm(init(dt), C),
     "gelu": lambda dt: GELU(),
-    "attention": lambda dt: Attention(init(dt), C, H),
+    "attention": lambda dt: Attention(init(dt), C, H),  # dense
+    "attention_tiled": lambda dt: Attention(init(dt), C, H, kernel="tiled"),
     "mlp": lambda dt: MLP(init(dt), C),
     "residual": lambda dt: Residual(
         [("ln", LayerNorm(init(dt), C)), ("fc", Linear(init(dt), C, C))]

@@ -233,6 +233,10 @@ _META_FLAGS = {
 }
 
 
+# metadata of how a model computes, not of what it holds: either loads the other's checkpoints
+_HOW_ONLY = {"attention"}  # --attention dense|tiled: the same parameters
+
+
 def check_model(step_dir: Path, m: dict[str, Any], model: Any) -> None:
     """Refuse (CheckpointError, not Damaged: an older checkpoint would not fit either) a
     checkpoint of another model, naming the first field that differs."""
@@ -244,6 +248,8 @@ def check_model(step_dir: Path, m: dict[str, Any], model: Any) -> None:
             f"(pass --tie-embeddings {yes} to use it)"
         )
     for key in [*_META_FLAGS, *sorted(set(theirs) | set(mine))]:
+        if key in _HOW_ONLY:
+            continue
         if theirs.get(key) != mine.get(key):
             flag = _META_FLAGS.get(key, key)
             raise CheckpointError(

@@ -12,6 +12,7 @@ from cupy import _fake
 
 from mpipipe import TrainConfig, train
 from mpipipe.kernels.loss import cross_entropy_forward_backward
+from mpipipe.kernels.tiled_attention import tiled_attention_backward_input, tiled_attention_forward
 from mpipipe.layers import Block, Embedding, Head, Init
 from mpipipe.xp import get, gpu_count, namespace_of
 
@@ -54,6 +55,17 @@ assert fake_loss == loss, (fake_loss, loss)
 assert grads.keys() == fake_grads.keys()
 for k, g in grads.items():
     assert np.array_equal(fake_grads[k], g), k
+
+# the tiled attention core (the layers above use the dense one), several query and key tiles
+qkv_h = np.random.default_rng(2).normal(size=(B, T + 1, 3 * C))
+dout_h = np.random.default_rng(3).normal(size=(B, T + 1, C))
+tiled = {}
+for xp in (np, cupy):
+    y, ctx = tiled_attention_forward(xp.asarray(qkv_h), H, 2, 3)
+    dx = tiled_attention_backward_input(xp.asarray(dout_h), ctx, 2, 3)
+    tiled[xp.__name__] = [cupy.asnumpy(a) if xp is cupy else a for a in (y, dx)]
+for a, b in zip(tiled["numpy"], tiled["cupy"], strict=True):
+    assert np.array_equal(a, b), "tiled attention on the fake differs from NumPy"
 
 cfg = TrainConfig(
     layers=2, d_model=16, heads=2, seq_len=8, global_batch=4, microbatches=2, steps=2,
