@@ -118,12 +118,6 @@ def test_config_file_and_flags(tmp_path):
     assert "done: 2 steps" in r.stdout  # the flag beat the file's 50
 
 
-def test_sixteen_stages_on_two_cores():
-    r = mpirun.train(16, "--layers", "16", "--steps", "3", "--eval-batches", "1", timeout=240)
-    assert r.returncode == 0, r.output
-    assert "pp=16" in r.stdout and "done: 3 steps" in r.stdout
-
-
 @pytest.mark.timeout(360)  # past mpirun's own 300 s, so a slow run fails alone, with its output
 def test_default_training_learns_on_four_ranks(tmp_path):
     """`mpiexec -n 4 python -m mpipipe train` with its defaults: from ~ln(256) to below 2.2 nats

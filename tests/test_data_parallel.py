@@ -62,7 +62,8 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.openmpi  # p2p within pipelines, all-reduce across replicas
+# Open MPI: p2p and the replicas' bucket all-reduce run in test_runtime.py's fp16 pipeline x dp
+# test and the tp grid's launches (tests/test_tensor_parallel.py), so this fixture runs once
 @pytest.mark.parametrize("pp, dp", GRIDS)
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 def test_grid_equals_single_process(runs, pp, dp, name):
@@ -151,9 +152,9 @@ def test_replicas_stay_identical(tmp_path):
 
 @pytest.mark.openmpi  # 16 ranks oversubscribing the cores: the launcher's settings
 def test_sixteen_ranks_default_layout():
-    r = mpirun.train(16, "--steps", "5", "--eval-batches", "1", timeout=300)
+    r = mpirun.train(16, "--steps", "2", "--eval-batches", "1", timeout=300)
     assert r.returncode == 0, r.output
-    assert "pp=4 x dp=4" in r.stdout and "done: 5 steps" in r.stdout
+    assert "pp=4 x dp=4" in r.stdout and "done: 2 steps" in r.stdout
     assert "stage 3: ranks 12@" in r.stdout  # dp contiguous: ranks 12..15 hold stage 3
 
 
@@ -166,12 +167,13 @@ SIXTEEN = [(4, "dp"), (8, "pp"), (2, "dp")]
 def test_sixteen_ranks_every_schedule_equals_one_process(tmp_path):
     """Every schedule on three 16-rank grids (one launch) trains 16 blocks to the parameters
     and losses of one process, including a replica whose stages are spread across the ranks
-    (--rank-order pp): its first and last stages must read the same slice of the batch."""
+    (--rank-order pp): its first and last stages must read the same slice of the batch; and
+    16 stages of one block each, 16 ranks on the machine's 2 cores."""
     grids = [
         f"layers=16,pp={pp},microbatches={pp},rank_order={order},schedule={name}"
         for pp, order in SIXTEEN
         for name in SCHEDULES
-    ]
+    ] + ["layers=16,pp=16,microbatches=16,schedule=1f1b"]
     ref = mpirun.layouts(tmp_path / "ref.npz", ["layers=16,pp=1"], 1)
     got = mpirun.layouts(tmp_path / "sixteen.npz", grids, 16)
     for layout in grids:
