@@ -29,10 +29,13 @@ FOUR = [  # on 4 ranks
     "pp=1,tp=2,dp=2",
     "pp=1,tp=4",
     "pp=2,tp=2,recompute=full",  # the forward's all-reduces run again inside B
-    # sequence parallelism: W gathers again (zb-h1, zbv: apart from B); gpipe left out (CI
-    # time: its order differs from 1f1b's only in when B runs, which SP does not care about)
-    *(f"pp=2,tp=2,sequence_parallel=1,schedule={s}" for s in SCHEDULES if s != "gpipe"),
+    # sequence parallelism: W gathers again (zb-h1, zbv: apart from B)
+    *(f"pp=2,tp=2,sequence_parallel=1,schedule={s}" for s in SCHEDULES),
     "pp=1,tp=4,sequence_parallel=1",
+    # ZeRO-1 with tied embeddings (the first/last-stage gradient sum) on the schedules the
+    # 8-rank layouts leave out (they run 1f1b and zbv), against the tied single process
+    *(f"pp=2,dp=2,zero=1,tie_embeddings=yes,schedule={s}" for s in ("gpipe", "interleaved")),
+    "pp=2,dp=2,zero=1,tie_embeddings=yes,schedule=zb-h1",
 ]
 EIGHT = [  # on 8 ranks
     "pp=2,tp=2,dp=2,schedule=1f1b",
