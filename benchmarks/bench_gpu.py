@@ -16,18 +16,11 @@ import statistics
 from typing import Any
 
 
-def elapsed(cupy: Any, work: Any, repeats: int = 3) -> float:
-    """Best seconds of `work()` by CUDA events, after a warm-up."""
-    work()
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        work()
-        end.record()
-        end.synchronize()
-        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return best
+def elapsed(cupy: Any, work: Any) -> float:
+    """Best seconds of `work()` by CUDA events, after a warm-up (the runtime's own timer)."""
+    from mpipipe.xp import best_seconds
+
+    return best_seconds(cupy, work)[0]
 
 
 def matmul_peak(cupy: Any, dtype: Any, m: int, k: int, n: int) -> float:

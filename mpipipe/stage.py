@@ -7,7 +7,8 @@ gradient buffers either way, so gradient reductions and the optimizer move real 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ from mpipipe.layers import Init, Layer
 from mpipipe.model import Model
 from mpipipe.parallel.tensor import SINGLE, Split, TensorGroup
 from mpipipe.partition import uniform
-from mpipipe.xp import Array
+from mpipipe.xp import Array, to_host
 
 
 class ChunkLike(Protocol):
@@ -220,3 +221,18 @@ def split_name(global_name: str) -> tuple[int, str]:
     """(global layer, parameter name) of a global name: the inverse of `param_name`."""
     _, layer, name = global_name.split(".", 2)
     return int(layer), name
+
+
+def layer_sq_norms(grads: Mapping[str, Array], names: Sequence[str]) -> dict[int, float]:
+    """The squared norm of the gradients `names` (global names: whole tensors, shards or
+    ZeRO-1 pieces) summed per global layer: each in float64 by the backend's pairwise summation
+    (the same on every layout; a threaded BLAS dot would split the sum by thread count), on the
+    device, brought to the host in ONE transfer, then added exactly (fsum) per layer."""
+    squares = []
+    for n in names:
+        g64 = grads[n].astype("float64", copy=False)
+        squares.append((g64 * g64).sum())
+    per_layer: dict[int, list[float]] = {}
+    for n, sq in zip(names, to_host(squares), strict=True):
+        per_layer.setdefault(split_name(n)[0], []).append(sq)
+    return {i: math.fsum(v) for i, v in per_layer.items()}

@@ -39,10 +39,11 @@ from mpipipe.parallel.grid import Grid
 from mpipipe.parallel.tensor import owned, whole
 from mpipipe.preemption import Preemption
 from mpipipe.runtime import Runtime, place
+from mpipipe.stage import layer_sq_norms as stage_sq_norms
 from mpipipe.stats import StepStats
 from mpipipe.trace import Tracer
 from mpipipe.watchdog import Watchdog
-from mpipipe.xp import to_host, to_numpy
+from mpipipe.xp import to_numpy
 
 
 @dataclass
@@ -94,11 +95,17 @@ def train(
             grid.free()
 
 
+def spread(comm: MPI.Comm, value: int) -> tuple[int, int]:
+    """The least and the largest of `value` over `comm`, in one all-reduce (MAX of -v and v)."""
+    both = np.array([-value, value], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    return -int(both[0]), int(both[1])
+
+
 def layer_sq_norms(rt: Runtime) -> dict[int, float]:
-    """Each of my layers' squared gradient norm, in float64 by the backend's pairwise summation
-    (the same on every layout; a threaded BLAS dot would split the sum by thread count). The
-    sums stay on the device and come to the host in ONE transfer. With --tp, each rank of the
-    group counts its shards and rank 0 the replicated parameters (the grid's SUM adds them)."""
+    """Each of my layers' squared gradient norm (stage.layer_sq_norms). With --tp, each rank of
+    the group counts its shards and rank 0 the replicated parameters (the grid's SUM adds
+    them)."""
     stage, copy = rt.stage, rt.tied_copy  # a tied copy counts on its other rank
     names = [
         n
@@ -106,14 +113,7 @@ def layer_sq_norms(rt: Runtime) -> dict[int, float]:
         for n in stage.layer_params[i]
         if owned(n, stage.splits, rt.tp) and n != copy
     ]
-    squares = []
-    for n in names:
-        g64 = stage.grads[n].astype("float64", copy=False)
-        squares.append((g64 * g64).sum())
-    values = dict(zip(names, to_host(squares), strict=True))
-    return {
-        i: math.fsum(values[n] for n in ns if n in values) for i, ns in stage.layer_params.items()
-    }
+    return stage_sq_norms(stage.grads, names)
 
 
 class _Run:
@@ -125,10 +125,7 @@ class _Run:
         self.opt = optim.make(cfg.optimizer, params, cfg, decay)
         slots = self.opt.state_dict()[1].values()
         self.opt_bytes = sum(int(a.nbytes) for arrays in slots for a in arrays.values())
-        self.opt_bytes_range = (
-            world.allreduce(self.opt_bytes, op=MPI.MIN),
-            world.allreduce(self.opt_bytes, op=MPI.MAX),
-        )
+        self.opt_bytes_range = spread(world, self.opt_bytes)
         self.n_layers, self.n_stages = len(self.job.model.layers), plan.n_stages
         self.faults = Faults.parse(cfg.inject_fault)
         self.preemption = preemption
@@ -143,10 +140,7 @@ class _Run:
         mine = sum(int(p.size) for n, p in params.items() if owned(n, splits, rt.tp) and n != copy)
         self.n_params = world.allreduce(mine if self.grid.replica == 0 else 0, op=MPI.SUM)
         self.param_bytes = sum(int(p.nbytes) for p in params.values())
-        self.param_bytes_range = (
-            world.allreduce(self.param_bytes, op=MPI.MIN),
-            world.allreduce(self.param_bytes, op=MPI.MAX),
-        )
+        self.param_bytes_range = spread(world, self.param_bytes)
         if cfg.peak_tflops:
             peak, self.peak_source = cfg.peak_tflops * 1e12, "--peak-tflops per rank"
         else:
@@ -434,7 +428,7 @@ class _Run:
             self.say(f"wrote {cfg.trace} (open it in https://ui.perfetto.dev)")
         result.peak_stash = self.grid.pp_comm.allgather(self.train_exec.peak_stash)
         result.activation_bytes = act = self.train_exec.peak_ctx_bytes
-        low, high = world.allreduce(act, op=MPI.MIN), world.allreduce(act, op=MPI.MAX)
+        low, high = spread(world, act)
         self.say(
             f"saved activations per micro-batch per rank (measured): {low:,} to {high:,} bytes"
         )

@@ -30,7 +30,6 @@ tensors (`cuts`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from mpi4py import MPI
@@ -39,8 +38,8 @@ from mpipipe.optim import decays
 from mpipipe.parallel.data_parallel import GradReducer
 from mpipipe.parallel.tensor import owned
 from mpipipe.parallel.transport import Transport
-from mpipipe.stage import split_name
-from mpipipe.xp import Array, namespace_of, to_host
+from mpipipe.stage import layer_sq_norms
+from mpipipe.xp import Array, namespace_of
 
 
 class ZeroShards:
@@ -97,14 +96,7 @@ class ZeroShards:
         of parameters this tp rank counts; not `skip`, a tied weight's second copy). The grid's
         SUM adds the replicas' parts."""
         names = [n for n in self.grads if owned(n, self.stage.splits, self.stage.tp) and n != skip]
-        squares = []
-        for n in names:
-            g64 = self.grads[n].astype("float64", copy=False)
-            squares.append((g64 * g64).sum())
-        out: dict[int, list[float]] = {}
-        for n, sq in zip(names, to_host(squares), strict=True):
-            out.setdefault(split_name(n)[0], []).append(float(sq))
-        return {i: math.fsum(v) for i, v in out.items()}
+        return layer_sq_norms(self.grads, names)
 
     def whole_state(self, opt: Any, keep: bool) -> tuple[int, dict[str, dict[str, Array]]]:
         """Collective over the replicas: (step count, {slot: {name: whole tensor}}) of the
