@@ -81,11 +81,26 @@ class EmulatedChunk:
                 done(i)
 
 
-def _sleep(seconds: float) -> None:
-    """time.sleep, but nothing for zero: even sleep(0) is a system call that costs tens of
-    microseconds on some machines."""
-    if seconds > 0:
-        time.sleep(seconds)
+class _Sleeper:
+    """time.sleep that lasts `seconds` on average: a sleep wakes late by the kernel's timer slack
+    and the wake-up (60-300 us here, more when ranks share cores), which would otherwise add to
+    every emulated action and be measured as the runtime's overhead. Each sleep is shortened by
+    the lateness seen so far (a running mean, fed back from each sleep's error). Nothing for
+    zero: even sleep(0) is a system call that costs tens of microseconds on some machines."""
+
+    def __init__(self) -> None:
+        self.late = 0.0  # seconds a sleep currently overruns its request, on average
+
+    def __call__(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        t0 = time.perf_counter()
+        time.sleep(max(0.0, seconds - self.late))
+        error = time.perf_counter() - t0 - seconds  # > 0: this action lasted too long
+        self.late = min(max(self.late + 0.25 * error, 0.0), seconds / 2)
+
+
+_sleep = _Sleeper()
 
 
 class _EmulatedLoss:

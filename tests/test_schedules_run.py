@@ -110,3 +110,28 @@ def test_schedule_tool_timeline_and_plot(tmp_path):
     assert "idle per rank: [3, 3, 3, 3]" in r.stdout
     assert "peak stashed activations per rank: [4, 4, 4, 4]" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_emulated_sleeps_last_their_cost_on_average(monkeypatch):
+    """A sleep that wakes 0.3 ms late (timer slack) must not lengthen every emulated action:
+    the sleeper learns the lateness and asks for less, so the mean action takes its cost."""
+    from mpipipe import emulate
+
+    now = [0.0]
+
+    def late_sleep(s):
+        now[0] += s + 3e-4
+
+    monkeypatch.setattr(emulate.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(emulate.time, "sleep", late_sleep)
+    sleep = emulate._Sleeper()
+    durations = []
+    for _ in range(100):
+        t0 = now[0]
+        sleep(5e-3)
+        durations.append(now[0] - t0)
+    assert durations[0] == pytest.approx(5.3e-3)  # the first one cannot know
+    assert sum(durations[-50:]) / 50 == pytest.approx(5e-3, rel=1e-3)
+    before = now[0]
+    sleep(0.0)
+    assert now[0] == before  # zero costs: no system call at all
