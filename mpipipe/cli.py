@@ -78,6 +78,12 @@ def _schedule_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=float, help="cap on stashed activations, micro-batches")
     p.add_argument("--synthesize", action="store_true", help="build the fastest under --memory")
     p.add_argument("--stage-costs", metavar="FILE", help="per-rank costs, 'F=..,B=..,W=..' lines")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="costs from timing every layer of train's model here (its defaults, or --config)",
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="with --profile: the model of this file")
     return p
 
 
@@ -118,23 +124,61 @@ def _compare(args: argparse.Namespace, costs: Any) -> int:
 
     if args.memory is None:
         raise ConfigError("--synthesize needs --memory K (micro-batches of activations per rank)")
+    if args.stage_costs and args.profile:
+        raise ConfigError("--stage-costs and --profile both give the costs (choose one)")
+    what = f"costs {args.stage_costs or args.costs} per rank's share"
     if args.stage_costs:
         try:
             costs = synth.read_stage_costs(_read(args.stage_costs), costs.latency)
         except ValueError as e:
             raise ConfigError(f"--stage-costs {args.stage_costs}: {e}") from None
+    elif args.profile:
+        costs, what = _profiled(args, costs.latency)
     rows, result = synth.compare(
         args.pp, args.microbatches, args.memory, costs, sorted(SCHEDULES), schedule.build
     )
     print(
         f"pp={args.pp}, {args.microbatches} micro-batches, memory cap {args.memory:g} "
-        f"micro-batches, costs {args.stage_costs or args.costs} per rank's share"
+        f"micro-batches, {what}"
     )
     if args.synthesize:
         print(timeline(result.report))
         print(summary(result.report))
     print(synth.side_by_side(rows, result, args.memory))
     return 0
+
+
+def _profiled(args: argparse.Namespace, latency: float) -> tuple[Any, str]:
+    """`schedule --profile`: every layer of train's model (its defaults, or --config's) timed
+    here, as `train --schedule auto` times them; costs in milliseconds per virtual stage, with
+    --costs' latency per hop."""
+    from dataclasses import replace
+
+    from mpipipe.job import prepare, synth_costs
+    from mpipipe.profile import action_times
+    from mpipipe.xp import dtype_of
+
+    cfg, _ = parse_train(["--config", args.config] if args.config else [])
+    cfg = cfg.replace(pp=args.pp, dp=1, tp=1, microbatches=args.microbatches)
+    job = prepare(cfg.replace(schedule="1f1b", memory=None, virtual_stages=None), args.pp)
+    try:
+        actions, clock = action_times(job.model, job.cfg.micro_batch, dtype_of(job.cfg.dtype))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ms = [(f * 1e3, b * 1e3, w * 1e3) for f, b, w in actions]
+    scale, _ = synth_costs(job.cfg, job.model, None, None, ms)
+    one = scale(args.pp, 1)
+    shares = ", ".join(
+        f"F={one.of('F', k):.3g},B={one.of('B', k):.3g},W={one.of('W', k):.3g}"
+        for k in range(args.pp)
+    )
+    meta = job.model.meta
+    return (
+        lambda pp, v: replace(scale(pp, v), latency=latency),
+        f"costs in ms timed here by {clock} for {meta.get('kind', 'the model')} "
+        f"{meta.get('n_layer')}x{meta.get('d_model')}, micro-batch {job.cfg.micro_batch} "
+        f"(per rank, one chunk: {shares})",
+    )
 
 
 def _read(path: str) -> str:

@@ -22,7 +22,7 @@ from mpipipe.errors import ConfigError
 from mpipipe.model import Model, gpt, mlp
 from mpipipe.parallel.p2p import max_tag
 from mpipipe.partition import split, uniform
-from mpipipe.profile import layer_times
+from mpipipe.profile import action_times
 from mpipipe.schedule import collectives
 from mpipipe.xp import dtype_of, get, resolve_backend
 
@@ -56,7 +56,10 @@ class Job:
     bounds: list[range] = field(default_factory=list)  # global layers of each virtual stage
     backend: str = "numpy"  # resolved from --backend
     layer_costs: list[float] | None = None  # what the partition balanced (params or seconds)
-    layer_clock: str = ""  # what timed the layers, for --partition time
+    layer_clock: str = ""  # what timed the layers, for --partition time and --schedule auto
+    auto_costs: str = ""  # what --schedule auto's synthesizer optimised for, in words
+    measured: schedule.Costs | None = None  # seconds per action and virtual stage, if timed
+    layer_actions: list[tuple[float, float, float]] | None = None  # (F, B, W) s per layer, timed
 
 
 def prepare(
@@ -94,13 +97,6 @@ def prepare(
         uniform(body, cfg.pp * chunks, chunks)
     cfg = cfg.layout(world_size, max_pp=sum(body) // chunks)
     assert cfg.pp is not None
-    if auto:
-        plan = _synthesize(cfg, body)
-    else:
-        plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
-    chunks = len(plan.stages[0])
-    held = collectives.holding(cfg.tp, cfg.sequence_parallel)
-    collectives.check(collectives.rows(plan, cfg.tp), held)  # before anything runs
     costs = None
     if cfg.partition == "params":
         costs = [float(s.params) for s in model.layers]
@@ -109,14 +105,16 @@ def prepare(
                 "--partition params needs every LayerSpec's params count "
                 "(built-in models have them; or use --partition uniform/time)"
             )
-    bounds = split(body, plan.n_stages, chunks, cfg.partition, costs)  # time: see finalize()
     emulation = Emulation.parse(cfg.emulate) if cfg.emulate else None
-    top = max_tag(plan.n_stages, cfg.microbatches)
-    if top > 32767:  # the least MPI.TAG_UB the standard guarantees
-        raise ConfigError(
-            f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
-            f"message tags up to {top} > 32767 (use fewer micro-batches)"
-        )
+    auto_costs = ""
+    if auto:  # emulated costs are known now; measured ones replace unit costs in finalize()
+        scale, auto_costs = synth_costs(cfg, model, costs, emulation, None)
+        plan = _synthesize(cfg, body, scale)
+    else:
+        plan = hand or schedule.build(cfg.schedule, cfg.pp, cfg.microbatches, cfg.virtual_stages)
+    _check_plan(cfg, plan)
+    chunks = len(plan.stages[0])
+    bounds = split(body, plan.n_stages, chunks, cfg.partition, costs)  # time: see finalize()
     try:
         backend, _ = resolve_backend(cfg.backend)
         get(backend)  # CuPy importable, when asked for
@@ -133,20 +131,63 @@ def prepare(
         bounds,
         backend=backend,
         layer_costs=costs,
+        auto_costs=auto_costs,
     )
     _simulate(job)
     return job
 
 
-def _synthesize(cfg: TrainConfig, body: list[bool]) -> schedule.Plan:
-    """--schedule auto: the synthesizer's plan under --memory, on one chunk per rank or a V
-    where the layers allow two chunks per rank."""
+def _check_plan(cfg: TrainConfig, plan: schedule.Plan) -> None:
+    """What a plan must satisfy beyond the checker: one collective order per tp group, and
+    message tags within what every MPI allows."""
+    held = collectives.holding(cfg.tp, cfg.sequence_parallel)
+    collectives.check(collectives.rows(plan, cfg.tp), held)  # before anything runs
+    top = max_tag(plan.n_stages, cfg.microbatches)
+    if top > 32767:  # the least MPI.TAG_UB the standard guarantees
+        raise ConfigError(
+            f"--microbatches {cfg.microbatches} with {plan.n_stages} stages needs "
+            f"message tags up to {top} > 32767 (use fewer micro-batches)"
+        )
+
+
+def _synthesize(cfg: TrainConfig, body: list[bool], costs: Any) -> schedule.Plan:
+    """--schedule auto: the synthesizer's plan under --memory for `costs` (see `synth_costs`),
+    on one chunk per rank or a V where the layers allow two chunks per rank."""
     from mpipipe.schedule import synth  # noqa: PLC0415
 
     assert cfg.pp is not None and cfg.memory is not None
     chunks = [1] + ([2] if sum(body) >= 2 * cfg.pp else [])
     names = sorted(schedule.SCHEDULES)
-    return synth.for_training(cfg.pp, cfg.microbatches, cfg.memory, chunks, names, schedule.build)
+    return synth.for_training(
+        cfg.pp, cfg.microbatches, cfg.memory, chunks, names, schedule.build, costs
+    )
+
+
+def synth_costs(
+    cfg: TrainConfig,
+    model: Model,
+    layer_costs: list[float] | None,
+    emulation: Emulation | None,
+    actions: list[tuple[float, float, float]] | None,
+) -> tuple[Any, str]:
+    """What --schedule auto optimises for, and its description: the emulated costs, else the
+    measured (F, B, W) seconds of every layer (`actions`), of the layers each virtual stage
+    would hold (split as the job splits, for each chunk count); else equal stages with B = 2F."""
+    from mpipipe.schedule import synth  # noqa: PLC0415
+
+    if emulation is None and actions is None:
+        return synth.TRAIN_COSTS, "equal stages, F:B:W = 1:2:1 (not yet measured)"
+    body = [s.body for s in model.layers]
+
+    def scale(pp: int, v: int) -> schedule.Costs:
+        bounds = split(body, pp * v, v, cfg.partition, layer_costs)
+        if emulation is not None:
+            return emulation.costs(body_per_stage(model, bounds), cfg.micro_batch)
+        assert actions is not None
+        f, b, w = ([sum(actions[i][j] for i in r) for r in bounds] for j in range(3))
+        return schedule.Costs(f, b, w)
+
+    return scale, ("the emulated costs" if emulation else "each layer's measured F, B, W")
 
 
 def _simulate(job: Job) -> None:
@@ -154,29 +195,41 @@ def _simulate(job: Job) -> None:
     if job.emulation:
         per_stage = body_per_stage(job.model, job.bounds)
         job.emulated = job.emulation.costs(per_stage, job.cfg.micro_batch)
-    job.report = schedule.check(job.plan, job.emulated)
+    job.report = schedule.check(job.plan, job.emulated or job.measured)
 
 
 def finalize(job: Job, comm: MPI.Comm, xp: ModuleType | None = None) -> Job:
-    """--partition time: rank 0 times every layer on its device (`xp`: the array module of the
-    rank's device, NumPy by default) and broadcasts the times, so every rank splits the model
-    alike. Other partitions are final already."""
-    if job.cfg.partition != "time":
+    """Decisions that need this machine's timings: --partition time and --schedule auto (when
+    computing for real) have rank 0 time every layer's F, B and W on its device (`xp`: the
+    array module of the rank's device, NumPy by default) and broadcast the times, so every rank
+    splits the model, and synthesizes the schedule, alike. Other jobs are final already."""
+    cfg = job.cfg
+    auto = cfg.schedule == "auto" and not cfg.schedule_file and job.emulation is None
+    if cfg.partition != "time" and not auto:
         return job
     result: Any = None
     if comm.Get_rank() == 0:
         try:
-            result = layer_times(
-                job.model, job.cfg.micro_batch, dtype_of(job.cfg.dtype), xp or get("numpy")
+            result = action_times(
+                job.model, cfg.micro_batch, dtype_of(cfg.dtype), xp or get("numpy")
             )
         except ValueError as e:
             result = str(e)
     result = comm.bcast(result, root=0)
     if isinstance(result, str):
         raise ConfigError(result)
+    actions, job.layer_clock = result
+    job.layer_actions = actions
     body = [s.body for s in job.model.layers]
-    job.layer_costs, job.layer_clock = result
-    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), "time", job.layer_costs)
+    if cfg.partition == "time":
+        job.layer_costs = [sum(t) for t in actions]
+    if auto:
+        scale, job.auto_costs = synth_costs(cfg, job.model, job.layer_costs, None, actions)
+        job.plan = _synthesize(cfg, body, scale)
+        _check_plan(cfg, job.plan)
+        job.measured = scale(job.plan.pp, len(job.plan.stages[0]))
+    job.bounds = split(body, job.plan.n_stages, len(job.plan.stages[0]), cfg.partition,
+                       job.layer_costs)  # fmt: skip
     _simulate(job)
     return job
 
@@ -248,7 +301,13 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
         if "kind" in meta
         else f"custom model of {len(job.model.layers)} layers"
     )
-    sim = f"emulated costs {cfg.emulate}" if job.emulation else "if F = B = W"
+    sim = (
+        f"emulated costs {cfg.emulate}"
+        if job.emulation
+        else "measured layer costs"
+        if job.measured
+        else "if F = B = W"
+    )
     tp, first = (f" x tp={cfg.tp}", "tp, then ") if cfg.tp > 1 else ("", "")
     tp += " (sequence parallel)" if cfg.sequence_parallel else ""
     zero = ", ZeRO-1 (optimizer state sharded over dp)" if cfg.zero and (cfg.dp or 1) > 1 else ""
@@ -260,6 +319,11 @@ def describe(job: Job, layout: list[tuple[int, int, int, str, int]]) -> str:
         f"stages ({cfg.partition} partition{', timed by ' * bool(job.layer_clock)}"
         f"{job.layer_clock}): {' | '.join(parts)}",
     ]
+    if job.auto_costs:
+        lines.append(
+            f"schedule auto: synthesized under --memory {cfg.memory:g} for {job.auto_costs}, "
+            f"{len(plan.stages[0])} chunk(s) per rank"
+        )
     if cfg.partition == "time" and job.layer_costs:
         t = [sum(job.layer_costs[i] for i in r) for r in job.bounds]
         lines.append(

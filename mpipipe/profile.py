@@ -1,10 +1,10 @@
-"""Measure each layer's cost on this machine, for `--partition time`.
+"""Measure each layer's cost on this machine, for `--partition time` and `--schedule auto`.
 
 Layers built from the same recipe (the transformer blocks) cost the same, so each distinct
 recipe is built and timed once (forward, backward_input, backward_weight on one micro-batch;
-the last layer's time includes the loss), then the layers are thrown away. Rank 0 measures on
-its own device, with the backend's clock (CUDA events on a GPU), and broadcasts, so every rank
-splits the model the same way.
+the last layer's forward includes the loss), then the layers are thrown away. Rank 0 measures
+on its own device, with the backend's clock (CUDA events on a GPU), and broadcasts, so every
+rank splits the model, and synthesizes the schedule, the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from mpipipe.kernels.loss import cross_entropy_forward_backward
 from mpipipe.layers import Init
 from mpipipe.model import Model
-from mpipipe.xp import best_seconds
+from mpipipe.xp import best_seconds_each
 
 
 def _recipe(spec: Any) -> Any:
@@ -32,14 +32,25 @@ def layer_times(
 ) -> tuple[list[float], str]:
     """Seconds of F + B + W per global layer for one micro-batch (best of `repeats`), and the
     clock that timed them (CUDA events or perf_counter)."""
+    times, clock = action_times(model, micro_batch, dtype, xp, repeats)
+    return [sum(t) for t in times], clock
+
+
+def action_times(
+    model: Model, micro_batch: int, dtype: Any, xp: ModuleType = np, repeats: int = 3
+) -> tuple[list[tuple[float, float, float]], str]:
+    """Seconds of (F, B, W) per global layer for one micro-batch, and the clock. Each round runs
+    F, then B on what that F saved, then W (kernels may reuse saved arrays in place), and each
+    part keeps its best time over `repeats` rounds. The last layer's F includes the loss and its
+    gradient, as the executor runs them."""
     if model.input_example is None:
         raise ValueError(
-            "--partition time needs the model's input_example (built-in models "
-            "have one; give your Model one, or use --partition params/uniform)"
+            "timing layers needs the model's input_example (built-in models have one; give "
+            "your Model one, or use --partition params/uniform and costs you give)"
         )
     rng = np.random.default_rng(0)
     last = len(model.layers) - 1
-    known: dict[Any, float] = {}
+    known: dict[Any, tuple[float, float, float]] = {}
     clock = "perf_counter"
     times = []
     for i, spec in enumerate(model.layers):
@@ -54,16 +65,28 @@ def layer_times(
             if i == last:
                 shape = model.act_shape(i, micro_batch)
                 targets = xp.asarray(rng.integers(0, shape[-1], size=shape[:-1]))
-
-            def work(layer: Any = layer, x: Any = x, targets: Any = targets) -> None:
-                y, ctx = layer.forward(x)
-                if targets is not None:
-                    _, dy = cross_entropy_forward_backward(y, targets, 1.0)
-                else:
-                    dy = xp.ones_like(y)
-                _, wctx = layer.backward_input(dy, ctx)
-                layer.backward_weight(wctx)
-
-            known[key], clock = best_seconds(xp, work, repeats)
+            known[key], clock = _time_layer(layer, x, targets, xp, repeats)
         times.append(known[key])
     return times, clock
+
+
+def _time_layer(
+    layer: Any, x: Any, targets: Any, xp: ModuleType, repeats: int
+) -> tuple[tuple[float, float, float], str]:
+    held: dict[str, Any] = {}
+
+    def forward() -> None:
+        y, held["ctx"] = layer.forward(x)
+        if targets is not None:
+            _, held["dy"] = cross_entropy_forward_backward(y, targets, 1.0)
+        else:
+            held["dy"] = xp.ones_like(y)
+
+    def backward() -> None:
+        _, held["wctx"] = layer.backward_input(held["dy"], held["ctx"])
+
+    def weight() -> None:
+        layer.backward_weight(held["wctx"])
+
+    (f, b, w), clock = best_seconds_each(xp, [forward, backward, weight], repeats)
+    return (f, b, w), clock

@@ -58,6 +58,7 @@ class TrainResult:
     activation_bytes: int = 0  # most bytes one micro-batch's forward saved on this rank
     optimizer_bytes: int = 0  # bytes of this rank's optimizer state (its pieces with --zero 1)
     preempted: str | None = None  # the signal that stopped the run early, if any
+    plan: schedule.Plan | None = None  # the schedule that ran (auto: as synthesized at start)
 
     @property
     def final_loss(self) -> float:
@@ -376,6 +377,7 @@ class _Run:
         self.say(f"MFU of {self.peak_flops / 1e12:.3g} TFLOP/s in all ({self.peak_source})")
         self.say(self.opt_line())
         result = TrainResult(cfg, param_bytes=self.param_bytes, optimizer_bytes=self.opt_bytes)
+        result.plan = self.job.plan
         preemption = self.preemption  # installed by train() before any start-up work
         start = self.resume()
         metrics = MetricsFile(

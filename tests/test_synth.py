@@ -175,3 +175,66 @@ def test_train_auto_needs_memory_and_picks_its_chunks():
     with pytest.raises(ConfigError, match="leave --virtual-stages out"):
         TrainConfig(schedule="auto", memory=2, virtual_stages=2).validate()
     TrainConfig(schedule="auto", memory=2).validate()
+
+
+class _OneRank:
+    """What finalize asks of a communicator, for one process."""
+
+    def Get_rank(self):  # noqa: N802 - MPI's name
+        return 0
+
+    def bcast(self, value, root=0):
+        return value
+
+
+def test_train_auto_synthesizes_for_each_layers_measured_costs():
+    """Real compute: rank 0 times every layer's F, B, W (the head of a 32768-word vocabulary on
+    d_model 64 outweighs a block many times), and the schedule is synthesized for the layers
+    each virtual stage holds; the unit-cost plan it replaces is slower under those costs."""
+    from mpipipe import TrainConfig
+    from mpipipe.job import finalize, prepare, synth_costs
+
+    cfg = TrainConfig(
+        layers=8, d_model=64, heads=2, seq_len=16, vocab=32768, global_batch=8, microbatches=8,
+        pp=4, schedule="auto", memory=2,
+    )  # fmt: skip
+    job = prepare(cfg, 4)
+    assert job.auto_costs.endswith("(not yet measured)") and job.measured is None
+    unit_plan = job.plan
+    job = finalize(job, _OneRank())
+    assert job.auto_costs == "each layer's measured F, B, W" and job.layer_clock
+    assert job.layer_actions is not None and len(job.layer_actions) == len(job.model.layers)
+    scale, _ = synth_costs(job.cfg, job.model, None, None, job.layer_actions)
+    measured = scale(4, len(job.plan.stages[0]))
+    assert job.measured == measured
+    assert measured.of("F", job.plan.n_stages - 1) > 2 * measured.of("F", 1)  # head and loss
+    assert job.report.step_time == check(job.plan, measured).step_time
+    assert memory(job.report) <= 2
+    unit = check(unit_plan, scale(4, len(unit_plan.stages[0])))
+    assert job.report.step_time < unit.step_time, (job.plan.name, unit_plan.name)
+
+
+def test_train_auto_with_emulated_compute_synthesizes_for_the_emulated_costs():
+    from mpipipe import TrainConfig
+    from mpipipe.job import describe, finalize, prepare
+
+    cfg = TrainConfig(layers=8, pp=4, microbatches=8, global_batch=8, schedule="auto",
+                      memory=2, emulate="F=1,B=2,W=1")  # fmt: skip
+    job = finalize(prepare(cfg, 4), _OneRank())  # nothing to time: emulated costs are known
+    assert job.auto_costs == "the emulated costs" and job.measured is None
+    assert "schedule auto: synthesized under --memory 2 for the emulated costs" in describe(
+        job, []
+    )
+
+
+def test_schedule_tool_profiles_trains_model(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[train]\nlayers = 8\nd-model = 32\nheads = 2\nseq-len = 16\nglobal-batch = 8")
+    args = ["schedule", "--synthesize", "--pp", "4", "--microbatches", "8", "--memory", "2"]
+    assert cli.main([*args, "--profile", "--config", str(cfg), "--costs", "latency=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "costs in ms timed here by perf_counter for gpt 8x32, micro-batch 1 (per rank" in out
+    for name in [*SCHEDULES, "synth"]:  # 8 layers: the V-shaped schedules too
+        assert f"| {name:<11} |" in out
+    assert cli.main([*args, "--profile", "--stage-costs", str(cfg)]) == 2
+    assert "--stage-costs and --profile both give the costs" in capsys.readouterr().err

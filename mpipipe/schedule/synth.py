@@ -4,7 +4,9 @@ Memory is counted in micro-batch units: a rank's peak of stashed chunk-activatio
 its chunks (a chunk of a v-chunk schedule holds 1/v of the rank's layers). Costs are given per
 pipeline rank's share of the model (one number, or one per rank in depth order); a virtual
 stage of a v-chunk schedule costs 1/v of the share it lies in, so schedules with different
-chunk counts are compared on the same model. Latency is per hop.
+chunk counts are compared on the same model. Or costs are a `Scale`: a function from (pp,
+chunks per rank) to the costs of every virtual stage, which is what a model's measured layers
+give (`train --schedule auto`: the layers each virtual stage holds, summed). Latency is per hop.
 
 `synthesize` runs the list scheduler (listsched.py) for one chunk per rank and for a V, under
 the cap and with the real costs, over a few policies (B-first or F-first ties, how long a W
@@ -50,9 +52,19 @@ def stage_costs(costs: Costs, pp: int, chunks: int) -> Costs:
     return Costs(per_stage(costs.f), per_stage(costs.b), per_stage(costs.w), costs.latency)
 
 
-def evaluate(plan: Plan, costs: Costs) -> Report:
-    """The checker's report for `plan` with per-rank-share `costs` scaled to its chunks."""
-    return check(plan, stage_costs(costs, plan.pp, len(plan.stages[0])))
+Scale = Callable[[int, int], Costs]  # (pp, chunks per rank) -> costs per virtual stage
+
+
+def as_scale(costs: Costs | Scale) -> Scale:
+    """Per-rank-share costs as a Scale (each chunk 1/v of its rank's share); a Scale as it is."""
+    if isinstance(costs, Costs):
+        return lambda pp, v: stage_costs(costs, pp, v)
+    return costs
+
+
+def evaluate(plan: Plan, costs: Costs | Scale) -> Report:
+    """The checker's report for `plan` with `costs` scaled to its chunks."""
+    return check(plan, as_scale(costs)(plan.pp, len(plan.stages[0])))
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,7 @@ def synthesize(
     pp: int,
     m: int,
     cap: float,
-    costs: Costs,
+    costs: Costs | Scale,
     seeds: Sequence[Plan] = (),
     budget: int = 60,
     chunks: Sequence[int] = (1, 2),
@@ -95,7 +107,10 @@ def synthesize(
         limit = math.floor(cap * v + 1e-9)
         if limit < v:
             continue
-        scaled = stage_costs(costs, pp, v)
+        try:
+            scaled = as_scale(costs)(pp, v)
+        except ConfigError:  # a model with too few layers for v chunks per rank
+            continue
         for order, w_delay in POLICIES:
             plan = list_schedule("synth", m, stages, limit, scaled, order, w_delay)
             consider(plan, f"list v={v} {order} w_delay={w_delay:g}")
@@ -108,11 +123,11 @@ def synthesize(
 
 
 def local_search(
-    plan: Plan, report: Report, cap: float, costs: Costs, budget: int
+    plan: Plan, report: Report, cap: float, costs: Costs | Scale, budget: int
 ) -> tuple[Plan, Report, int]:
     """Swap adjacent actions on a rank where the second waited for the first although its input
     was ready; keep a swap when the step gets shorter within the cap. At most `budget` tries."""
-    scaled = stage_costs(costs, plan.pp, len(plan.stages[0]))
+    scaled = as_scale(costs)(plan.pp, len(plan.stages[0]))
     kept = 0
     while budget > 0:
         for r, i in _held_up(report, scaled):
@@ -168,17 +183,21 @@ def _renamed(plan: Plan, name: str) -> Plan:
 
 
 def named(
-    pp: int, m: int, costs: Costs, names: Sequence[str], build: Callable[[str, int, int], Plan]
+    pp: int,
+    m: int,
+    costs: Costs | Scale,
+    names: Sequence[str],
+    build: Callable[[str, int, int], Plan],
 ) -> list[tuple[str, Report]]:
     """Every named schedule that builds for (pp, m), with its report (skipping those that
-    refuse the case, e.g. interleaved when m is not a multiple of pp)."""
+    refuse the case, e.g. interleaved when m is not a multiple of pp, or whose chunks the
+    costs' model cannot split into)."""
     out = []
     for name in names:
         try:
-            plan = build(name, pp, m)
+            out.append((name, evaluate(build(name, pp, m), costs)))
         except ConfigError:
             continue
-        out.append((name, evaluate(plan, costs)))
     return out
 
 
@@ -211,7 +230,7 @@ def compare(
     pp: int,
     m: int,
     cap: float,
-    costs: Costs,
+    costs: Costs | Scale,
     names: Sequence[str],
     build: Callable[[str, int, int], Plan],
 ) -> tuple[list[Row], Result]:
@@ -249,7 +268,7 @@ def side_by_side(rows: Sequence[Row], result: Result, cap: float) -> str:
     return "\n".join(out)
 
 
-TRAIN_COSTS = Costs(1.0, 2.0, 1.0)  # what `train --schedule auto` assumes: B about twice F
+TRAIN_COSTS = Costs(1.0, 2.0, 1.0)  # `train --schedule auto` without measured costs: B = 2F
 
 
 def for_training(
@@ -259,9 +278,11 @@ def for_training(
     chunks: Sequence[int],
     names: Sequence[str],
     build: Callable[[str, int, int], Plan],
+    costs: Costs | Scale = TRAIN_COSTS,
 ) -> Plan:
-    """`train --schedule auto --memory K`: the synthesized plan for equal stages and
-    TRAIN_COSTS, on the chunk counts the model's layers allow; named 'auto'."""
-    reports = named(pp, m, TRAIN_COSTS, names, build)
+    """`train --schedule auto --memory K`: the synthesized plan for `costs` (equal stages and
+    TRAIN_COSTS unless measured or emulated ones are given), on the chunk counts the model's
+    layers allow; named 'auto'."""
+    reports = named(pp, m, costs, names, build)
     fit = [report.plan for _, report in reports if memory(report) <= cap + 1e-9]
-    return _renamed(synthesize(pp, m, cap, TRAIN_COSTS, fit, chunks=chunks).plan, "auto")
+    return _renamed(synthesize(pp, m, cap, costs, fit, chunks=chunks).plan, "auto")
