@@ -43,16 +43,8 @@ from mpipipe.checkpoint.find import (
     resolve,
     restore,
 )
-from mpipipe.checkpoint.read import (
-    check_model,
-    check_structure,
-    export,
-    inspect,
-    load,
-    read_manifest,
-    verify,
-    verify_shard,
-)
+from mpipipe.checkpoint.read import check_model, export, inspect, load
+from mpipipe.checkpoint.verify import check_structure, read_manifest, verify, verify_shard
 from mpipipe.checkpoint.write import save, shard_tensors, write_shard
 
 __all__ = [

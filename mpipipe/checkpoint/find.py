@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from mpipipe.checkpoint.base import STEP_DIR, CheckpointError, Damaged
 from mpipipe.checkpoint.files import errno_text, io_error
-from mpipipe.checkpoint.read import check_structure, load
+from mpipipe.checkpoint.read import load
+from mpipipe.checkpoint.verify import check_structure
 from mpipipe.errors import ConfigError
 
 T = TypeVar("T")
