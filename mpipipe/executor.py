@@ -65,6 +65,16 @@ class Executor:
         self.waits: list[tuple[float, float, str]] = []  # last run's blocking waits
         self.final_w = {a.chunk: i for i, a in enumerate(plan.actions[rank]) if a.kind == "W"}
         self.row = plan.actions[rank]
+        # what each action needs that the plan alone decides, worked out once rather than per
+        # action and step: the watchdog's label, and each message's mailbox key, peer and tag
+        self.n_stages = plan.n_stages
+        self.labels = [f"{self.name} action {a}" for a in self.row]
+        self.wire: dict[int, tuple[tuple[str, int, int], int, int]] = {}
+        for i, a in enumerate(self.row):
+            if not a.is_compute:
+                key, peer = message(plan, rank, a)
+                t = tag(key[0], key[1], key[2], self.n_stages, plan.microbatches)
+                self.wire[i] = (key, peer, t)
         self.training = any(a.kind == "B" for a in self.row)
         self.releases = buffer_releases(self.row)
         self.pools: dict[tuple[str, int], list[Array]] = {}
@@ -77,6 +87,7 @@ class Executor:
         self.waited = 0.0  # seconds the current action spent waiting for its input
         self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
         self.stash_bytes: dict[tuple[int, int], int] = {}
+        self.stash_total = 0  # the sum of stash_bytes
         self.peak_stash_bytes = 0  # most bytes held by saved contexts at once, over all runs
         self.peak_ctx_bytes = 0  # most bytes one forward saved for one micro-batch and chunk
         self.dispatch: dict[str, Callable[[Action, int], None]] = {
@@ -104,7 +115,7 @@ class Executor:
         clock = time.perf_counter
         self.started = clock()
         for i, action in enumerate(self.row):
-            self.watchdog.beat(f"{self.name} action {action}")
+            self.watchdog.beat(self.labels[i])
             if action.is_compute:
                 self.waited = 0.0
                 t0 = clock()
@@ -143,7 +154,7 @@ class Executor:
 
     # -- compute -------------------------------------------------------------------------------
     def _forward(self, a: Action, i: int) -> None:
-        k, n = self.stage.ids[a.chunk], self.plan.n_stages
+        k, n = self.stage.ids[a.chunk], self.n_stages
         inputs = self.batch.inputs
         if input_stage("F", k, n) is None and inputs is not None:  # the pipeline's input
             x = inputs[a.mb]
@@ -177,7 +188,7 @@ class Executor:
         dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
         self.wctx[(a.mb, a.chunk)] = wctx
         self._account((a.mb, a.chunk), wctx)
-        before = output_stage("B", k, self.plan.n_stages)
+        before = output_stage("B", k, self.n_stages)
         if before is not None:
             self.mail[("G", a.mb, before)] = dx
 
@@ -188,25 +199,24 @@ class Executor:
 
     def _account(self, key: tuple[int, int], saved: Any) -> None:
         """Track the bytes that saved contexts hold (activation memory) and their peak."""
-        self.stash_bytes[key] = _nbytes(saved)
-        total = sum(self.stash_bytes.values())
-        self.peak_stash_bytes = max(self.peak_stash_bytes, total)
+        new = _nbytes(saved)
+        self.stash_total += new - self.stash_bytes.get(key, 0)
+        self.stash_bytes[key] = new
+        self.peak_stash_bytes = max(self.peak_stash_bytes, self.stash_total)
 
     # -- communication -------------------------------------------------------------------------
     def _send(self, a: Action, i: int) -> None:
-        key, dest = message(self.plan, self.rank, a)
+        key, dest, t = self.wire[i]
         buf = self.mail.pop(key)
         if not buf.flags.c_contiguous:
             buf = buf.copy()
-        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
         self.sends.append((self.p2p.isend(buf, dest, t), buf))
 
     def _recv(self, a: Action, i: int) -> None:
-        key, source = message(self.plan, self.rank, a)
+        key, source, t = self.wire[i]
         pool = (a.kind, a.chunk)
         buf = self.pools[pool].pop()
         self.taken[i] = (pool, buf)
-        t = tag(key[0], key[1], key[2], self.plan.n_stages, self.plan.microbatches)
         self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), source, t)
 
     def _take(self, key: tuple[str, int, int]) -> Array:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 COMPUTE = ("F", "B", "W")
 COMM = ("SA", "RA", "SG", "RG")
@@ -68,7 +69,7 @@ class Plan:
     def pp(self) -> int:
         return len(self.stages)
 
-    @property
+    @cached_property
     def n_stages(self) -> int:
         return sum(len(s) for s in self.stages)
 
