@@ -82,22 +82,23 @@ class EmulatedChunk:
 
 
 class _Sleeper:
-    """time.sleep that lasts `seconds` on average: a sleep wakes late by the kernel's timer slack
-    and the wake-up (60-300 us here, more when ranks share cores), which would otherwise add to
-    every emulated action and be measured as the runtime's overhead. Each sleep is shortened by
-    the lateness seen so far (a running mean, fed back from each sleep's error). Nothing for
-    zero: even sleep(0) is a system call that costs tens of microseconds on some machines."""
+    """time.sleep whose sleeps add up to what was asked: a sleep wakes late by the kernel's timer
+    slack and the wake-up (60-300 us here, more when ranks share cores), which would otherwise
+    add to every emulated action and be measured as the runtime's overhead. The time overslept
+    so far is owed, and each sleep asks for that much less (at most half of it: one late wake is
+    repaid over the next actions, not by one that hardly sleeps), so over a run the emulated
+    compute lasts its cost to within one sleep's error. Nothing for zero: even sleep(0) is a
+    system call that costs tens of microseconds on some machines."""
 
     def __init__(self) -> None:
-        self.late = 0.0  # seconds a sleep currently overruns its request, on average
+        self.owed = 0.0  # seconds slept beyond what was asked, not yet repaid
 
     def __call__(self, seconds: float) -> None:
         if seconds <= 0:
             return
         t0 = time.perf_counter()
-        time.sleep(max(0.0, seconds - self.late))
-        error = time.perf_counter() - t0 - seconds  # > 0: this action lasted too long
-        self.late = min(max(self.late + 0.25 * error, 0.0), seconds / 2)
+        time.sleep(max(seconds - self.owed, seconds / 2))
+        self.owed = max(self.owed + time.perf_counter() - t0 - seconds, -seconds)
 
 
 _sleep = _Sleeper()

@@ -112,26 +112,32 @@ def test_schedule_tool_timeline_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_emulated_sleeps_last_their_cost_on_average(monkeypatch):
-    """A sleep that wakes 0.3 ms late (timer slack) must not lengthen every emulated action:
-    the sleeper learns the lateness and asks for less, so the mean action takes its cost."""
+def test_emulated_sleeps_add_up_to_their_cost(monkeypatch):
+    """A sleep that wakes 0.3 ms late (timer slack) must not lengthen every emulated action: the
+    sleeper owes what it overslept and asks for that much less next time, so the sleeps add up
+    to their cost; a wake 6 ms late is repaid over the next actions, none shorter than half."""
     from mpipipe import emulate
 
     now = [0.0]
+    late = [3e-4]
 
     def late_sleep(s):
-        now[0] += s + 3e-4
+        now[0] += s + late[0]
 
     monkeypatch.setattr(emulate.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(emulate.time, "sleep", late_sleep)
     sleep = emulate._Sleeper()
     durations = []
-    for _ in range(100):
+    for k in range(100):
+        late[0] = 6e-3 if k == 50 else 3e-4
         t0 = now[0]
         sleep(5e-3)
         durations.append(now[0] - t0)
     assert durations[0] == pytest.approx(5.3e-3)  # the first one cannot know
-    assert sum(durations[-50:]) / 50 == pytest.approx(5e-3, rel=1e-3)
+    assert durations[1:50] == pytest.approx([5e-3] * 49)
+    assert durations[50] == pytest.approx(10.7e-3)  # the stall
+    assert min(durations[51:]) >= 2.5e-3 + 3e-4 - 1e-12  # repaid at most half an action a time
+    assert sum(durations) == pytest.approx(100 * 5e-3 + 3e-4, rel=1e-9)  # within one late wake
     before = now[0]
     sleep(0.0)
     assert now[0] == before  # zero costs: no system call at all
