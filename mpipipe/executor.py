@@ -83,6 +83,17 @@ class Executor:
             boundary = layers.start - 1 if kind == "RA" else layers.stop - 1
             shape = model.act_shape(boundary, micro_batch)
             self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
+        self.recv_labels: dict[int, tuple[str, str]] = {}
+        for i, (key, source, t) in self.wire.items():
+            a = self.row[i]
+            if a.kind in ("RA", "RG"):
+                what = "activation" if key[0] == "A" else "gradient"
+                nbytes = self.pools[(a.kind, a.chunk)][0].nbytes
+                self.recv_labels[i] = (
+                    f"waiting for the {what} of micro-batch {key[1]} from rank {source} "
+                    f"(tag {t}, {nbytes} bytes)",
+                    f"wait {what} {key[1]} from {source}",
+                )
         self.spans: list[tuple[float, float, Action]] = []  # last run's compute, perf_counter
         self.waited = 0.0  # seconds the current action spent waiting for its input
         self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
@@ -217,21 +228,17 @@ class Executor:
         pool = (a.kind, a.chunk)
         buf = self.pools[pool].pop()
         self.taken[i] = (pool, buf)
-        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), source, t)
+        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), *self.recv_labels[i])
 
     def _take(self, key: tuple[str, int, int]) -> Array:
         item = self.mail.pop(key)
         if isinstance(item, _Pending):
-            what = "activation" if key[0] == "A" else "gradient"
-            self.watchdog.waiting(
-                f"waiting for the {what} of micro-batch {key[1]} from rank {item.source} "
-                f"(tag {item.tag}, {item.buffer.nbytes} bytes)"
-            )
+            self.watchdog.waiting(item.waiting)
             t0 = time.perf_counter()
             self.p2p.wait(item.request)
             t1 = time.perf_counter()
             self.waited += t1 - t0
-            self.waits.append((t0, t1, f"wait {what} {key[1]} from {item.source}"))
+            self.waits.append((t0, t1, item.span))
             return item.buffer
         return item
 
@@ -260,5 +267,5 @@ def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
 class _Pending:
     buffer: Array
     request: Any
-    source: int
-    tag: int
+    waiting: str  # what the watchdog says if the wait hangs
+    span: str  # the wait's name in the trace
