@@ -297,8 +297,12 @@ class Transport:
             )
 
     def allreduce(self, comm: MPI.Comm, host: Any, op: MPI.Op = MPI.SUM) -> None:
-        """A blocking in-place reduction of a small host array (the step's statistics)."""
-        comm.Allreduce(MPI.IN_PLACE, host, op=op)
+        """An in-place reduction of a small host array (the step's statistics), waited for as
+        every wait here is (`wait`): the first rank to finish its step would otherwise spin in
+        MPI's blocking all-reduce until the last one gets there, on the core that rank may need
+        (4 ranks on 2 cores, 40 default steps: system time 3.3-3.8 -> 1.3-1.7 s, wall time
+        unchanged within the runs' spread)."""
+        self.wait(comm.Iallreduce(MPI.IN_PLACE, host, op=op))
 
     # -- progress and waiting ------------------------------------------------------------------
     def _track(self, req: Request) -> Request:
