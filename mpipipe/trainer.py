@@ -43,7 +43,7 @@ from mpipipe.stage import layer_sq_norms as stage_sq_norms
 from mpipipe.stats import StepStats
 from mpipipe.trace import Tracer
 from mpipipe.watchdog import Watchdog
-from mpipipe.xp import to_numpy
+from mpipipe.xp import is_half, to_numpy
 
 
 @dataclass
@@ -145,8 +145,12 @@ class _Run:
         if cfg.peak_tflops:
             peak, self.peak_source = cfg.peak_tflops * 1e12, "--peak-tflops per rank"
         else:
-            peak, clock = measure_peak_flops(rt.xp, rt.dtype)
-            self.peak_source = f"a matrix product measured on each rank, timed by {clock}"
+            # NumPy has no BLAS for 16-bit floats: the CPU's matrix peak is its float32 one
+            cpu_half = rt.xp is np and is_half(rt.dtype)
+            peak, clock = measure_peak_flops(rt.xp, np.float32 if cpu_half else rt.dtype)
+            self.peak_source = (
+                f"a {'float32 ' * cpu_half}matrix product measured on each rank, timed by {clock}"
+            )
         self.peak_flops = world.allreduce(peak, op=MPI.SUM)  # the whole grid's
         self.flops_per_step = model_flops_per_step(
             self.job.model.meta, self.n_params, cfg.global_batch
