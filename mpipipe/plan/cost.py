@@ -20,8 +20,9 @@ all-reduces: emulated chunks only sleep).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
+from typing import Any
 
 from mpipipe.memory import (
     _WIDTH,
@@ -45,6 +46,8 @@ class GPT:
     dtype: str = "float32"
     optimizer: str = "adamw"
     emulate: tuple[float, float, float] | None = None  # ms per body layer and sample
+    # plan.profiled.Profile: the real layers' F/B/W timed here replace the roofline
+    profile: Any = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def meta(self) -> dict[str, object]:
@@ -168,6 +171,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp
     )
     block_w = mm(24 * b * t * c * c)
+    block_f_roof = block_f
     tp_comm = 2 * allreduce_time(machine.link(tp - 1), b * t * c * w, tp)
     block_f += tp_comm
     block_b += tp_comm
@@ -175,27 +179,38 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         block_b += block_f
     elif layout.recompute == "selective":
         block_b += attn_f
+    embed = (mem(2 * b * t * c), 0.0)  # F, W (B: the first stage sends nothing back)
     if model.emulate:
         fe, be, we = (x * b / 1e3 for x in model.emulate)
         block_f, block_b, block_w = fe, be, we  # sleeps: no tensor-parallel all-reduce
         head = (0.0, 0.0, 0.0)
-        embed = 0.0
+        embed = (0.0, 0.0)
+    elif model.profile is not None:
+        prof = model.profile.times(b, tp)
+        block_f, block_b, block_w = prof["block"]
+        block_f += tp_comm
+        block_b += tp_comm
+        if layout.recompute == "full":
+            block_b += block_f
+        elif layout.recompute == "selective":  # the attention core: about its share of F
+            block_b += prof["block"][0] * attn_f / max(block_f_roof, 1e-30)
+        head = prof["head"]
+        embed = (prof["embed"][0], prof["embed"][2])
     else:
         head = (
             mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
             mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
             mm(2 * b * t * c * v),
         )
-        embed = mem(2 * b * t * c)
-    over = machine.action_overhead_us * 1e-6
+    over = machine.action_overhead(layout.ranks)
     f, bb, ww = [], [], []
     names = model.names
     for r in bounds(model, layout):
         n = sum(1 for i in r if names[i].startswith("block"))
         has_head, has_embed = names[r[-1]] == "head", names[r[0]] == "embed"
-        f.append(over + n * block_f + has_head * head[0] + has_embed * embed)
+        f.append(over + n * block_f + has_head * head[0] + has_embed * embed[0])
         bb.append(over + n * block_b + has_head * head[1])
-        ww.append(over + n * block_w + has_head * head[2])
+        ww.append(over + n * block_w + has_head * head[2] + has_embed * embed[1])
     msg = b * t * c * w / (tp if layout.sp else 1)
     p2p = machine.link(layout.tp * layout.dp).time(msg) if layout.pp > 1 else 0.0
     return StageCosts(f, bb, ww, p2p)

@@ -4,7 +4,8 @@ Each run is a short `train` (the study's command builder and launcher); its step
 median over the steps after the first, its stash per stage the executor's measured peak bytes of
 saved activations (`stash_mb` in the metrics). Emulated runs (ranks sleep the given times instead
 of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on a small machine;
-real-compute runs use a small GPT on 1-2 ranks. The layouts of one group share model, batch and
+real-compute runs use a small GPT on 1-2 ranks, predicted from its layers' F/B/W timed here
+(plan/profiled.py) rather than the roofline. The layouts of one group share model, batch and
 rank count, so "is the measured best the predicted best" has an answer there. Emulated ranks
 mostly sleep, so 32 of them share 2 cores without the planner charging them for it (measured:
 the 16- and 32-rank runs are not slower per action than the 4-rank ones).
@@ -16,15 +17,16 @@ import json
 import statistics
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mpipipe import launch
 from mpipipe.errors import ConfigError
 from mpipipe.flags import parse_train
-from mpipipe.plan.cost import Layout
+from mpipipe.plan.cost import GPT, Layout
 from mpipipe.plan.machine import Machine, load
 from mpipipe.plan.predict import Prediction, predict
+from mpipipe.plan.profiled import Profile
 
 RUN = "--steps 6 --eval-batches 1 --log-every 1000000"
 EMU = (
@@ -89,7 +91,21 @@ def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
     layout = Layout(
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
     ).with_(overlap=c.overlap == "on")
-    return predict(model_of(c), layout, machine, bucket_mb=c.bucket_mb)
+    model = model_of(c)
+    if model.emulate is None:  # real compute: the layers timed here, not the roofline
+        model = profiled(model)
+    return predict(model, layout, machine, bucket_mb=c.bucket_mb)
+
+
+_PROFILES: dict[tuple[int, int, int, int, str], Profile] = {}
+
+
+def profiled(model: GPT) -> GPT:
+    """`model` with a Profile of its layers (one per shape and dtype, shared by the runs)."""
+    key = (model.d_model, model.heads, model.seq_len, model.vocab, model.dtype)
+    if key not in _PROFILES:
+        _PROFILES[key] = Profile(*key)
+    return replace(model, profile=_PROFILES[key])
 
 
 def measure(n: int, flags: list[str], kind: str, tmp: Path) -> tuple[float, list[float]]:
