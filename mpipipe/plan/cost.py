@@ -8,6 +8,8 @@ t tensor-parallel ranks; w bytes per element of the compute dtype.
     block B  matmul 24 bTC^2 + 8 bT^2 C (/t), twice F's elementwise traffic
     block W  matmul 24 bTC^2 (/t)
     head     F 2 bTCV (/t) + 4 bTV moved, B and W 2 bTCV each
+    dropout  (GPT.dropout, Megatron's default; mpipipe has none) F and B each move
+             (2 + 1/w) bHT^2 (/t) on the attention probabilities and a 1-byte mask of bTC twice
 A compute action costs matmul FLOPs / (peak x efficiency) + bytes moved / memory bandwidth (a
 roofline summed over the action's kernels), plus the runtime's fixed overhead per action. With
 tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
@@ -48,6 +50,7 @@ class GPT:
     emulate: tuple[float, float, float] | None = None  # ms per body layer and sample
     # plan.profiled.Profile: the real layers' F/B/W timed here replace the roofline
     profile: Any = field(default=None, compare=False, hash=False, repr=False)
+    dropout: bool = False  # dropout on the attention probabilities and both residual branches
 
     @property
     def meta(self) -> dict[str, object]:
@@ -165,10 +168,16 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     mm = lambda flops: machine.matmul_time(flops / tp, model.dtype)  # noqa: E731
     mem = lambda elems: machine.memory_time(elems * w)  # noqa: E731
     whole = 10 * b * t * c / (tp if layout.sp else 1)
-    attn_f = mm(4 * b * t * t * c) + mem(4 * b * h * t * t / tp)
-    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp)
-    block_b = mm(24 * b * t * c * c + 8 * b * t * t * c) + 2 * mem(
-        whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp
+    drop_attn = drop_res = 0.0
+    if model.dropout:  # F and B each: read, write and a 1-byte mask (written, then read)
+        drop_attn = (2 + 1 / w) * b * h * t * t / tp
+        drop_res = 2 * (1 / w) * b * t * c / (tp if layout.sp else 1)  # fused into the residual
+    attn_f = mm(4 * b * t * t * c) + mem(4 * b * h * t * t / tp + drop_attn)
+    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp + drop_res)
+    block_b = (
+        mm(24 * b * t * c * c + 8 * b * t * t * c)
+        + 2 * mem(whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp)
+        + mem(drop_attn + drop_res)
     )
     block_w = mm(24 * b * t * c * c)
     block_f_roof = block_f
