@@ -7,8 +7,9 @@ of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on 
 real-compute runs use a small GPT on 1-2 ranks, predicted from its layers' F/B/W timed here
 (plan/profiled.py) rather than the roofline. The layouts of one group share model, batch and
 rank count, so "is the measured best the predicted best" has an answer there. Emulated ranks
-mostly sleep, so 32 of them share 2 cores without the planner charging them for it (measured:
-the 16- and 32-rank runs are not slower per action than the 4-rank ones).
+mostly sleep, but each action still costs its rank Python, MPI progress and a wake-up, and past
+the core count the ranks wait for a core: the machine file's action_overhead_by_ranks prices
+that per rank count, measured by --calibrate on other layouts (pp = N 1F1B runs).
 """
 
 from __future__ import annotations
