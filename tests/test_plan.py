@@ -168,6 +168,16 @@ def test_plan_prints_a_command_and_toml_that_train_accepts(tmp_path, capsys) -> 
     ]
     assert rows[0]["schedule"] == toml["schedule"] and int(rows[0]["pp"]) == 4
     assert "  time: pipeline" in out  # --explain
+    # --profile: the layers timed here (milliseconds on a CPU) replace the A100's roofline
+    (tmp_path / "p.csv").unlink()
+    assert (
+        main(
+            [*argv, "--profile", "--pp", "4", "--microbatches", "4", "--out", str(tmp_path / "p")]
+        )
+        == 0
+    )
+    timed = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert min(float(r["step_time_s"]) for r in timed) > 10 * float(rows[0]["step_time_s"])
 
 
 def test_the_gradient_reduction_hides_behind_backward_only_with_overlap() -> None:
