@@ -1,6 +1,7 @@
 """Profiled compute: the planner's F, B and W of the embedding, a block and the head, timed on
 this machine with the runtime's own layers at a layout's micro-batch and tensor-parallel share
-(`plan --profile`; `plan --validate` uses it for its real-compute runs).
+(`plan --profile`; `plan --validate` times them afresh right before each real-compute run, so
+that profile and run see the same load).
 
 A roofline (matmul FLOPs at the calibrated rate plus bytes at the copy bandwidth) misses what
 dominates small shapes on a CPU: NumPy's fixed cost per call, transcendental functions (GELU's

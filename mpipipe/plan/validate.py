@@ -93,9 +93,13 @@ def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
     ).with_(overlap=c.overlap == "on")
     model = model_of(c)
-    if model.emulate is None:  # real compute: the layers timed here, not the roofline
-        model = profiled(model)
+    if model.emulate is None:  # real compute: the layers timed here, just before the run
+        model = replace(model, profile=Profile(*_shape(model)))
     return predict(model, layout, machine, bucket_mb=c.bucket_mb)
+
+
+def _shape(model: GPT) -> tuple[int, int, int, int, str]:
+    return (model.d_model, model.heads, model.seq_len, model.vocab, model.dtype)
 
 
 _PROFILES: dict[tuple[int, int, int, int, str], Profile] = {}
@@ -103,7 +107,7 @@ _PROFILES: dict[tuple[int, int, int, int, str], Profile] = {}
 
 def profiled(model: GPT) -> GPT:
     """`model` with a Profile of its layers (one per shape and dtype, shared by the runs)."""
-    key = (model.d_model, model.heads, model.seq_len, model.vocab, model.dtype)
+    key = _shape(model)
     if key not in _PROFILES:
         _PROFILES[key] = Profile(*key)
     return replace(model, profile=_PROFILES[key])
