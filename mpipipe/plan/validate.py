@@ -80,8 +80,10 @@ class Result:
         return [p / s - 1 for p, s in zip(pred, self.stash_mb, strict=True) if s > 0]
 
 
-def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
-    """The planner's prediction for the layout `train` runs with these flags on `n` ranks."""
+def prediction(n: int, flags: list[str], machine: Machine, profile: bool = False) -> Prediction:
+    """The planner's prediction for the layout `train` runs with these flags on `n` ranks;
+    `profile`: real compute from the layers timed here (validate), not the machine's roofline
+    (study --predict, which may name another machine's file)."""
     from mpipipe.job import prepare
     from mpipipe.plan.cli import model_of
 
@@ -93,7 +95,7 @@ def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
     ).with_(overlap=c.overlap == "on")
     model = model_of(c)
-    if model.emulate is None:  # real compute: the layers timed here, just before the run
+    if profile and model.emulate is None:  # real compute: the layers timed here, just before
         model = replace(model, profile=Profile(*_shape(model)))
     return predict(model, layout, machine, bucket_mb=c.bucket_mb)
 
@@ -150,7 +152,7 @@ def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         for group, n, text in QUICK if quick else FULL:
             flags = [*text.split(), *RUN.split()]
-            pred = prediction(n, flags, machine)
+            pred = prediction(n, flags, machine, profile=True)
             step, stash = measure(n, flags, kind, Path(tmp))
             r = Result(group, n, text, pred, step, stash)
             print(f"validate: {n:>2} ranks {pred.layout.label():<40} predicted "
