@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from mpipipe.config import TrainConfig
+from mpipipe.errors import ConfigError
 from mpipipe.job import prepare
 from mpipipe.memory import activation_elements, per_rank
 from mpipipe.plan.cost import GPT, Layout, action_costs, memory
@@ -167,6 +168,16 @@ def test_plan_prints_a_command_and_toml_that_train_accepts(tmp_path, capsys) -> 
     ]
     assert rows[0]["schedule"] == toml["schedule"] and int(rows[0]["pp"]) == 4
     assert "  time: pipeline" in out  # --explain
+    # --profile: the layers timed here (milliseconds on a CPU) replace the A100's roofline
+    (tmp_path / "p.csv").unlink()
+    assert (
+        main(
+            [*argv, "--profile", "--pp", "4", "--microbatches", "4", "--out", str(tmp_path / "p")]
+        )
+        == 0
+    )
+    timed = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert min(float(r["step_time_s"]) for r in timed) > 10 * float(rows[0]["step_time_s"])
 
 
 def test_the_gradient_reduction_hides_behind_backward_only_with_overlap() -> None:
@@ -185,3 +196,74 @@ def test_the_gradient_reduction_hides_behind_backward_only_with_overlap() -> Non
     )
     on = predict(model, layout.with_(overlap=True), machine, bucket_mb=0.001)
     assert off.breakdown["pipeline"] < on.step_time < off.step_time
+
+
+def test_action_overhead_by_ranks_interpolates_in_log_ranks_and_round_trips() -> None:
+    import tomllib
+
+    m = ideal(action_overhead_us=100.0, action_overhead_by_ranks=((1, 100.0), (4, 700.0)))
+    assert m.action_overhead(1) == pytest.approx(100e-6)
+    assert m.action_overhead(2) == pytest.approx(400e-6)  # halfway in log2: 1 -> 2 -> 4
+    assert m.action_overhead(64) == pytest.approx(700e-6)  # held past the last point
+    assert ideal(action_overhead_us=50.0).action_overhead(32) == pytest.approx(50e-6)
+    assert from_mapping(tomllib.loads(m.to_toml()), "t") == m
+    bad = tomllib.loads(m.to_toml().replace("[[1, 100]", "[[0, 100]"))
+    with pytest.raises(ConfigError, match="action_overhead_by_ranks"):
+        from_mapping(bad, "t")
+    # the N-rank action time reaches every action of an emulated 4-rank layout
+    model = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    lay = Layout(4, 1, 1, "1f1b", 1, 4)
+    one, four = action_costs(model, lay, ideal()), action_costs(model, lay, m)
+    extra = [b - a for a, b in zip(one.f + one.b, four.f + four.b, strict=True)]
+    assert extra == pytest.approx([700e-6] * 8)  # the table's 4-rank time, not the 1-rank one
+
+
+def test_calibrated_overhead_reproduces_the_measured_step() -> None:
+    """calibrate.overhead_for inverts the planner: the overhead it finds for a step time that a
+    known overhead produced is that overhead."""
+    from mpipipe.plan.calibrate import SLEEP_MS, overhead_for
+
+    model = GPT(4, 32, 2, 16, 256, 8, emulate=(SLEEP_MS,) * 3)
+    lay = Layout(4, 1, 1, "1f1b", 1, 8)
+    step = predict(model, lay, ideal(action_overhead_us=1234.0)).step_time
+    assert overhead_for(step, 4, ideal()) == pytest.approx(1234.0, rel=1e-4)
+
+
+def test_profiled_compute_replaces_the_roofline() -> None:
+    """With a profile, a stage's F/B/W are its layers' timed ones (plus recomputation and the
+    action overhead); the profile times the runtime's real layers at the asked shapes."""
+    from mpipipe.plan.profiled import Profile
+
+    class Fixed:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, int]] = []
+
+        def times(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
+            self.asked.append((b, tp))
+            return {"embed": (1.0, 0.0, 2.0), "block": (10.0, 20.0, 30.0), "head": (3, 4, 5)}
+
+    fixed = Fixed()
+    model = dataclasses.replace(GPT(**SMALL), profile=fixed)  # 6 blocks, 2 stages of 3
+    c = action_costs(model, Layout(2, 1, 1, "1f1b", 1, 4), ideal(action_overhead_us=1e6))
+    assert (c.f, c.b, c.w) == ([32.0, 34.0], [61.0, 65.0], [93.0, 96.0])
+    rc = action_costs(model, Layout(2, 2, 1, "1f1b", 1, 2, "full"), ideal())
+    assert rc.b == [90.0, 94.0] and fixed.asked[-1] == (4, 1)  # 16 / (dp 2 x m 2)
+    times = Profile(16, 2, 8, 32, "float32", repeats=1).times(2, 2)
+    assert set(times) == {"embed", "block", "head"}
+    assert all(x > 0 for k in ("block", "head") for x in times[k])
+
+
+def test_megatron_rows_run_the_artifacts_layouts_and_dropout_costs_traffic() -> None:
+    from mpipipe.plan.megatron import layout_of, rows
+
+    table = {r["params_b"]: layout_of(r) for r in rows()}
+    model, lay = table["76.1"]
+    assert (lay.schedule, lay.v, lay.microbatches, lay.micro_batch(model)) == (
+        "interleaved", 3, 28, 2)  # fmt: skip
+    assert not lay.overlap and lay.recompute == "full" and model.dropout
+    model, lay = table["1.7"]
+    assert (lay.schedule, lay.microbatches, lay.micro_batch(model), lay.overlap) == (
+        "1f1b", 1, 16, True)  # fmt: skip
+    selene = load("selene-a100")
+    dry = dataclasses.replace(model, dropout=False)
+    assert sum(action_costs(model, lay, selene).f) > sum(action_costs(dry, lay, selene).f)

@@ -7,6 +7,11 @@
                time, bandwidth from the 4 MiB one
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
+    by ranks   emulated 1F1B trainings of N = 2, 4, ... 32 ranks (N stages of one layer, 8
+               micro-batches, 1 ms actions): the time per action that makes the planner's
+               simulation of each run last what the run measured, so it holds everything a rank
+               pays between actions with N ranks here (message wake-ups, MPI progress and, past
+               the core count, waiting for a core). These runs share no layout with --validate's.
 Every rank is one core with one BLAS thread (validate runs them so). One node: both link levels
 get the p2p figures; `devices_per_node` is the core count.
 """
@@ -19,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -88,12 +95,53 @@ def runtime_overheads(launcher: list[str]) -> tuple[float, float]:
     return per_action, max(0.0, times[4] - 3 * 4 * (per_action + SLEEP_MS / 1e3))
 
 
+BY_RANKS = (2, 4, 8, 16, 32)
+
+
+def _step_time(launcher: list[str], flags: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "m.jsonl"
+        _run([*launcher, sys.executable, "-m", "mpipipe", "train", *flags, "--steps", "8",
+              "--eval-batches", "1", "--log-every", "1000000",
+              "--metrics-file", str(metrics)])  # fmt: skip
+        recs = [json.loads(x) for x in metrics.read_text().splitlines()][1:]
+        return float(np.median([r["step_time_s"] for r in recs]))
+
+
+def overhead_for(measured: float, n: int, machine: Machine) -> float:
+    """Microseconds per action that make the planner's prediction of the N-rank calibration
+    run (pp = N 1F1B, one layer per stage, 8 micro-batches of one sample, 1 ms per F, B, W)
+    equal `measured` seconds (bisection: the prediction grows with the overhead)."""
+    from mpipipe.plan.cost import GPT, Layout
+    from mpipipe.plan.predict import predict
+
+    model = GPT(n, 32, 2, 16, 256, 8, emulate=(SLEEP_MS, SLEEP_MS, SLEEP_MS))
+    layout = Layout(n, 1, 1, "1f1b", 1, 8)
+    lo, hi = 0.0, 0.1
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        at = replace(machine, action_overhead_us=mid * 1e6, action_overhead_by_ranks=())
+        lo, hi = (mid, hi) if predict(model, layout, at).step_time < measured else (lo, mid)
+    return lo * 1e6
+
+
+def overheads_by_ranks(launch_n: Any, machine: Machine) -> tuple[tuple[int, float], ...]:
+    out = [(1, machine.action_overhead_us)]
+    for n in BY_RANKS:
+        flags = ["--layers", str(n), "--d-model", "32", "--heads", "2", "--seq-len", "16",
+                 "--global-batch", "8", "--microbatches", "8", "--pp", str(n), "--schedule",
+                 "1f1b", "--emulate", f"F={SLEEP_MS:g},B={SLEEP_MS:g},W={SLEEP_MS:g}"]  # fmt: skip
+        out.append((n, overhead_for(_step_time(launch_n(n), flags), n, machine)))
+    return tuple(out)
+
+
 def calibrate(kind: str = "auto") -> Machine:
+    launch_n: Any
     if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
-        two, one = ["srun", "-n", "2"], ["srun", "-n", "1"]
+        launch_n = lambda n: ["srun", "-n", str(n)]  # noqa: E731
     else:
-        found = launch.find()
-        two, one = found.command(2), found.command(1)
+        launch_n = launch.find().command
+    two, one = launch_n(2), launch_n(1)
     with threadpool_limits(1, user_api="blas"):  # one rank per core, as validate runs them
         peak32 = matmul_flops("float32", 1024, 1024, 1024)
         peak64 = matmul_flops("float64", 1024, 1024, 1024)
@@ -104,7 +152,7 @@ def calibrate(kind: str = "auto") -> Machine:
     link = Link(beta / 1e9, net["small_s"] * 1e6)
     per_action, per_step = runtime_overheads(one)
     cores = os.cpu_count() or 1
-    return Machine(
+    machine = Machine(
         name="calibrated",
         devices_per_node=cores,
         memory_gib=_memory_gib() / cores,
@@ -116,6 +164,7 @@ def calibrate(kind: str = "auto") -> Machine:
         action_overhead_us=per_action * 1e6,
         step_overhead_ms=per_step * 1e3,
     )
+    return replace(machine, action_overhead_by_ranks=overheads_by_ranks(launch_n, machine))
 
 
 def _memory_gib() -> float:

@@ -45,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="layouts to print (default: 5)")
     p.add_argument("--explain", action="store_true", help="print each layout's breakdown")
     p.add_argument("--out", help="write PREFIX.csv and PREFIX.json of every fitting layout")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the model's real layers here (F/B/W per micro-batch size and tp) instead of "
+        "the machine file's roofline: for planning on the machine plan runs on",
+    )
     p.add_argument("--calibrate", action="store_true", help="measure this machine, write TOML")
     p.add_argument("--machine-out", default="machine.toml", help="--calibrate: where to write")
     p.add_argument("--validate", action="store_true", help="run layouts, compare with predictions")
@@ -166,6 +172,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError("plan needs --ranks N and --machine FILE|PRESET (e.g. dgx-h100)")
     cfg, _ = parse_train(rest)
     model, machine = model_of(cfg), load(args.machine)
+    if args.profile and model.emulate is None:
+        from mpipipe.plan.validate import profiled
+
+        model = profiled(model)
     preds, n = search(model, args.ranks, machine, space_of(cfg, rest))
     if not preds:
         raise ConfigError(f"none of {n} layouts fits {machine.memory_gib:g} GiB per device")

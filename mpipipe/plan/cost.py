@@ -8,6 +8,8 @@ t tensor-parallel ranks; w bytes per element of the compute dtype.
     block B  matmul 24 bTC^2 + 8 bT^2 C (/t), twice F's elementwise traffic
     block W  matmul 24 bTC^2 (/t)
     head     F 2 bTCV (/t) + 4 bTV moved, B and W 2 bTCV each
+    dropout  (GPT.dropout, Megatron's default; mpipipe has none) F and B each move
+             (2 + 1/w) bHT^2 (/t) on the attention probabilities and a 1-byte mask of bTC twice
 A compute action costs matmul FLOPs / (peak x efficiency) + bytes moved / memory bandwidth (a
 roofline summed over the action's kernels), plus the runtime's fixed overhead per action. With
 tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
@@ -20,8 +22,9 @@ all-reduces: emulated chunks only sleep).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
+from typing import Any
 
 from mpipipe.memory import (
     _WIDTH,
@@ -45,6 +48,9 @@ class GPT:
     dtype: str = "float32"
     optimizer: str = "adamw"
     emulate: tuple[float, float, float] | None = None  # ms per body layer and sample
+    # plan.profiled.Profile: the real layers' F/B/W timed here replace the roofline
+    profile: Any = field(default=None, compare=False, hash=False, repr=False)
+    dropout: bool = False  # dropout on the attention probabilities and both residual branches
 
     @property
     def meta(self) -> dict[str, object]:
@@ -162,12 +168,19 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     mm = lambda flops: machine.matmul_time(flops / tp, model.dtype)  # noqa: E731
     mem = lambda elems: machine.memory_time(elems * w)  # noqa: E731
     whole = 10 * b * t * c / (tp if layout.sp else 1)
-    attn_f = mm(4 * b * t * t * c) + mem(4 * b * h * t * t / tp)
-    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp)
-    block_b = mm(24 * b * t * c * c + 8 * b * t * t * c) + 2 * mem(
-        whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp
+    drop_attn = drop_res = 0.0
+    if model.dropout:  # F and B each: read, write and a 1-byte mask (written, then read)
+        drop_attn = (2 + 1 / w) * b * h * t * t / tp
+        drop_res = 2 * (1 / w) * b * t * c / (tp if layout.sp else 1)  # fused into the residual
+    attn_f = mm(4 * b * t * t * c) + mem(4 * b * h * t * t / tp + drop_attn)
+    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp + drop_res)
+    block_b = (
+        mm(24 * b * t * c * c + 8 * b * t * t * c)
+        + 2 * mem(whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp)
+        + mem(drop_attn + drop_res)
     )
     block_w = mm(24 * b * t * c * c)
+    block_f_roof = block_f
     tp_comm = 2 * allreduce_time(machine.link(tp - 1), b * t * c * w, tp)
     block_f += tp_comm
     block_b += tp_comm
@@ -175,27 +188,38 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         block_b += block_f
     elif layout.recompute == "selective":
         block_b += attn_f
+    embed = (mem(2 * b * t * c), 0.0)  # F, W (B: the first stage sends nothing back)
     if model.emulate:
         fe, be, we = (x * b / 1e3 for x in model.emulate)
         block_f, block_b, block_w = fe, be, we  # sleeps: no tensor-parallel all-reduce
         head = (0.0, 0.0, 0.0)
-        embed = 0.0
+        embed = (0.0, 0.0)
+    elif model.profile is not None:
+        prof = model.profile.times(b, tp)
+        block_f, block_b, block_w = prof["block"]
+        block_f += tp_comm
+        block_b += tp_comm
+        if layout.recompute == "full":
+            block_b += block_f
+        elif layout.recompute == "selective":  # the attention core: about its share of F
+            block_b += prof["block"][0] * attn_f / max(block_f_roof, 1e-30)
+        head = prof["head"]
+        embed = (prof["embed"][0], prof["embed"][2])
     else:
         head = (
             mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
             mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
             mm(2 * b * t * c * v),
         )
-        embed = mem(2 * b * t * c)
-    over = machine.action_overhead_us * 1e-6
+    over = machine.action_overhead(layout.ranks)
     f, bb, ww = [], [], []
     names = model.names
     for r in bounds(model, layout):
         n = sum(1 for i in r if names[i].startswith("block"))
         has_head, has_embed = names[r[-1]] == "head", names[r[0]] == "embed"
-        f.append(over + n * block_f + has_head * head[0] + has_embed * embed)
+        f.append(over + n * block_f + has_head * head[0] + has_embed * embed[0])
         bb.append(over + n * block_b + has_head * head[1])
-        ww.append(over + n * block_w + has_head * head[2])
+        ww.append(over + n * block_w + has_head * head[2] + has_embed * embed[1])
     msg = b * t * c * w / (tp if layout.sp else 1)
     p2p = machine.link(layout.tp * layout.dp).time(msg) if layout.pp > 1 else 0.0
     return StageCosts(f, bb, ww, p2p)

@@ -18,12 +18,19 @@
     [runtime]
     action_overhead_us = 0.0      # fixed time per pipeline action (dispatch, launches, Python)
     step_overhead_ms = 0.0        # fixed time per optimizer step outside the pipeline
+    # optional: time per action in a job of N ranks on this one machine, as [[N, us], ...]:
+    # what a rank pays between consecutive actions (Python, MPI progress, the wake-up of a
+    # waiting rank) when N ranks run here; past the core count they share cores and are served
+    # in turn. Interpolated in log N, held constant past both ends; replaces
+    # action_overhead_us where given. `plan --calibrate` measures it from N-rank runs.
+    action_overhead_by_ranks = [[1, 320.0], [2, 880.0], [4, 1400.0]]
 
 `plan --calibrate` writes one for the machine it runs on; presets live in plan/machines/.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +69,7 @@ class Machine:
     inter: Link
     action_overhead_us: float = 0.0
     step_overhead_ms: float = 0.0
+    action_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, us), ranks rising
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -78,6 +86,19 @@ class Machine:
         """The link between ranks `distance` apart in rank numbers (consecutive ranks fill a
         node first): intra-node when the group fits in one node."""
         return self.intra if distance < self.devices_per_node else self.inter
+
+    def action_overhead(self, ranks: int) -> float:
+        """Seconds per pipeline action in a job of `ranks` ranks (see the format above)."""
+        table = self.action_overhead_by_ranks
+        if not table:
+            return self.action_overhead_us * 1e-6
+        if ranks <= table[0][0]:
+            return table[0][1] * 1e-6
+        for (n0, u0), (n1, u1) in zip(table, table[1:], strict=False):
+            if ranks <= n1:
+                x = math.log(ranks / n0) / math.log(n1 / n0)
+                return (u0 + x * (u1 - u0)) * 1e-6
+        return table[-1][1] * 1e-6
 
     def matmul_time(self, flops: float, dtype: str) -> float:
         return flops / (self.peak(dtype) * self.matmul_efficiency)
@@ -112,6 +133,9 @@ class Machine:
             f"action_overhead_us = {self.action_overhead_us:.4g}",
             f"step_overhead_ms = {self.step_overhead_ms:.4g}",
         ]
+        if self.action_overhead_by_ranks:
+            pairs = ", ".join(f"[{n}, {us:.4g}]" for n, us in self.action_overhead_by_ranks)
+            lines.append(f"action_overhead_by_ranks = [{pairs}]")
         return "\n".join(lines) + "\n"
 
 
@@ -151,6 +175,9 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             ),
             action_overhead_us=float(rt.get("action_overhead_us", 0.0)),
             step_overhead_ms=float(rt.get("step_overhead_ms", 0.0)),
+            action_overhead_by_ranks=tuple(
+                sorted((int(n), float(us)) for n, us in rt.get("action_overhead_by_ranks", []))
+            ),
         )
     except KeyError as e:
         raise ConfigError(
@@ -165,6 +192,11 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
         machine.intra.bandwidth_gbs,
         machine.inter.bandwidth_gbs,
     )
+    if any(n < 1 or us < 0 for n, us in machine.action_overhead_by_ranks):
+        raise ConfigError(
+            f"machine file {origin}: runtime.action_overhead_by_ranks takes [[ranks >= 1, "
+            f"microseconds >= 0], ...] (got {list(machine.action_overhead_by_ranks)})"
+        )
     if min(positive) <= 0 or not 0 < machine.matmul_efficiency <= 1:
         raise ConfigError(
             f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency in "

@@ -4,10 +4,12 @@ Each run is a short `train` (the study's command builder and launcher); its step
 median over the steps after the first, its stash per stage the executor's measured peak bytes of
 saved activations (`stash_mb` in the metrics). Emulated runs (ranks sleep the given times instead
 of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on a small machine;
-real-compute runs use a small GPT on 1-2 ranks. The layouts of one group share model, batch and
+real-compute runs use a small GPT on 1-2 ranks, predicted from its layers' F/B/W timed here
+(plan/profiled.py) rather than the roofline. The layouts of one group share model, batch and
 rank count, so "is the measured best the predicted best" has an answer there. Emulated ranks
-mostly sleep, so 32 of them share 2 cores without the planner charging them for it (measured:
-the 16- and 32-rank runs are not slower per action than the 4-rank ones).
+mostly sleep, but each action still costs its rank Python, MPI progress and a wake-up, and past
+the core count the ranks wait for a core: the machine file's action_overhead_by_ranks prices
+that per rank count, measured by --calibrate on other layouts (pp = N 1F1B runs).
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import json
 import statistics
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mpipipe import launch
 from mpipipe.errors import ConfigError
 from mpipipe.flags import parse_train
-from mpipipe.plan.cost import Layout
+from mpipipe.plan.cost import GPT, Layout
 from mpipipe.plan.machine import Machine, load
 from mpipipe.plan.predict import Prediction, predict
+from mpipipe.plan.profiled import Profile
 
 RUN = "--steps 6 --eval-batches 1 --log-every 1000000"
 EMU = (
@@ -77,8 +80,10 @@ class Result:
         return [p / s - 1 for p, s in zip(pred, self.stash_mb, strict=True) if s > 0]
 
 
-def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
-    """The planner's prediction for the layout `train` runs with these flags on `n` ranks."""
+def prediction(n: int, flags: list[str], machine: Machine, profile: bool = False) -> Prediction:
+    """The planner's prediction for the layout `train` runs with these flags on `n` ranks;
+    `profile`: real compute from the layers timed here (validate), not the machine's roofline
+    (study --predict, which may name another machine's file)."""
     from mpipipe.job import prepare
     from mpipipe.plan.cli import model_of
 
@@ -89,7 +94,25 @@ def prediction(n: int, flags: list[str], machine: Machine) -> Prediction:
     layout = Layout(
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
     ).with_(overlap=c.overlap == "on")
-    return predict(model_of(c), layout, machine, bucket_mb=c.bucket_mb)
+    model = model_of(c)
+    if profile and model.emulate is None:  # real compute: the layers timed here, just before
+        model = replace(model, profile=Profile(*_shape(model)))
+    return predict(model, layout, machine, bucket_mb=c.bucket_mb)
+
+
+def _shape(model: GPT) -> tuple[int, int, int, int, str]:
+    return (model.d_model, model.heads, model.seq_len, model.vocab, model.dtype)
+
+
+_PROFILES: dict[tuple[int, int, int, int, str], Profile] = {}
+
+
+def profiled(model: GPT) -> GPT:
+    """`model` with a Profile of its layers (one per shape and dtype, shared by the runs)."""
+    key = _shape(model)
+    if key not in _PROFILES:
+        _PROFILES[key] = Profile(*key)
+    return replace(model, profile=_PROFILES[key])
 
 
 def measure(n: int, flags: list[str], kind: str, tmp: Path) -> tuple[float, list[float]]:
@@ -129,7 +152,7 @@ def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         for group, n, text in QUICK if quick else FULL:
             flags = [*text.split(), *RUN.split()]
-            pred = prediction(n, flags, machine)
+            pred = prediction(n, flags, machine, profile=True)
             step, stash = measure(n, flags, kind, Path(tmp))
             r = Result(group, n, text, pred, step, stash)
             print(f"validate: {n:>2} ranks {pred.layout.label():<40} predicted "

@@ -1,0 +1,124 @@
+"""Profiled compute: the planner's F, B and W of the embedding, a block and the head, timed on
+this machine with the runtime's own layers at a layout's micro-batch and tensor-parallel share
+(`plan --profile`; `plan --validate` times them afresh right before each real-compute run, so
+that profile and run see the same load).
+
+A roofline (matmul FLOPs at the calibrated rate plus bytes at the copy bandwidth) misses what
+dominates small shapes on a CPU: NumPy's fixed cost per call, transcendental functions (GELU's
+tanh, the softmax's exp) that run far below the copy bandwidth, temporaries. Timing the real
+layers measures all of it. A tensor-parallel rank is timed as rank 0 of a group whose
+collectives return their input (the shard's compute only; the planner adds the all-reduces from
+the link model, as for the roofline). Each time is the median of `repeats` runs after a warm-up:
+validation compares with median step times, so both see the same machine. The loss (softmax
+cross-entropy) belongs to the head's F, as the executor runs it at the end of the last F.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+KINDS = ("embed", "block", "head")
+
+
+class _Shard:
+    """Tensor-parallel rank 0 of `size` ranks whose collectives cost nothing (the planner
+    prices them from the link model)."""
+
+    rank = 0
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+        return x
+
+    def all_gather(self, x: Any) -> Any:  # pragma: no cover - sequence parallelism only
+        raise NotImplementedError("plan --profile times no sequence parallelism")
+
+    reduce_scatter = all_gather
+
+
+def _median(work: Callable[[], Any], repeats: int) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Profile:
+    """Seconds of F, B, W per kind of layer for one micro-batch, measured once per
+    (micro-batch, tp) and cached."""
+
+    def __init__(self, d_model: int, heads: int, seq_len: int, vocab: int, dtype: str,
+                 repeats: int = 7) -> None:  # fmt: skip
+        self.shape = (d_model, heads, seq_len, vocab)
+        self.dtype, self.repeats = dtype, repeats
+        self.cache: dict[tuple[int, int], dict[str, tuple[float, float, float]]] = {}
+
+    def times(self, micro_batch: int, tp: int) -> dict[str, tuple[float, float, float]]:
+        key = (micro_batch, tp)
+        if key not in self.cache:
+            self.cache[key] = self._measure(micro_batch, tp)
+        return self.cache[key]
+
+    def _measure(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
+        from threadpoolctl import threadpool_limits
+
+        from mpipipe.kernels.loss import cross_entropy_forward_backward
+        from mpipipe.kernels.vocab_parallel import parallel_cross_entropy_forward_backward
+        from mpipipe.layers import Init
+        from mpipipe.model import gpt
+        from mpipipe.xp import dtype_of
+
+        c, h, t, v = self.shape
+        model = gpt(1, c, h, t, v)
+        dtype, group = dtype_of(self.dtype), _Shard(tp)
+        rng = np.random.default_rng(0)
+        targets = rng.integers(0, v // tp, size=(b, t))
+
+        def loss(y: Any) -> Any:
+            if tp == 1:
+                return cross_entropy_forward_backward(y, targets, 1.0)[1]
+            return parallel_cross_entropy_forward_backward(y, targets, 1.0, 0, group.all_reduce)[1]
+
+        out: dict[str, tuple[float, float, float]] = {}
+        with threadpool_limits(1, user_api="blas"):  # one rank per core, as validate runs them
+            for i, kind in enumerate(KINDS):
+                layer = model.layers[i].build(Init.for_layer(0, i, dtype, np, group))
+                if kind == "embed":
+                    x = rng.integers(0, v, size=(b, t))
+                else:
+                    x = rng.normal(size=(b, t, c)).astype(dtype)
+                out[kind] = _fbw(layer, x, loss if kind == "head" else None, self.repeats)
+        return out
+
+
+def _fbw(
+    layer: Any, x: Any, loss: Callable[[Any], Any] | None, repeats: int
+) -> tuple[float, float, float]:
+    """Median seconds of the layer's forward (and the loss, for the head), backward_input and
+    backward_weight on input `x`, after a warm-up of each."""
+
+    def forward() -> Any:
+        y, ctx = layer.forward(x)
+        return (loss(y) if loss else np.ones_like(y)), ctx
+
+    f = _median(forward, repeats)
+    bs, ws = [], []
+    for _ in range(repeats + 1):
+        dy, ctx = forward()  # a fresh context: backward may consume it
+        t0 = time.perf_counter()
+        _, wctx = layer.backward_input(dy, ctx)
+        t1 = time.perf_counter()
+        layer.backward_weight(wctx)
+        bs.append(t1 - t0)
+        ws.append(time.perf_counter() - t1)
+    return f, statistics.median(bs[1:]), statistics.median(ws[1:])
