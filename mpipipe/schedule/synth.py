@@ -110,6 +110,8 @@ def synthesize(
         try:
             scaled = as_scale(costs)(pp, v)
         except ConfigError:  # a model with too few layers for v chunks per rank
+            if v == 1:  # costs that do not fit even one chunk per rank: the caller's to fix
+                raise
             continue
         for order, w_delay in POLICIES:
             plan = list_schedule("synth", m, stages, limit, scaled, order, w_delay)
@@ -195,9 +197,14 @@ def named(
     out = []
     for name in names:
         try:
-            out.append((name, evaluate(build(name, pp, m), costs)))
+            plan = build(name, pp, m)
         except ConfigError:
             continue
+        try:
+            out.append((name, evaluate(plan, costs)))
+        except ConfigError:
+            if len(plan.stages[0]) == 1:  # costs that do not fit one chunk per rank
+                raise
     return out
 
 
