@@ -1,25 +1,26 @@
 """Element-wise and row-wise work on all the cores a rank owns: blocks of rows on a thread pool.
 
-Kernels hand their element-wise chains (GELU, LayerNorm, the causal softmax, the optimizer's
-update) to `map_rows` / `each_rows` as a function of whole arrays. The backend decides how it
-runs: on NumPy with more than one thread, the arrays' leading axis is cut into one contiguous
-block per thread and the function runs on each block at once (NumPy releases the GIL inside its
-loops); on CuPy, on one thread, or for small arrays, it is called once on the whole arrays,
-exactly as the kernel would have called it itself.
+Kernels hand their element-wise chains (GELU, LayerNorm, the causal softmax, the optimizers'
+updates) to `map_rows` / `each_rows` as a function of whole arrays. The backend decides how it
+runs: on NumPy, the arrays' leading axis is cut into one contiguous share per thread (NumPy
+releases the GIL inside its loops), and each share into blocks of about `BLOCK` elements that a
+thread runs in turn, so that a chain of passes (GELU's eight, AdamW's ten) reads and writes the
+core's cache instead of memory; on CuPy, or with blocks switched off on one thread
+(`use_threads(1, block=0)`), it is one call on the whole arrays, exactly as the kernel would have
+made it itself.
 
 Why blocks of rows: each row's arithmetic is the same operations on the same elements in the
 same order whatever block it falls in (element-wise operations, and reductions along the last
-axis, which NumPy sums row by row), so the threaded result is bitwise the one-call result, and
-the one-call result is what the CuPy path (and the fake CuPy of the tests) computes. A fused
-expression library (numexpr) was measured instead and rejected: its float32 tanh is 9x slower
-than NumPy's, its exp and tanh differ from NumPy's in the last bits, and it has no fp16/bf16
-(`python benchmarks/bench_cores.py`; README, #18).
+axis, which NumPy does row by row), so the result is bitwise the one-call result, which is what
+the CuPy path (and the fake CuPy of the tests) computes. A fused-expression library (numexpr)
+was measured instead and rejected: its float32 tanh is several times slower than NumPy's, its
+exp and tanh differ from NumPy's in the last bits (so the CPU and GPU paths would no longer
+agree bitwise), and it has no fp16/bf16 (`python benchmarks/bench_cores.py`; README, #18).
 
 The number of threads is the rank's BLAS thread count (what `runtime.share_cores` gave it from
 its cores, or what OMP_NUM_THREADS / OPENBLAS_NUM_THREADS said), set once per process by
-`use_threads`; the default, 1, is the one-call behaviour. BLAS and these threads never run at
-once: a kernel's products finish before its element-wise work starts, so the two pools take
-turns on the same cores.
+`use_threads`. BLAS and these threads take turns on the same cores: a kernel's products finish
+before its element-wise work starts.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from threadpoolctl import threadpool_info
 
 from mpipipe.xp import Array
 
-MIN_BLOCK = 1 << 15  # elements per block below which a thread costs more than it saves
+BLOCK = 1 << 17  # elements of a block (of the first array): it and its temporaries stay cached
+MIN_SHARE = 1 << 15  # elements per thread below which another thread costs more than it saves
 
 _pool: ThreadPoolExecutor | None = None
-_threads = 1
+_threads, _block = 1, BLOCK
 
 
 def blas_threads() -> int:
@@ -46,11 +48,13 @@ def blas_threads() -> int:
     return max(counts, default=1)
 
 
-def use_threads(n: int) -> None:
-    """Run element-wise work on `n` threads from now on (1: one call, no pool)."""
-    global _pool, _threads
-    if n < 1:
-        raise ValueError(f"element-wise threads must be at least 1, got {n}")
+def use_threads(n: int, block: int = BLOCK) -> None:
+    """Run element-wise work on `n` threads from now on, each in blocks of about `block`
+    elements (0: no blocks; with n = 1, one call on the whole arrays: no pool, no copies)."""
+    global _pool, _threads, _block
+    if n < 1 or block < 0:
+        raise ValueError(f"element-wise threads must be >= 1 and block >= 0, got {n} and {block}")
+    _block = block
     if n == _threads:
         return
     if _pool is not None:
@@ -64,29 +68,45 @@ def threads() -> int:
     return _threads
 
 
-def _bounds(arrays: Sequence[Array]) -> list[tuple[int, int]] | None:
-    """Row ranges [i0, i1), one per thread, or None when the work stays one call."""
-    if _pool is None or not all(isinstance(a, numpy.ndarray) for a in arrays):
-        return None  # one thread, or not NumPy (CuPy runs its own kernels)
+Rows = list[tuple[int, int]]  # row ranges [i0, i1) that one thread runs in turn
+
+
+def _split(arrays: Sequence[Array]) -> list[Rows] | None:
+    """The blocks of rows of each thread, or None when the work stays one call."""
+    if not all(isinstance(a, numpy.ndarray) for a in arrays):
+        return None  # not NumPy: CuPy runs its own kernels, on the whole arrays
     rows = arrays[0].shape[0] if arrays[0].ndim else 0
     if any(a.ndim == 0 or a.shape[0] != rows for a in arrays):
         raise ValueError(
             "map_rows / each_rows need arrays with one leading axis: got shapes "
             f"{[a.shape for a in arrays]}"
         )
-    n = min(_threads, rows, arrays[0].size // MIN_BLOCK)
-    if n < 2:
+    size = arrays[0].size
+    n = max(1, min(_threads, rows, size // MIN_SHARE))
+    step = max(1, _block * rows // size) if _block and size else rows  # rows per block
+    if n == 1 and step >= rows:
         return None
     cuts = [rows * i // n for i in range(n + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(n)]
+    return [
+        [(j, min(j + step, cuts[i + 1])) for j in range(cuts[i], cuts[i + 1], step)]
+        for i in range(n)
+    ]
 
 
-def _run(blocks: list[tuple[int, int]], work: Callable[[int, int], None]) -> None:
-    """work(i0, i1) for every block: the first on this thread, the others on the pool."""
-    assert _pool is not None
-    futures: list[Future[None]] = [_pool.submit(work, i0, i1) for i0, i1 in blocks[1:]]
+def _run(parts: list[Rows], work: Callable[[int, int], None]) -> None:
+    """work(i0, i1) for every block: the first thread's blocks on this thread, in turn; each
+    other thread's on the pool."""
+
+    def run(blocks: Rows) -> None:
+        for i0, i1 in blocks:
+            work(i0, i1)
+
+    futures: list[Future[None]] = []
+    if len(parts) > 1:
+        assert _pool is not None
+        futures = [_pool.submit(run, blocks) for blocks in parts[1:]]
     try:
-        work(*blocks[0])
+        run(parts[0])
     finally:
         for f in futures:
             f.result()  # waits for every block; re-raises a worker's exception
@@ -95,46 +115,55 @@ def _run(blocks: list[tuple[int, int]], work: Callable[[int, int], None]) -> Non
 def each_rows(fn: Callable[..., None], *arrays: Array) -> None:
     """fn(*blocks) for blocks of rows of `arrays` (which share their leading axis): for work
     done in place (fn returns nothing)."""
-    blocks = _bounds(arrays)
-    if blocks is None:
+    parts = _split(arrays)
+    if parts is None:
         fn(*arrays)
         return
-    _run(blocks, lambda i0, i1: fn(*(a[i0:i1] for a in arrays)))
+    _run(parts, lambda i0, i1: fn(*(a[i0:i1] for a in arrays)))
 
 
 def map_rows(fn: Callable[..., Any], *arrays: Array) -> Any:
     """fn(*arrays), computed block of rows by block of rows: fn returns an array or a tuple of
     arrays whose leading axis is the inputs' rows. With one block this IS fn(*arrays); with
-    several, each block's results are copied into arrays of this thread's block's dtypes (each
-    thread copies its own block, once this thread has allocated them)."""
-    blocks = _bounds(arrays)
-    if blocks is None:
+    several, each block's results are copied into arrays of the first block's dtypes (which
+    this thread allocates; the other threads wait for them after their first block)."""
+    parts = _split(arrays)
+    if parts is None:
         return fn(*arrays)
     rows = arrays[0].shape[0]
     outs: list[Array] = []
+    single: list[bool] = []  # whether fn returned one array, not a tuple: from the first block
     ready = threading.Event()
+    first = parts[0][0]
 
-    def place(j0: int, j1: int, got: Any) -> None:
-        for o, p in zip(outs, got if isinstance(got, tuple) else (got,), strict=True):
-            o[j0:j1] = p
-
-    def work(j0: int, j1: int) -> None:
-        got = fn(*(a[j0:j1] for a in arrays))
+    def work(i0: int, i1: int) -> None:
+        try:
+            got = fn(*(a[i0:i1] for a in arrays))
+            if (i0, i1) == first:
+                single.append(not isinstance(got, tuple))
+                pieces = (got,) if single[0] else got
+                outs.extend(numpy.empty((rows, *p.shape[1:]), dtype=p.dtype) for p in pieces)
+        finally:
+            if (i0, i1) == first:
+                ready.set()  # also when it failed: no thread may wait for it forever
         ready.wait()
-        if outs:  # empty when this thread's block failed: its exception is the one raised
-            place(j0, j1, got)
+        if not outs:
+            return  # the first block failed: its exception is the one raised
+        for o, p in zip(outs, (got,) if single[0] else got, strict=True):
+            o[i0:i1] = p
 
-    assert _pool is not None
-    futures = [_pool.submit(work, j0, j1) for j0, j1 in blocks[1:]]
-    i0, i1 = blocks[0]
-    try:
-        first = fn(*(a[i0:i1] for a in arrays))
-        parts = first if isinstance(first, tuple) else (first,)
-        outs.extend(numpy.empty((rows, *p.shape[1:]), dtype=p.dtype) for p in parts)
-        ready.set()
-        place(i0, i1, first)
-    finally:
-        ready.set()
-        for f in futures:
-            f.result()  # waits for every block; re-raises a worker's exception
-    return tuple(outs) if isinstance(first, tuple) else outs[0]
+    _run(parts, work)
+    return outs[0] if single[0] else tuple(outs)
+
+
+def add(a: Array, b: Array) -> Array:
+    """a + b as a fresh array, over blocks of rows when both are NumPy arrays of one shape (the
+    residual connections); otherwise simply a + b."""
+    if not (isinstance(a, numpy.ndarray) and isinstance(b, numpy.ndarray)) or a.shape != b.shape:
+        return a + b
+    out = numpy.empty(a.shape, numpy.result_type(a, b))
+    rows = (-1, a.shape[-1]) if a.ndim else (1, 1)
+    each_rows(
+        lambda x, y, o: numpy.add(x, y, out=o), a.reshape(rows), b.reshape(rows), out.reshape(rows)
+    )
+    return out

@@ -23,8 +23,8 @@ DTYPES = ("float32", "float64", "fp16", "bf16")
 
 @pytest.fixture
 def blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Cut even tiny arrays into blocks; back to one thread afterwards."""
-    monkeypatch.setattr(rowwise, "MIN_BLOCK", 1)
+    """Give even tiny arrays several threads; back to the default afterwards."""
+    monkeypatch.setattr(rowwise, "MIN_SHARE", 1)
     yield
     rowwise.use_threads(1)
 
@@ -43,12 +43,16 @@ def flat(a: Any) -> tuple[Any, ...]:
     return () if a is None else (a,)
 
 
-def on_threads(fn: Callable[[], Any], n: int) -> Any:
-    rowwise.use_threads(n)
+def on_threads(fn: Callable[[], Any], n: int, block: int) -> Any:
+    """fn() on n threads with blocks of `block` elements (n = 1, block = 0: one call)."""
+    rowwise.use_threads(n, block)
     try:
         return fn()
     finally:
         rowwise.use_threads(1)
+
+
+SPLITS = [(1, 700), (2, 0), (3, 700)]  # (threads, block): blocks only, threads only, both
 
 
 def cases(dtype: str) -> dict[str, Callable[[], Any]]:
@@ -68,15 +72,17 @@ def cases(dtype: str) -> dict[str, Callable[[], Any]]:
         "layernorm backward": lambda: layernorm_backward_input(dout, ln_cache, g),
         "attention forward": lambda: flat(attention_forward(qkv, 4)),
         "attention backward": lambda: attention_backward_input(dout, att_cache),
+        "residual add": lambda: rowwise.add(x, dout),
+        "broadcast add": lambda: rowwise.add(x, g),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_on_blocks_of_rows_equal_one_call_bitwise(blocks: None, dtype: str) -> None:
     for name, fn in cases(dtype).items():
-        one = fn()
-        for n in (2, 3):
-            assert same(on_threads(fn, n), one), f"{name}, {dtype}, {n} threads"
+        one = on_threads(fn, 1, 0)
+        for n, block in SPLITS:
+            assert same(on_threads(fn, n, block), one), f"{name}, {dtype}, {n} threads, {block}"
 
 
 @pytest.mark.parametrize("make", [AdamW, SGD])
@@ -94,9 +100,10 @@ def test_optimizer_steps_on_blocks_equal_one_call_bitwise(blocks: None, make: An
             opt.step({k: v.copy() for k, v in g.items()}, lr=1e-2 * (i + 1))
         return params
 
-    one = run()
-    threaded = on_threads(run, 3)
-    assert all(same(threaded[k], one[k]) for k in shapes)
+    one = on_threads(run, 1, 0)
+    for n, block in SPLITS:
+        split = on_threads(run, n, block)
+        assert all(same(split[k], one[k]) for k in shapes), f"{n} threads, blocks of {block}"
 
 
 def test_training_on_two_threads_equals_one_thread_bitwise(
@@ -118,7 +125,7 @@ def test_training_on_two_threads_equals_one_thread_bitwise(
 
 
 def test_errors_and_thread_counts(blocks: None) -> None:
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="must be >= 1"):
         rowwise.use_threads(0)
     rowwise.use_threads(2)
     with pytest.raises(ValueError, match="one leading axis"):
