@@ -15,6 +15,7 @@ from mpipipe import TrainConfig, rowwise, train
 from mpipipe.kernels.attention import attention_backward_input, attention_forward
 from mpipipe.kernels.gelu import gelu_backward_input, gelu_forward
 from mpipipe.kernels.layernorm import layernorm_backward_input, layernorm_forward
+from mpipipe.kernels.loss import cross_entropy_forward_backward
 from mpipipe.optim import SGD, AdamW
 from mpipipe.xp import dtype_of
 
@@ -62,6 +63,7 @@ def cases(dtype: str) -> dict[str, Callable[[], Any]]:
     dout = r.standard_normal((3, 37, 64)).astype(dt)
     g, b = r.standard_normal(64).astype(dt), r.standard_normal(64).astype(dt)
     qkv = r.standard_normal((3, 37, 3 * 64)).astype(dt)  # 4 heads of 16
+    labels = r.integers(0, 64, (3, 37))  # x as logits over a vocabulary of 64
     _, gelu_cache = gelu_forward(x)
     _, ln_cache = layernorm_forward(x, g, b)
     _, att_cache = attention_forward(qkv, 4)
@@ -73,6 +75,7 @@ def cases(dtype: str) -> dict[str, Callable[[], Any]]:
         "attention forward": lambda: flat(attention_forward(qkv, 4)),
         "attention backward": lambda: attention_backward_input(dout, att_cache),
         "residual add": lambda: rowwise.add(x, dout),
+        "cross-entropy": lambda: cross_entropy_forward_backward(x, labels, 0.5),
         "broadcast add": lambda: rowwise.add(x, g),
     }  # fmt: skip
 
