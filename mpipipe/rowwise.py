@@ -2,12 +2,12 @@
 
 Kernels hand their element-wise chains (GELU, LayerNorm, the causal softmax, the optimizers'
 updates) to `map_rows` / `each_rows` as a function of whole arrays. The backend decides how it
-runs: on NumPy, the arrays' leading axis is cut into one contiguous share per thread (NumPy
-releases the GIL inside its loops), and each share into blocks of about `BLOCK` elements that a
-thread runs in turn, so that a chain of passes (GELU's eight, AdamW's ten) reads and writes the
-core's cache instead of memory; on CuPy, or with blocks switched off on one thread
-(`use_threads(1, block=0)`), it is one call on the whole arrays, exactly as the kernel would have
-made it itself.
+runs: on NumPy, the arrays' leading axis is cut into blocks of about `BLOCK` elements (at least
+one per thread), so that a chain of passes (GELU's eight, AdamW's ten) reads and writes the
+core's cache instead of memory, and the rank's threads take the blocks in turn, each the next
+one nobody took (NumPy releases the GIL inside its loops). On CuPy, or with blocks switched off
+on one thread (`use_threads(1, block=0)`), it is one call on the whole arrays, exactly as the
+kernel would have made it itself.
 
 Why blocks of rows: each row's arithmetic is the same operations on the same elements in the
 same order whatever block it falls in (element-wise operations, and reductions along the last
@@ -20,11 +20,13 @@ agree bitwise), and it has no fp16/bf16 (`python benchmarks/bench_cores.py`; REA
 The number of threads is the rank's BLAS thread count (what `runtime.share_cores` gave it from
 its cores, or what OMP_NUM_THREADS / OPENBLAS_NUM_THREADS said), set once per process by
 `use_threads`. BLAS and these threads take turns on the same cores: a kernel's products finish
-before its element-wise work starts.
+before its element-wise work starts (but OpenBLAS's idle threads spin for a while after a
+product: taking blocks in turn lets the threads that do not share a core with one take more).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,11 +70,11 @@ def threads() -> int:
     return _threads
 
 
-Rows = list[tuple[int, int]]  # row ranges [i0, i1) that one thread runs in turn
+Rows = list[tuple[int, int]]  # row ranges [i0, i1)
 
 
-def _split(arrays: Sequence[Array]) -> list[Rows] | None:
-    """The blocks of rows of each thread, or None when the work stays one call."""
+def _split(arrays: Sequence[Array]) -> tuple[int, Rows] | None:
+    """(threads, blocks of rows), or None when the work stays one call."""
     if not all(isinstance(a, numpy.ndarray) for a in arrays):
         return None  # not NumPy: CuPy runs its own kernels, on the whole arrays
     rows = arrays[0].shape[0] if arrays[0].ndim else 0
@@ -84,29 +86,28 @@ def _split(arrays: Sequence[Array]) -> list[Rows] | None:
     size = arrays[0].size
     n = max(1, min(_threads, rows, size // MIN_SHARE))
     step = max(1, _block * rows // size) if _block and size else rows  # rows per block
-    if n == 1 and step >= rows:
+    step = min(step, -(-rows // n))  # at least one block per thread
+    if step >= rows:
         return None
-    cuts = [rows * i // n for i in range(n + 1)]
-    return [
-        [(j, min(j + step, cuts[i + 1])) for j in range(cuts[i], cuts[i + 1], step)]
-        for i in range(n)
-    ]
+    return n, [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _run(parts: list[Rows], work: Callable[[int, int], None]) -> None:
-    """work(i0, i1) for every block: the first thread's blocks on this thread, in turn; each
-    other thread's on the pool."""
+def _run(n: int, blocks: Rows, work: Callable[[int, int], None]) -> None:
+    """work(i0, i1) for every block, on this thread and n - 1 of the pool's: each takes the
+    next block nobody took yet, so a thread that runs slower (one whose core a BLAS thread,
+    still spinning after a product, shares) takes fewer."""
+    taken = itertools.count()  # next() is atomic: one C call under the GIL
 
-    def run(blocks: Rows) -> None:
-        for i0, i1 in blocks:
-            work(i0, i1)
+    def run() -> None:
+        while (i := next(taken)) < len(blocks):
+            work(*blocks[i])
 
     futures: list[Future[None]] = []
-    if len(parts) > 1:
+    if n > 1:
         assert _pool is not None
-        futures = [_pool.submit(run, blocks) for blocks in parts[1:]]
+        futures = [_pool.submit(run) for _ in range(n - 1)]
     try:
-        run(parts[0])
+        run()
     finally:
         for f in futures:
             f.result()  # waits for every block; re-raises a worker's exception
@@ -115,26 +116,26 @@ def _run(parts: list[Rows], work: Callable[[int, int], None]) -> None:
 def each_rows(fn: Callable[..., None], *arrays: Array) -> None:
     """fn(*blocks) for blocks of rows of `arrays` (which share their leading axis): for work
     done in place (fn returns nothing)."""
-    parts = _split(arrays)
-    if parts is None:
+    split = _split(arrays)
+    if split is None:
         fn(*arrays)
         return
-    _run(parts, lambda i0, i1: fn(*(a[i0:i1] for a in arrays)))
+    _run(*split, lambda i0, i1: fn(*(a[i0:i1] for a in arrays)))
 
 
 def map_rows(fn: Callable[..., Any], *arrays: Array) -> Any:
     """fn(*arrays), computed block of rows by block of rows: fn returns an array or a tuple of
     arrays whose leading axis is the inputs' rows. With one block this IS fn(*arrays); with
     several, each block's results are copied into arrays of the first block's dtypes (which
-    this thread allocates; the other threads wait for them after their first block)."""
-    parts = _split(arrays)
-    if parts is None:
+    the thread that ran it allocates; the others wait for them after their first block)."""
+    split = _split(arrays)
+    if split is None:
         return fn(*arrays)
     rows = arrays[0].shape[0]
     outs: list[Array] = []
     single: list[bool] = []  # whether fn returned one array, not a tuple: from the first block
     ready = threading.Event()
-    first = parts[0][0]
+    first = split[1][0]
 
     def work(i0: int, i1: int) -> None:
         try:
@@ -152,7 +153,7 @@ def map_rows(fn: Callable[..., Any], *arrays: Array) -> Any:
         for o, p in zip(outs, (got,) if single[0] else got, strict=True):
             o[i0:i1] = p
 
-    _run(parts, work)
+    _run(*split, work)
     return outs[0] if single[0] else tuple(outs)
 
 
