@@ -110,7 +110,8 @@ def _run(n: int, blocks: Rows, work: Callable[[int, int], None]) -> None:
         run()
     finally:
         for f in futures:
-            f.result()  # waits for every block; re-raises a worker's exception
+            if not f.cancel():  # a worker not yet started has nothing left: never wait for it
+                f.result()  # waits for the worker's last block; re-raises its exception
 
 
 def each_rows(fn: Callable[..., None], *arrays: Array) -> None:
