@@ -25,6 +25,7 @@ MORE = [
     "bench_data_parallel.py",
     "bench_checkpoint.py",
     "bench_data.py",
+    "bench_cores.py",
 ]
 
 

@@ -32,6 +32,7 @@ from mpipipe.kernels.vocab_parallel import (
     vocab_embedding_forward,
 )
 from mpipipe.parallel.tensor import SINGLE, Split, TensorGroup
+from mpipipe.rowwise import add
 from mpipipe.xp import Array, namespace_of
 
 
@@ -397,11 +398,11 @@ class Residual(Sequential):
 
     def forward(self, x: Array) -> tuple[Array, Any]:
         y, ctx = super().forward(x)
-        return y + x, ctx  # a fresh array: no child's saved context may alias the output
+        return add(y, x), ctx  # a fresh array: no child's saved context may alias the output
 
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array | None, Any]:
         dx, wctx = super().backward_input(dy, ctx)
-        return dx + dy, wctx
+        return add(dx, dy), wctx
 
 
 class Block(Sequential):

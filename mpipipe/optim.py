@@ -2,7 +2,8 @@
 learning-rate schedule, and clipping.
 
 Every update is element-wise on one tensor, so a parameter's new value depends only on its own
-gradient and state: the results are the same whichever stage holds it. All optimizers follow one
+gradient and state: the results are the same whichever stage holds it, and however its rows are
+split over the rank's cores (`rowwise.each_rows`). All optimizers follow one
 protocol (`Optimizer`), so the trainer and the checkpoints never ask which one they hold.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from functools import partial
 from typing import Any, Protocol
 
+from mpipipe.rowwise import each_rows
 from mpipipe.xp import Array
 
 
@@ -102,12 +105,17 @@ class SGD(_Plain):
     def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
         self._clip(grads, factor)
         for k, p in self.params.items():
-            buf = self.state[k]
-            buf *= self.momentum
-            buf += grads[k]
-            if self.weight_decay and k in self.decay:
-                p *= 1.0 - lr * self.weight_decay
-            p -= lr * buf
+            shrink = 1.0 - lr * self.weight_decay if self.weight_decay and k in self.decay else 1.0
+            update = partial(_sgd, momentum=self.momentum, lr=lr, shrink=shrink)
+            each_rows(update, p, grads[k], self.state[k])  # in place, block of rows by block
+
+
+def _sgd(p: Array, g: Array, buf: Array, momentum: float, lr: float, shrink: float) -> None:
+    buf *= momentum
+    buf += g
+    if shrink != 1.0:  # weight decay
+        p *= shrink
+    p -= lr * buf
 
 
 class AdamW(_Plain):
@@ -133,17 +141,26 @@ class AdamW(_Plain):
     def step(self, grads: dict[str, Array], lr: float, factor: float = 1.0) -> None:
         self._clip(grads, factor)
         self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        c1, c2 = 1.0 - self.betas[0] ** self.t, 1.0 - self.betas[1] ** self.t
+        update = partial(_adamw, betas=self.betas, step=lr / c1, c2=c2, eps=self.eps)
         for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            if self.weight_decay and k in self.decay:
-                p *= 1.0 - lr * self.weight_decay
-            p -= (lr / c1) * m / ((v / c2) ** 0.5 + self.eps)
+            shrink = 1.0 - lr * self.weight_decay if self.weight_decay and k in self.decay else 1.0
+            each_rows(partial(update, shrink=shrink), p, grads[k], self.m[k], self.v[k])
+
+
+def _adamw(
+    p: Array, g: Array, m: Array, v: Array,
+    betas: tuple[float, float], step: float, c2: float, eps: float, shrink: float,
+) -> None:  # fmt: skip
+    """One AdamW update in place; step = lr / (1 - b1^t), c2 = 1 - b2^t."""
+    b1, b2 = betas
+    m *= b1
+    m += (1.0 - b1) * g
+    v *= b2
+    v += (1.0 - b2) * (g * g)
+    if shrink != 1.0:  # decoupled weight decay
+        p *= shrink
+    p -= step * m / ((v / c2) ** 0.5 + eps)
 
 
 class MixedPrecision:

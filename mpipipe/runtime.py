@@ -37,6 +37,7 @@ from mpipipe.parallel.staging import CupyOps, DeviceOps, HostOps
 from mpipipe.parallel.tensor import SINGLE, TensorGroup, TpGroup
 from mpipipe.parallel.transport import Transport, spin_for
 from mpipipe.parallel.zero import ZeroShards
+from mpipipe.rowwise import blas_threads, use_threads
 from mpipipe.stage import Compute, Stage
 from mpipipe.tied import EMBED, Tie
 from mpipipe.xp import dtype_of, get, gpu_count, pick_device, use_device
@@ -96,9 +97,11 @@ def reuse_host_memory(env: Mapping[str, str] = os.environ) -> bool:
 def place(job: Job, grid: Grid) -> Device:
     """Choose and select this rank's device from its node-local rank; raises ConfigError (e.g.
     more ranks than GPUs on a node) so that `agree` can stop every rank together. Ranks that
-    share a node's cores share them out (see `share_cores`); freed host memory is kept for
+    share a node's cores share them out (see `share_cores`), and the rank's element-wise work
+    runs on as many threads as its BLAS (`rowwise`); freed host memory is kept for
     reuse (see `reuse_host_memory`)."""
-    share_cores(grid.local_size)
+    blas = share_cores(grid.local_size)
+    use_threads(blas if blas is not None else blas_threads())  # element-wise work: the same
     reuse_host_memory()
     xp, dtype = get(job.backend), dtype_of(job.cfg.dtype)
     if job.backend != "cupy":

@@ -3,7 +3,9 @@
 The q/k/v and output projections are Linear layers around this core (see model.py), so the core
 holds no weights and its backward is input-only. For 16-bit inputs (fp16, bf16) the scores, the
 softmax and its backward are float32, and the products with the scores too; the outputs are cast
-back to the compute dtype (`astype(..., copy=False)`: a no-op for float32 and float64).
+back to the compute dtype (`astype(..., copy=False)`: a no-op for float32 and float64). The
+softmax and its backward are row by row: they run over blocks of the B H score matrices on the
+rank's cores (`rowwise.each_rows`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mpipipe.rowwise import each_rows
 from mpipipe.xp import Array, namespace_of, widen
 
 _MASKS: dict[tuple[Any, int, Any], Array] = {}
@@ -28,14 +31,28 @@ def attention_scores(q: Array, k: Array) -> Array:
     """Causal softmax(q k^T / sqrt(D)): (B, H, T, D) x 2 -> (B, H, T, T), in place after the
     product (one (B, H, T, T) array; adding the mask's exact zeros changes no other entry), in
     float32 for 16-bit q and k."""
-    xp = namespace_of(q)
     t, d = q.shape[2], q.shape[3]
     att = widen((q * (1.0 / math.sqrt(d))) @ k.transpose(0, 1, 3, 2))  # (B, H, T, T), scale on q
-    att += causal_mask(xp, t, att.dtype)
+    each_rows(_causal_softmax, att.reshape(-1, t, t))  # (B H, T, T) view, in place
+    return att
+
+
+def _causal_softmax(att: Array) -> None:
+    """Softmax of causal scores in place: att (n, T, T), n of the B H score matrices."""
+    xp = namespace_of(att)
+    att += causal_mask(xp, att.shape[-1], att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
-    att /= xp.einsum("bhij->bhi", att)[..., None]  # row sums without a temporary
-    return att
+    att /= xp.einsum("nij->ni", att)[..., None]  # row sums without a temporary
+
+
+def _softmax_backward(datt: Array, att: Array) -> None:
+    """dpre = att * (datt - sum(datt * att)) in place in datt: (n, T, T) each. Masked entries
+    have att == 0, so their gradient is 0 too."""
+    xp = namespace_of(att)
+    row = xp.einsum("nij,nij->ni", datt, att)[..., None]  # (n, T, 1), no temporary
+    datt -= row
+    datt *= att
 
 
 def attention_forward(
@@ -64,11 +81,7 @@ def attention_backward_input(dout: Array, cache: tuple[Array, ...]) -> Array:
     dy = dout.reshape(b, t, h, d).transpose(0, 2, 1, 3).astype(wide, copy=False)  # (B, H, T, D)
     datt = dy @ v.transpose(0, 1, 3, 2).astype(wide, copy=False)  # (B, H, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dy  # (B, H, T, D)
-    # softmax backward, in place in datt: dpre = att * (datt - sum(datt * att)); masked
-    # entries have att == 0, so their gradient is 0 too
-    row = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]  # (B, H, T, 1), no temporary
-    datt -= row
-    datt *= att
+    each_rows(_softmax_backward, datt.reshape(-1, t, t), att.reshape(-1, t, t))  # in place
     dpre = datt  # (B, H, T, T), gradient of the scaled scores (q / sqrt(D)) k^T
     scale = 1.0 / math.sqrt(d)
     dqkv = xp.empty((b, t, 3, h, d), dtype=dout.dtype)  # (B, T, 3, H, D), the qkv layout
