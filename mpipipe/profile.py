@@ -9,6 +9,7 @@ rank splits the model, and synthesizes the schedule, the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from mpipipe.kernels.loss import cross_entropy_forward_backward
 from mpipipe.layers import Init
 from mpipipe.model import Model
-from mpipipe.xp import best_seconds_each
+from mpipipe.xp import seconds_each
 
 
 def _recipe(spec: Any) -> Any:
@@ -61,26 +62,32 @@ def action_times(
                 x = xp.asarray(model.input_example(micro_batch))
             else:
                 x = xp.asarray(rng.normal(size=model.act_shape(i - 1, micro_batch)).astype(dtype))
-            targets = None
+            loss = None
             if i == last:
                 shape = model.act_shape(i, micro_batch)
                 targets = xp.asarray(rng.integers(0, shape[-1], size=shape[:-1]))
-            known[key], clock = _time_layer(layer, x, targets, xp, repeats)
+                loss = lambda y, t=targets: cross_entropy_forward_backward(y, t, 1.0)[1]  # noqa: E731
+            known[key], clock = time_layer(layer, x, loss, xp, repeats)
         times.append(known[key])
     return times, clock
 
 
-def _time_layer(
-    layer: Any, x: Any, targets: Any, xp: ModuleType, repeats: int
+def time_layer(
+    layer: Any,
+    x: Any,
+    loss: Callable[[Any], Any] | None,
+    xp: ModuleType = np,
+    repeats: int = 3,
+    summary: Callable[[list[float]], float] = min,
 ) -> tuple[tuple[float, float, float], str]:
+    """Seconds of the layer's F (with `loss`, which maps its output to the output gradient, as
+    the last stage's F does), B on what that F saved and W, each `summary`-ised (the best by
+    default) over `repeats` rounds of F, B, W after a warm-up round; and the clock."""
     held: dict[str, Any] = {}
 
     def forward() -> None:
         y, held["ctx"] = layer.forward(x)
-        if targets is not None:
-            _, held["dy"] = cross_entropy_forward_backward(y, targets, 1.0)
-        else:
-            held["dy"] = xp.ones_like(y)
+        held["dy"] = loss(y) if loss is not None else xp.ones_like(y)
 
     def backward() -> None:
         _, held["wctx"] = layer.backward_input(held["dy"], held["ctx"])
@@ -88,5 +95,5 @@ def _time_layer(
     def weight() -> None:
         layer.backward_weight(held["wctx"])
 
-    (f, b, w), clock = best_seconds_each(xp, [forward, backward, weight], repeats)
+    (f, b, w), clock = seconds_each(xp, [forward, backward, weight], repeats, summary)
     return (f, b, w), clock

@@ -6,7 +6,7 @@ NumPy (CPU) and CuPy (GPU). CuPy is optional: its absence is tolerated everywher
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -159,35 +159,38 @@ def best_seconds(xp: ModuleType, work: Any, repeats: int = 3) -> tuple[float, st
     """The best time of `work()` over `repeats` runs (after one warm-up), on the backend's own
     clock: CUDA events around the GPU's work on CuPy (the host only queues it), perf_counter on
     NumPy; and the clock's name."""
-    best, clock = best_seconds_each(xp, [work], repeats)
+    best, clock = seconds_each(xp, [work], repeats)
     return best[0], clock
 
 
-def best_seconds_each(
-    xp: ModuleType, parts: Sequence[Any], repeats: int = 3
+def seconds_each(
+    xp: ModuleType,
+    parts: Sequence[Any],
+    repeats: int = 3,
+    summary: Callable[[list[float]], float] = min,
 ) -> tuple[list[float], str]:
-    """The best time of each of `parts` (called in order, `repeats` times after one warm-up
-    round, so a part may use what the one before it left), on the backend's clock."""
+    """`summary` (the best, by default) of each of `parts`' times (called in order, `repeats`
+    times after one warm-up round, so a part may use what the one before it left), on the
+    backend's clock; and the clock's name."""
     import time
 
     for part in parts:
         part()
-    best = [float("inf")] * len(parts)
+    times: list[list[float]] = [[] for _ in parts]
     for _ in range(repeats):
         for k, part in enumerate(parts):
             if xp is numpy:
                 t0 = time.perf_counter()
                 part()
-                seconds = time.perf_counter() - t0
+                times[k].append(time.perf_counter() - t0)
             else:
                 start, end = xp.cuda.Event(), xp.cuda.Event()
                 start.record()
                 part()
                 end.record()
                 end.synchronize()
-                seconds = xp.cuda.get_elapsed_time(start, end) / 1e3
-            best[k] = min(best[k], seconds)
-    return best, "perf_counter" if xp is numpy else "CUDA events"
+                times[k].append(xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return [summary(t) for t in times], "perf_counter" if xp is numpy else "CUDA events"
 
 
 def dtype_of(name: str) -> numpy.dtype:

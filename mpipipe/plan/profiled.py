@@ -16,8 +16,6 @@ cross-entropy) belongs to the head's F, as the executor runs it at the end of th
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,16 +41,6 @@ class _Shard:
     reduce_scatter = all_gather
 
 
-def _median(work: Callable[[], Any], repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 class Profile:
     """Seconds of F, B, W per kind of layer for one micro-batch, measured once per
     (micro-batch, tp) and cached."""
@@ -76,6 +64,7 @@ class Profile:
         from mpipipe.kernels.vocab_parallel import parallel_cross_entropy_forward_backward
         from mpipipe.layers import Init
         from mpipipe.model import gpt
+        from mpipipe.profile import time_layer
         from mpipipe.xp import dtype_of
 
         c, h, t, v = self.shape
@@ -97,28 +86,7 @@ class Profile:
                     x = rng.integers(0, v, size=(b, t))
                 else:
                     x = rng.normal(size=(b, t, c)).astype(dtype)
-                out[kind] = _fbw(layer, x, loss if kind == "head" else None, self.repeats)
+                out[kind], _ = time_layer(
+                    layer, x, loss if kind == "head" else None, np, self.repeats, statistics.median
+                )
         return out
-
-
-def _fbw(
-    layer: Any, x: Any, loss: Callable[[Any], Any] | None, repeats: int
-) -> tuple[float, float, float]:
-    """Median seconds of the layer's forward (and the loss, for the head), backward_input and
-    backward_weight on input `x`, after a warm-up of each."""
-
-    def forward() -> Any:
-        y, ctx = layer.forward(x)
-        return (loss(y) if loss else np.ones_like(y)), ctx
-
-    f = _median(forward, repeats)
-    bs, ws = [], []
-    for _ in range(repeats + 1):
-        dy, ctx = forward()  # a fresh context: backward may consume it
-        t0 = time.perf_counter()
-        _, wctx = layer.backward_input(dy, ctx)
-        t1 = time.perf_counter()
-        layer.backward_weight(wctx)
-        bs.append(t1 - t0)
-        ws.append(time.perf_counter() - t1)
-    return f, statistics.median(bs[1:]), statistics.median(ws[1:])
