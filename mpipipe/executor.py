@@ -67,13 +67,12 @@ class Executor:
         self.row = plan.actions[rank]
         # what each action needs that the plan alone decides, worked out once rather than per
         # action and step: the watchdog's label, and each message's mailbox key, peer and tag
-        self.n_stages = plan.n_stages
         self.labels = [f"{self.name} action {a}" for a in self.row]
         self.wire: dict[int, tuple[tuple[str, int, int], int, int]] = {}
         for i, a in enumerate(self.row):
             if not a.is_compute:
                 key, peer = message(plan, rank, a)
-                t = tag(key[0], key[1], key[2], self.n_stages, plan.microbatches)
+                t = tag(key[0], key[1], key[2], plan.n_stages, plan.microbatches)
                 self.wire[i] = (key, peer, t)
         self.training = any(a.kind == "B" for a in self.row)
         self.releases = buffer_releases(self.row)
@@ -165,7 +164,7 @@ class Executor:
 
     # -- compute -------------------------------------------------------------------------------
     def _forward(self, a: Action, i: int) -> None:
-        k, n = self.stage.ids[a.chunk], self.n_stages
+        k, n = self.stage.ids[a.chunk], self.plan.n_stages
         inputs = self.batch.inputs
         if input_stage("F", k, n) is None and inputs is not None:  # the pipeline's input
             x = inputs[a.mb]
@@ -199,7 +198,7 @@ class Executor:
         dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
         self.wctx[(a.mb, a.chunk)] = wctx
         self._account((a.mb, a.chunk), wctx)
-        before = output_stage("B", k, self.n_stages)
+        before = output_stage("B", k, self.plan.n_stages)
         if before is not None:
             self.mail[("G", a.mb, before)] = dx
 
