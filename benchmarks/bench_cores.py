@@ -9,12 +9,16 @@
    as a fused numexpr expression on the same threads (GELU forward and AdamW: the formulas it
    fuses; numexpr is not a dependency: `pip install numexpr` to see its column). Each row prints
    the ratio to the one-call time (tests/test_rowwise.py checks the blocks bitwise against it).
-2. One process with N BLAS threads against N pipeline ranks of one thread each, same work (GPT
+2. One process with N threads against N pipeline ranks of one thread each, same work (GPT
    8 layers x 256, seq 128, batch 32 in 8 micro-batches, AdamW): step time ratio (goal <= 1).
+   The process runs N micro-batches at once (`--microbatch-threads auto`, mbthreads.py); the
+   earlier way, one micro-batch at a time with its products and element-wise work on the N
+   threads (`off`), is measured beside it. Rounds interleave the three runs.
 
 The machine is shared and noisy: run it when `uptime` shows a load below ~3, and read ratios.
 
-    python benchmarks/bench_cores.py [--threads N] [--steps 6] [--skip-ranks]
+    python benchmarks/bench_cores.py [--threads N] [--steps 6] [--rounds 3] [--skip-ranks]
+                                     [--skip-kernels]
 """
 
 from __future__ import annotations
@@ -166,10 +170,10 @@ def options(threads: int) -> None:
     )
 
 
-def step_time(ranks: int, steps: int) -> float:
+def step_time(ranks: int, steps: int, *extra: str) -> float:
     flags = "--layers 8 --d-model 256 --heads 4 --seq-len 128 --global-batch 32 --microbatches 8"
     records = train(ranks, *flags.split(), "--optimizer", "adamw", "--steps", str(steps),
-                    "--eval-every", "0")  # fmt: skip
+                    "--eval-every", "0", *extra)  # fmt: skip
     return statistics.median(r["step_time_s"] for r in records[1:] if "step_time_s" in r)
 
 
@@ -177,21 +181,35 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step runs")
     p.add_argument("--skip-ranks", action="store_true", help="only the kernels")
+    p.add_argument("--skip-kernels", action="store_true", help="only the step runs")
     args = p.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    options(args.threads)
+    if not args.skip_kernels:
+        options(args.threads)
     if args.skip_ranks:
         return 0
-    one = step_time(1, args.steps)
-    ranks = step_time(args.threads, args.steps)
-    print(
-        f"GPT 8x256, seq 128, 32 in 8 micro-batches, AdamW: 1 process x {args.threads} "
-        f"threads {one * 1e3:.0f} ms/step, {args.threads} ranks x 1 thread {ranks * 1e3:.0f} ms"
-    )
+    runs: dict[str, tuple[int, tuple[str, ...]]] = {
+        f"1 process, {args.threads} micro-batches at once (auto)": (1, ()),
+        f"1 process, products and element-wise on {args.threads} threads (off)": (
+            1,
+            ("--microbatch-threads", "off"),
+        ),
+        f"{args.threads} pipeline ranks x 1 thread": (args.threads, ()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):  # interleaved: the machine's load drifts within minutes
+        for name, (ranks, extra) in runs.items():
+            times[name].append(step_time(ranks, args.steps, *extra))
+    print("GPT 8x256, seq 128, 32 in 8 micro-batches, AdamW; median step time of each run, ms:")
+    for name, ts in times.items():
+        print(f"  {name}: {', '.join(f'{t * 1e3:.0f}' for t in ts)}")
+    one, off, ranks = (statistics.median(ts) for ts in times.values())
+    print(f"(off) / (pipeline ranks): {off / ranks:.2f}")
     print(
         f"summary: cores | 1 process x {args.threads} threads / {args.threads} pipeline ranks "
-        f"x 1 thread, step time | {one / ranks:.2f} | <= 1.0"
+        f"x 1 thread, step time (medians of {args.rounds} rounds) | {one / ranks:.2f} | <= 1.0"
     )
     return 0
 

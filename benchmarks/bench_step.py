@@ -7,14 +7,15 @@ overhead: everything that is not a matrix product (elementwise kernels, copies, 
 Python). The floor counts attention's products whole (T x T), whichever kernel runs: the tiled
 kernel skips the masked half, so the same floor serves both. Goals: <= 1.3 with one BLAS thread
 (a rank sharing a node), <= 1.5 with the machine's threads, for d_model 256, 4 layers, seq 256,
-micro-batch 8. The element-wise work runs on as many threads as the BLAS (mpipipe/rowwise.py).
-Rows: the machine's threads; one thread (in a child process); and, unless it is set already, the
-machine's threads with OPENBLAS_THREAD_TIMEOUT=4 (in a child: OpenBLAS reads it when it loads),
-with which OpenBLAS's idle threads sleep at once instead of spinning on the cores that the
-element-wise threads need after every product.
+micro-batch 8. With several threads the process runs a micro-batch on each at once, one BLAS
+thread each (`--microbatch-threads auto`, mpipipe/mbthreads.py). Rows: that; in child processes
+(OpenBLAS reads its environment when it loads) the earlier way, one micro-batch at a time with
+the products on the BLAS's threads and the element-wise work on as many (mpipipe/rowwise.py),
+as it is and with OPENBLAS_THREAD_TIMEOUT=4 (unless set already: OpenBLAS's idle threads then
+sleep at once instead of spinning on the cores the element-wise threads need); and one thread.
 
     python benchmarks/bench_step.py [--d-model 256] [--layers 4] [--seq-len 256]
-                                    [--attention tiled|dense]
+                                    [--attention tiled|dense] [--microbatch-threads auto|off]
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def time_product(m: int, k: int, n: int, batch: int, dtype: np.dtype) -> float:
 QUIET = "OPENBLAS_THREAD_TIMEOUT=4"  # OpenBLAS's idle threads sleep at once instead of spinning
 
 
-def child_row(env: dict[str, str]) -> tuple[float, float, float]:
-    """(step ms, floor ms, tokens/s) of this benchmark run again in a child with `env` added."""
+def child_row(env: dict[str, str], *args: str) -> tuple[float, float, float]:
+    """(step ms, floor ms, tokens/s) of this benchmark run again in a child with `env` added
+    (and `args` after the parent's)."""
     out = subprocess.run(
-        [sys.executable, __file__, *sys.argv[1:], "--one-thread-row"],
+        [sys.executable, __file__, *sys.argv[1:], *args, "--one-thread-row"],
         env=dict(os.environ, **env),
         capture_output=True,
         text=True,
@@ -78,6 +80,7 @@ def main() -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--attention", default="dense", choices=("tiled", "dense"))
+    p.add_argument("--microbatch-threads", default="auto", choices=("auto", "off"))
     p.add_argument("--one-thread-row", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -97,6 +100,7 @@ def main() -> int:
         eval_every=0,
         peak_tflops=1.0,
         attention=args.attention,
+        microbatch_threads=args.microbatch_threads,
     )
     result = train(cfg, out=io.StringIO())
     later = result.history[1:]
@@ -108,32 +112,33 @@ def main() -> int:
     if args.one_thread_row:  # a child run: one line for the parent's table
         print(f"ROW {step * 1e3:.1f} {floor * 1e3:.1f} {tokens:.0f}")
         return 0
-    rows = [(threads, step * 1e3, floor * 1e3, tokens)]
-    if threads != "1":  # also as a pipeline rank runs when ranks share a node: one BLAS thread
+    mode = "micro-batches at once" if args.microbatch_threads == "auto" else "one at a time"
+    rows = [(f"{threads}, {mode}", step * 1e3, floor * 1e3, tokens)]
+    if threads != "1":
+        if args.microbatch_threads == "auto":  # the earlier way: BLAS and element-wise threads
+            off = ("--microbatch-threads", "off")
+            rows.append((f"{threads}, one at a time", *child_row({}, *off)))
+            if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:  # idle BLAS threads sleep at once
+                quiet = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+                rows.append((f"{threads}, one at a time, {QUIET}", *child_row(quiet, *off)))
+        # as a pipeline rank runs when ranks share a node: one BLAS thread
         one = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         rows.append(("1", *child_row(one)))
-        if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:  # idle BLAS threads sleep at once
-            rows.append((f"{threads}, {QUIET}", *child_row({"OPENBLAS_THREAD_TIMEOUT": "4"})))
     print(f"GPT {L}x{c}, seq {t}, {m} micro-batches of {b}, {cfg.dtype}, 1 rank, {args.attention}")
-    print("| BLAS threads | step ms | math floor ms | step / floor | tokens/s |")
+    print("| threads | step ms | math floor ms | step / floor | tokens/s |")
     print("|---|---|---|---|---|")
     for th, st, fl, tok in rows:
         print(f"| {th} | {st:.1f} | {fl:.1f} | {st / fl:.2f} | {tok:.0f} |")
     goal = 1.3 if threads == "1" else 1.5
     print(f"goal step / floor <= {goal}: {'met' if step / floor <= goal else 'NOT met'}")
     print(
-        f"summary: step | 1-rank GPT step / math floor, {threads} BLAS threads, {args.attention} "
+        f"summary: step | 1-rank GPT step / math floor, {rows[0][0]} threads, {args.attention} "
         f"attention ({tokens:.0f} tokens/s) | {step / floor:.2f} | <= {goal}"
     )
-    if len(rows) > 1:
+    for th, st, fl, _ in rows[1:]:
         print(
-            f"summary: step | the same with one BLAS thread (a rank sharing a node) | "
-            f"{rows[1][1] / rows[1][2]:.2f} | <= 1.3"
-        )
-    if len(rows) > 2:
-        print(
-            f"summary: step | the same with {threads} BLAS threads and {QUIET} | "
-            f"{rows[2][1] / rows[2][2]:.2f} | <= 1.5"
+            f"summary: step | the same, {th} thread{'s' * (th != '1')} | {st / fl:.2f} | "
+            f"<= {1.3 if th == '1' else 1.5}"
         )
     return 0
 

@@ -238,6 +238,7 @@ def cmd_train(argv: list[str]) -> int:
 def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     """Everything `train` checks, then where every rank would run and what it would do. The
     device and transport come from the rank runtime's own functions; no model is built."""
+    from mpipipe import mbthreads
     from mpipipe.job import agree, describe, finalize, prepare, scan_tokens
     from mpipipe.memory import per_rank, table
     from mpipipe.parallel.grid import Grid
@@ -264,7 +265,10 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
     zero_dp = (job.cfg.dp or 1) if job.cfg.zero else 1
-    print(table(per_rank(job), job.cfg.tp, job.cfg.sequence_parallel, zero_dp))
+    threads = mbthreads.planned(job, comm.Get_size())
+    if threads:
+        print(f"micro-batches on threads: {threads} at once, one per core (--microbatch-threads)")
+    print(table(per_rank(job, threads), job.cfg.tp, job.cfg.sequence_parallel, zero_dp))
     print("dry run: configuration, layout and schedule are valid; nothing was trained")
 
 

@@ -116,6 +116,13 @@ class TrainConfig:
         "not the T x T scores, and skips the masked half) or dense (the reference)",
         choices=("tiled", "dense"),
     )
+    microbatch_threads: str = _opt(
+        "auto",
+        "auto: one process holding the whole model (pp = dp = tp = 1, NumPy) runs a micro-batch "
+        "on each of its cores at once, bitwise the serial run (mbthreads.py); off: one at a "
+        "time, products and element-wise work threaded instead",
+        choices=("auto", "off"),
+    )
     recompute: str = _opt(
         "none",
         "activation recomputation: none, full (keep each stage's input, redo its forward in "

@@ -88,9 +88,10 @@ class RankMemory:
         return self.weights_bytes + self.stash_bytes
 
 
-def per_rank(job: Any) -> list[RankMemory]:
+def per_rank(job: Any, threads: int = 0) -> list[RankMemory]:
     """The estimate for every rank of one pipeline (replicas and a stage's tp ranks hold the
-    same)."""
+    same). `threads`: a one-rank run taking that many micro-batches at once (mbthreads.py)
+    holds that many micro-batches' activations, whatever its row's peak."""
     cfg, model, plan = job.cfg, job.model, job.plan
     tp, meta, sp = cfg.tp, model.meta, cfg.sequence_parallel
     shards = (cfg.dp or 1) if cfg.zero else 1
@@ -107,7 +108,8 @@ def per_rank(job: Any) -> list[RankMemory]:
             + (loss_gradient_elements(meta, b, tp) if last in job.bounds[k] else 0)
             for k in chunks
         ]
-        stash = job.report.peak_stash[r] * max(chunk_act) * width
+        held = threads or job.report.peak_stash[r]
+        stash = held * max(chunk_act) * width
         span = f"{names[layers[0]]}..{names[layers[-1]]}" if len(layers) > 1 else names[layers[0]]
         out.append(RankMemory(r, span, params, round(params * per_param), stash))
     return out

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy
@@ -68,6 +69,18 @@ def use_threads(n: int, block: int = BLOCK) -> None:
 def threads() -> int:
     """The element-wise threads in use."""
     return _threads
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Element-wise work on the calling thread only while inside (in blocks, as before): for
+    callers that keep every core busy with threads of their own (mbthreads.py)."""
+    global _threads
+    saved, _threads = _threads, 1
+    try:
+        yield
+    finally:
+        _threads = saved
 
 
 Rows = list[tuple[int, int]]  # row ranges [i0, i1)

@@ -24,7 +24,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
-from mpipipe import schedule
+from mpipipe import mbthreads, rowwise, schedule
 from mpipipe.emulate import EmulatedCompute
 from mpipipe.errors import ConfigError
 from mpipipe.executor import Executor, MicroBatches
@@ -174,7 +174,18 @@ class Runtime:
         self.last_rank = plan.owner(plan.n_stages - 1)[0]  # my pipeline's last stage
 
     def _executor(self, plan: schedule.Plan, scale: float | None, reducer: Any) -> Executor:
-        return Executor(
+        cfg, cores = self.job.cfg, rowwise.threads()
+        kind: Any = Executor
+        kw: dict[str, Any] = {}
+        if cfg.microbatch_threads == "auto" and mbthreads.applies(
+            self.grid.world.Get_size(),
+            self.device.backend,
+            self.job.emulated is not None,
+            cores,
+            plan.microbatches,
+        ):
+            kind, kw = mbthreads.MicroBatchThreads, {"threads": cores}
+        return kind(
             schedule.lower(plan),
             self.rank,
             self.stage,
@@ -185,6 +196,7 @@ class Runtime:
             self.xp,
             scale,
             on_layer_final=self._on_layer_final(reducer),
+            **kw,
         )
 
     def _on_layer_final(self, reducer: Any) -> Callable[[int], None] | None:
@@ -254,6 +266,9 @@ class Runtime:
         return MicroBatches(split(x) if self.first else None, split(y) if self.last else None)
 
     def close(self) -> None:
+        for ex in (self.train_exec, self.eval_exec):
+            if isinstance(ex, mbthreads.MicroBatchThreads):
+                ex.close()  # its worker threads
         if self.reducer is not None:
             self.reducer.close()
         if self.tie is not None:

@@ -1,0 +1,222 @@
+"""Several micro-batches at once on one rank's cores: the single process that uses its cores.
+
+A process that holds the whole model (pp = dp = tp = 1) and owns several cores can run its
+BLAS on all of them, but then the element-wise work between products, NumPy's per-call cost and
+the Python in between run on one core, and OpenBLAS's idle threads spin on the others. Two
+pipeline ranks of one thread each do better (measured: 1.49x faster, README #18) because each
+runs whole actions on its own core. `MicroBatchThreads` does that inside one process: each of
+its `threads` workers takes the next micro-batch nobody took and runs its forward (and loss),
+input gradient and weight gradient, with one BLAS thread and its element-wise work on its own
+thread (NumPy releases the GIL inside its loops and products).
+
+Bitwise the serial run: a micro-batch's forward and input gradient read only the parameters and
+its own data; the weight gradients accumulate (`grad += ...`) in the order the plan's row would
+have added them. Each gradient buffer has a turnstile: the contributions of the (micro-batch,
+layer) pairs that write it are numbered in the row's order, and each waits for its number, so a
+worker's W of layer j for micro-batch 3 runs as soon as micro-batch 2's W of layer j is done,
+while micro-batch 2 goes on to layer j - 1 (layers sharing a buffer share a turnstile). The
+hooks that a layer's final gradient starts (tied sums, gradient buckets) run after the workers,
+on the calling thread, in the row's order. Memory: up to `threads` micro-batches' saved
+activations at once instead of the row's peak.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from threadpoolctl import ThreadpoolController
+
+from mpipipe import rowwise
+from mpipipe.executor import Executor, MicroBatches
+from mpipipe.schedule import Action
+from mpipipe.stage import Chunk
+from mpipipe.xp import Array, to_host
+
+
+class Turnstile:
+    """Numbered turns: `enter(n)` waits until turns 0..n-1 have `leave()`-d. A failure anywhere
+    `break_()`s every turnstile, so no worker waits for a turn that will never come."""
+
+    def __init__(self) -> None:
+        self.turn, self.broken = 0, False
+        self.cond = threading.Condition()
+
+    def enter(self, n: int) -> None:
+        with self.cond:
+            while self.turn != n and not self.broken:
+                self.cond.wait()
+            if self.broken:
+                raise _Broken
+
+    def leave(self) -> None:
+        with self.cond:
+            self.turn += 1
+            self.cond.notify_all()
+
+    def break_(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.cond.notify_all()
+
+
+class _Broken(Exception):
+    """Another worker failed: this one stops (the other's exception is the one raised)."""
+
+
+def applies(n_ranks: int, backend: str, emulated: bool, threads: int, microbatches: int) -> bool:
+    """Whether a run may take micro-batches on threads: one rank holding the whole model (no
+    messages and no collectives inside a step), real compute on NumPy, several cores and
+    micro-batches."""
+    return n_ranks == 1 and backend == "numpy" and not emulated and threads > 1 < microbatches
+
+
+def planned(job: Any, n_ranks: int, env: Mapping[str, str] = os.environ) -> int:
+    """The micro-batches a run of `job` on `n_ranks` will hold at once when it takes them on
+    threads (the cores `runtime.place` will give the rank: the user's OMP_NUM_THREADS and
+    friends, else the cores it may run on), or 0 when it runs its row serially: for the dry
+    run's memory estimate, before any thread is placed."""
+    user = any(v in env for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
+    cores = rowwise.blas_threads() if user else len(os.sched_getaffinity(0))
+    m = job.plan.microbatches
+    on = job.cfg.microbatch_threads == "auto"
+    return (
+        min(cores, m)
+        if on and applies(n_ranks, job.backend, job.emulated is not None, cores, m)
+        else 0
+    )
+
+
+class MicroBatchThreads(Executor):
+    """The Executor's run of a one-rank row, with micro-batches on `threads` workers."""
+
+    def __init__(self, *args: Any, threads: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.wire or not all(isinstance(c, Chunk) for c in self.stage.chunks):
+            raise ValueError("micro-batch threads need one rank holding the model, real layers")
+        self.threads = threads
+        self.blas = ThreadpoolController()
+        self.actions = {(a.kind, a.mb, a.chunk): a for a in self.row if a.is_compute}
+        self.mbs = sorted({a.mb for a in self.row if a.kind == "F"})
+        # each layer's gradient buffers -> one turnstile per group of layers sharing a buffer
+        layers = [(c, j) for c, ch in enumerate(self.stage.chunks) for j in range(len(ch.layers))]
+        group: dict[tuple[int, int], int] = {}
+        owner: dict[int, int] = {}  # id(buffer) -> group
+        for c, j in layers:
+            ids = [id(g) for g in self.stage.chunks[c].layers[j].grads.values()]
+            found = {owner[i] for i in ids if i in owner}
+            g = min(found) if found else len(set(owner.values()) | set(group.values()))
+            for key, old in group.items():  # merge groups this layer joins
+                if old in found:
+                    group[key] = g
+            for i, gi in list(owner.items()):
+                if gi in found:
+                    owner[i] = g
+            group[(c, j)] = g
+            owner.update((i, g) for i in ids)
+        # the row's order of W contributions, numbered per group
+        self.ticket: dict[tuple[int, int, int], tuple[int, int]] = {}  # (mb, c, j) -> (g, n)
+        counts: dict[int, int] = {}
+        for a in self.row:
+            if a.kind == "W":
+                for j in reversed(range(len(self.stage.chunks[a.chunk].layers))):
+                    g = group[(a.chunk, j)]
+                    self.ticket[(a.mb, a.chunk, j)] = (g, counts.get(g, 0))
+                    counts[g] = counts.get(g, 0) + 1
+        self.n_groups = len(counts)
+        self.finals = [  # (chunk, global layer) whose gradients the row's final W completes
+            (c, self.stage.chunks[c].indices[j])
+            for c, i in sorted(self.final_w.items(), key=lambda kv: kv[1])
+            for j in reversed(range(len(self.stage.chunks[c].layers)))
+        ]
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="microbatch")
+
+    @property
+    def busy(self) -> float:
+        """Seconds of compute in the last run, per worker (so that 1 - busy / wall is idle)."""
+        return super().busy / self.threads
+
+    def run(self, batch: MicroBatches) -> list[float]:
+        self.batch = batch
+        self.ctx, self.wctx, self.mail = {}, {}, {}
+        self.losses, self.outputs = {}, {}
+        self.spans, self.waits = [], []
+        self.gates = [Turnstile() for _ in range(self.n_groups)]
+        taken = itertools.count()  # next() is one C call: atomic under the GIL
+        self.started = time.perf_counter()
+
+        def worker() -> None:
+            try:
+                while (i := next(taken)) < len(self.mbs):
+                    self._microbatch(self.mbs[i])
+            except _Broken:
+                pass
+            except BaseException:
+                for gate in self.gates:
+                    gate.break_()
+                raise
+
+        with self.blas.limit(limits=1, user_api="blas"), rowwise.alone():
+            futures: list[Future[None]] = [
+                self.pool.submit(worker) for _ in range(self.threads - 1)
+            ]
+            try:
+                worker()
+            finally:
+                for f in futures:
+                    f.result()
+        if self.on_layer_final is not None and self.training:
+            for _, layer in self.finals:
+                self.on_layer_final(layer)
+        self.finished = time.perf_counter()
+        return to_host([self.losses[mb] for mb in sorted(self.losses)])
+
+    def _microbatch(self, mb: int) -> None:
+        """F (and the loss), B and W of one micro-batch through every chunk, in stage order."""
+        chunks = range(len(self.stage.chunks))
+        order = sorted(chunks, key=lambda c: self.stage.ids[c])
+        for c in order:
+            self._timed(("F", mb, c), lambda a: self._forward(a, 0))
+        if not self.training:
+            return
+        for c in reversed(order):
+            self._timed(("B", mb, c), lambda a: self._backward_input(a, 0))
+            self._timed(("W", mb, c), self._weights)
+
+    def _timed(self, key: tuple[str, int, int], work: Callable[[Action], None]) -> None:
+        a = self.actions[key]
+        self.watchdog.beat(f"{self.name} action {a}")
+        t0 = time.perf_counter()
+        work(a)
+        with self.lock:
+            self.spans.append((t0, time.perf_counter(), a))
+
+    def _weights(self, a: Action) -> None:
+        """W of one micro-batch and chunk, layer by layer, each at its turn."""
+        wctxs = self.wctx.pop((a.mb, a.chunk))
+        layers = self.stage.chunks[a.chunk].layers
+        for j in reversed(range(len(layers))):
+            g, n = self.ticket[(a.mb, a.chunk, j)]
+            self.gates[g].enter(n)
+            try:
+                layers[j].backward_weight(wctxs[j])
+            finally:
+                self.gates[g].leave()
+        self._account((a.mb, a.chunk), None)
+
+    def _account(self, key: tuple[int, int], saved: Any) -> None:
+        with self.lock:
+            super()._account(key, saved)
+            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
+
+    def _take(self, key: tuple[str, int, int]) -> Array:
+        return self.mail.pop(key)
+
+    def close(self) -> None:
+        self.pool.shutdown()
