@@ -19,6 +19,7 @@ The machine is shared and noisy: run it when `uptime` shows a load below ~3, and
 
     python benchmarks/bench_cores.py [--threads N] [--steps 6] [--rounds 3] [--skip-ranks]
                                      [--skip-kernels]
+                                     [--realtime]
 """
 
 from __future__ import annotations
@@ -170,10 +171,10 @@ def options(threads: int) -> None:
     )
 
 
-def step_time(ranks: int, steps: int, *extra: str) -> float:
+def step_time(ranks: int, steps: int, *extra: str, realtime: bool = False) -> float:
     flags = "--layers 8 --d-model 256 --heads 4 --seq-len 128 --global-batch 32 --microbatches 8"
     records = train(ranks, *flags.split(), "--optimizer", "adamw", "--steps", str(steps),
-                    "--eval-every", "0", *extra)  # fmt: skip
+                    "--eval-every", "0", *extra, realtime=realtime)  # fmt: skip
     return statistics.median(r["step_time_s"] for r in records[1:] if "step_time_s" in r)
 
 
@@ -184,6 +185,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step runs")
     p.add_argument("--skip-ranks", action="store_true", help="only the kernels")
     p.add_argument("--skip-kernels", action="store_true", help="only the step runs")
+    p.add_argument(
+        "--realtime", action="store_true", help="step runs at real-time priority (chrt --rr 10)"
+    )
     args = p.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if not args.skip_kernels:
@@ -201,7 +205,7 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):  # interleaved: the machine's load drifts within minutes
         for name, (ranks, extra) in runs.items():
-            times[name].append(step_time(ranks, args.steps, *extra))
+            times[name].append(step_time(ranks, args.steps, *extra, realtime=args.realtime))
     print("GPT 8x256, seq 128, 32 in 8 micro-batches, AdamW; median step time of each run, ms:")
     for name, ts in times.items():
         print(f"  {name}: {', '.join(f'{t * 1e3:.0f}' for t in ts)}")

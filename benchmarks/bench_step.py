@@ -112,8 +112,8 @@ def main() -> int:
     if args.one_thread_row:  # a child run: one line for the parent's table
         print(f"ROW {step * 1e3:.1f} {floor * 1e3:.1f} {tokens:.0f}")
         return 0
-    mode = "micro-batches at once" if args.microbatch_threads == "auto" else "one at a time"
-    rows = [(f"{threads}, {mode}", step * 1e3, floor * 1e3, tokens)]
+    mode = ", micro-batches at once" if args.microbatch_threads == "auto" else ", one at a time"
+    rows = [(f"{threads}{mode * (threads != '1')}", step * 1e3, floor * 1e3, tokens)]
     if threads != "1":
         if args.microbatch_threads == "auto":  # the earlier way: BLAS and element-wise threads
             off = ("--microbatch-threads", "off")
@@ -132,12 +132,12 @@ def main() -> int:
     goal = 1.3 if threads == "1" else 1.5
     print(f"goal step / floor <= {goal}: {'met' if step / floor <= goal else 'NOT met'}")
     print(
-        f"summary: step | 1-rank GPT step / math floor, {rows[0][0]} threads, {args.attention} "
+        f"summary: step | 1-rank GPT step / math floor, threads: {rows[0][0]}, {args.attention} "
         f"attention ({tokens:.0f} tokens/s) | {step / floor:.2f} | <= {goal}"
     )
     for th, st, fl, _ in rows[1:]:
         print(
-            f"summary: step | the same, {th} thread{'s' * (th != '1')} | {st / fl:.2f} | "
+            f"summary: step | the same, threads: {th} | {st / fl:.2f} | "
             f"<= {1.3 if th == '1' else 1.5}"
         )
     return 0
