@@ -147,14 +147,15 @@ class MicroBatchThreads(Executor):
         self.ctx, self.wctx, self.mail = {}, {}, {}
         self.losses, self.outputs = {}, {}
         self.spans, self.waits = [], []
+        self.lanes: list[int] = []  # each span's worker
         self.gates = [Turnstile() for _ in range(self.n_groups)]
         taken = itertools.count()  # next() is one C call: atomic under the GIL
         self.started = time.perf_counter()
 
-        def worker() -> None:
+        def worker(lane: int) -> None:
             try:
                 while (i := next(taken)) < len(self.mbs):
-                    self._microbatch(self.mbs[i])
+                    self._microbatch(self.mbs[i], lane)
             except _Broken:
                 pass
             except BaseException:
@@ -164,10 +165,10 @@ class MicroBatchThreads(Executor):
 
         with self.blas.limit(limits=1, user_api="blas"), rowwise.alone():
             futures: list[Future[None]] = [
-                self.pool.submit(worker) for _ in range(self.threads - 1)
+                self.pool.submit(worker, lane) for lane in range(1, self.threads)
             ]
             try:
-                worker()
+                worker(0)
             finally:
                 for f in futures:
                     f.result()
@@ -177,33 +178,41 @@ class MicroBatchThreads(Executor):
         self.finished = time.perf_counter()
         return to_host([self.losses[mb] for mb in sorted(self.losses)])
 
-    def _microbatch(self, mb: int) -> None:
-        """F (and the loss), B and W of one micro-batch through every chunk, in stage order."""
+    def _microbatch(self, mb: int, lane: int) -> None:
+        """F (and the loss), B and W of one micro-batch through every chunk, in stage order, on
+        worker `lane`."""
         chunks = range(len(self.stage.chunks))
         order = sorted(chunks, key=lambda c: self.stage.ids[c])
         for c in order:
-            self._timed(("F", mb, c), lambda a: self._forward(a, 0))
+            self._timed(("F", mb, c), lambda a: self._forward(a, 0), lane)
         if not self.training:
             return
         for c in reversed(order):
-            self._timed(("B", mb, c), lambda a: self._backward_input(a, 0))
-            self._timed(("W", mb, c), self._weights)
+            self._timed(("B", mb, c), lambda a: self._backward_input(a, 0), lane)
+            self._timed(("W", mb, c), self._weights, lane)
 
-    def _timed(self, key: tuple[str, int, int], work: Callable[[Action], None]) -> None:
+    def _timed(self, key: tuple[str, int, int], work: Callable[[Action], None], lane: int) -> None:
         a = self.actions[key]
         self.watchdog.beat(f"{self.name} action {a}")
         t0 = time.perf_counter()
         work(a)
         with self.lock:
             self.spans.append((t0, time.perf_counter(), a))
+            self.lanes.append(lane)  # the trace's thread for the span
 
     def _weights(self, a: Action) -> None:
-        """W of one micro-batch and chunk, layer by layer, each at its turn."""
+        """W of one micro-batch and chunk, layer by layer, each at its turn (a wait for a turn
+        goes to `waits`, as the trace shows them)."""
         wctxs = self.wctx.pop((a.mb, a.chunk))
         layers = self.stage.chunks[a.chunk].layers
         for j in reversed(range(len(layers))):
             g, n = self.ticket[(a.mb, a.chunk, j)]
+            t0 = time.perf_counter()
             self.gates[g].enter(n)
+            t1 = time.perf_counter()
+            if t1 - t0 > 1e-5:
+                with self.lock:
+                    self.waits.append((t0, t1, f"wait W turn of layer {j} for {a.mb}"))
             try:
                 layers[j].backward_weight(wctxs[j])
             finally:

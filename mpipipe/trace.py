@@ -43,7 +43,8 @@ class Tracer:
     def wants(self, step: int) -> bool:
         return self.path is not None and self.first <= step < self.first + self.count
 
-    def span(self, name: str, cat: str, t0: float, t1: float, **args: Any) -> None:
+    def span(self, name: str, cat: str, t0: float, t1: float, lane: int = 0, **args: Any) -> None:
+        """One span on this rank's track `lane` (a thread of the rank: mbthreads.py)."""
         self.events.append(
             {
                 "name": name,
@@ -52,7 +53,7 @@ class Tracer:
                 "ts": (t0 + self.offset) * 1e6,
                 "dur": (t1 - t0) * 1e6,
                 "pid": self.comm.Get_rank(),
-                "tid": 0,
+                "tid": lane,
                 "args": args,
             }
         )

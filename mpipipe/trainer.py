@@ -321,8 +321,11 @@ class _Run:
     def trace_step(self, step: int, *marks: float) -> None:
         t_backward, t_reduced, t_sum, t_summed, t_end = marks
         tr, ex = self.tracer, self.train_exec
-        for b, e, a in ex.spans:
-            tr.span(str(a), "compute", b, e, step=step + 1, kind=a.kind, mb=a.mb, chunk=a.chunk)
+        lanes = getattr(ex, "lanes", None) or [0] * len(ex.spans)  # micro-batch threads
+        for (b, e, a), lane in zip(ex.spans, lanes, strict=True):
+            tr.span(
+                str(a), "compute", b, e, lane, step=step + 1, kind=a.kind, mb=a.mb, chunk=a.chunk
+            )
         for b, e, label in ex.waits:
             tr.span(label, "wait", b, e, step=step + 1)
         if self.rt.reducer is not None:

@@ -4,9 +4,11 @@ runs a micro-batch per thread at once, bitwise the serial run of the same row.""
 from __future__ import annotations
 
 import io
+import json
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,11 +43,11 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["runs"] += 1
         return real_run(self, batch)
 
-    def counted_mb(self: Any, mb: int) -> None:
+    def counted_mb(self: Any, mb: int, lane: int) -> None:
         seen["threads"].add(threading.get_ident())
         if mb == 0:
             time.sleep(0.05)  # hold micro-batch 0 so that another thread takes micro-batch 1
-        real_mb(self, mb)
+        real_mb(self, mb, lane)
 
     monkeypatch.setattr(mbthreads.MicroBatchThreads, "run", counted_run)
     monkeypatch.setattr(mbthreads.MicroBatchThreads, "_microbatch", counted_mb)
@@ -62,10 +64,16 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     ],
     ids=["adamw-3", "float64-tied-full", "bf16-tiled"],
 )  # fmt: skip
-def test_threads_equal_the_serial_run_bitwise(counted: dict[str, Any], extra: Any) -> None:
+def test_threads_equal_the_serial_run_bitwise(
+    counted: dict[str, Any], extra: Any, tmp_path: Path
+) -> None:
     cfg = TrainConfig(**TINY, **extra)
-    threaded = run(cfg, 3)
+    trace = tmp_path / "trace.json"
+    threaded = run(cfg.replace(trace=str(trace), trace_steps=1), 3)
     assert counted["runs"] > 0 and len(counted["threads"]) > 1, counted  # it did run threaded
+    spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "compute"]
+    by_lane = {e["tid"] for e in spans if e["name"] != "optimizer"}
+    assert len(by_lane) > 1  # the trace shows each worker's actions on a track of its own
     counted["runs"] = 0
     serial = run(cfg.replace(microbatch_threads="off"), 1)
     assert counted["runs"] == 0
