@@ -101,7 +101,7 @@ class MicroBatchThreads(Executor):
             raise ValueError("micro-batch threads need one rank holding the model, real layers")
         self.threads = threads
         self.blas = ThreadpoolController()
-        self.actions = {(a.kind, a.mb, a.chunk): a for a in self.row if a.is_compute}
+        self.actions = {(a.kind, a.mb, a.chunk): (a, i) for i, a in enumerate(self.row)}
         self.mbs = sorted({a.mb for a in self.row if a.kind == "F"})
         # each layer's gradient buffers -> one turnstile per group of layers sharing a buffer
         layers = [(c, j) for c, ch in enumerate(self.stage.chunks) for j in range(len(ch.layers))]
@@ -184,23 +184,25 @@ class MicroBatchThreads(Executor):
         chunks = range(len(self.stage.chunks))
         order = sorted(chunks, key=lambda c: self.stage.ids[c])
         for c in order:
-            self._timed(("F", mb, c), lambda a: self._forward(a, 0), lane)
+            self._timed(("F", mb, c), self._forward, lane)
         if not self.training:
             return
         for c in reversed(order):
-            self._timed(("B", mb, c), lambda a: self._backward_input(a, 0), lane)
+            self._timed(("B", mb, c), self._backward_input, lane)
             self._timed(("W", mb, c), self._weights, lane)
 
-    def _timed(self, key: tuple[str, int, int], work: Callable[[Action], None], lane: int) -> None:
-        a = self.actions[key]
-        self.watchdog.beat(f"{self.name} action {a}")
+    def _timed(
+        self, key: tuple[str, int, int], work: Callable[[Action, int], None], lane: int
+    ) -> None:
+        a, i = self.actions[key]  # the action and its index in the row
+        self.watchdog.beat(self.labels[i])
         t0 = time.perf_counter()
-        work(a)
+        work(a, i)
         with self.lock:
             self.spans.append((t0, time.perf_counter(), a))
             self.lanes.append(lane)  # the trace's thread for the span
 
-    def _weights(self, a: Action) -> None:
+    def _weights(self, a: Action, i: int) -> None:
         """W of one micro-batch and chunk, layer by layer, each at its turn (a wait for a turn
         goes to `waits`, as the trace shows them)."""
         wctxs = self.wctx.pop((a.mb, a.chunk))
