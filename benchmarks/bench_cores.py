@@ -13,7 +13,8 @@
    8 layers x 256, seq 128, batch 32 in 8 micro-batches, AdamW): step time ratio (goal <= 1).
    The process runs N micro-batches at once (`--microbatch-threads auto`, mbthreads.py); the
    earlier way, one micro-batch at a time with its products and element-wise work on the N
-   threads (`off`), is measured beside it. Rounds interleave the three runs.
+   threads (`off`), is measured beside it, and both for the default model (4 x 128, 4
+   micro-batches) too, where the work per micro-batch is smaller. Rounds interleave the runs.
 
 The machine is shared and noisy: run it when `uptime` shows a load below ~3, and read ratios.
 
@@ -171,10 +172,12 @@ def options(threads: int) -> None:
     )
 
 
+ISSUE = "--layers 8 --d-model 256 --heads 4 --seq-len 128 --global-batch 32 --microbatches 8"
+
+
 def step_time(ranks: int, steps: int, *extra: str, realtime: bool = False) -> float:
-    flags = "--layers 8 --d-model 256 --heads 4 --seq-len 128 --global-batch 32 --microbatches 8"
-    records = train(ranks, *flags.split(), "--optimizer", "adamw", "--steps", str(steps),
-                    "--eval-every", "0", *extra, realtime=realtime)  # fmt: skip
+    records = train(ranks, "--optimizer", "adamw", "--steps", str(steps), "--eval-every", "0",
+                    *extra, realtime=realtime)  # fmt: skip
     return statistics.median(r["step_time_s"] for r in records[1:] if "step_time_s" in r)
 
 
@@ -194,26 +197,34 @@ def main() -> int:
         options(args.threads)
     if args.skip_ranks:
         return 0
+    off = ("--microbatch-threads", "off")
     runs: dict[str, tuple[int, tuple[str, ...]]] = {
-        f"1 process, {args.threads} micro-batches at once (auto)": (1, ()),
+        f"1 process, {args.threads} micro-batches at once (auto)": (1, (*ISSUE.split(),)),
         f"1 process, products and element-wise on {args.threads} threads (off)": (
             1,
-            ("--microbatch-threads", "off"),
+            (*ISSUE.split(), *off),
         ),
-        f"{args.threads} pipeline ranks x 1 thread": (args.threads, ()),
+        f"{args.threads} pipeline ranks x 1 thread": (args.threads, (*ISSUE.split(),)),
+        "the default model (4 x 128), 1 process, auto": (1, ()),
+        "the default model (4 x 128), 1 process, off": (1, off),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):  # interleaved: the machine's load drifts within minutes
         for name, (ranks, extra) in runs.items():
             times[name].append(step_time(ranks, args.steps, *extra, realtime=args.realtime))
-    print("GPT 8x256, seq 128, 32 in 8 micro-batches, AdamW; median step time of each run, ms:")
+    print("GPT 8x256, seq 128, 32 in 8 micro-batches, AdamW (unless named); median step time of")
+    print("each run, ms:")
     for name, ts in times.items():
         print(f"  {name}: {', '.join(f'{t * 1e3:.0f}' for t in ts)}")
-    one, off, ranks = (statistics.median(ts) for ts in times.values())
-    print(f"(off) / (pipeline ranks): {off / ranks:.2f}")
+    one, off_t, ranks, small, small_off = (statistics.median(ts) for ts in times.values())
+    print(f"(off) / (pipeline ranks): {off_t / ranks:.2f}")
     print(
         f"summary: cores | 1 process x {args.threads} threads / {args.threads} pipeline ranks "
         f"x 1 thread, step time (medians of {args.rounds} rounds) | {one / ranks:.2f} | <= 1.0"
+    )
+    print(
+        f"summary: cores | the default model, 1 process: micro-batches at once / one at a "
+        f"time (auto / off) | {small / small_off:.2f} | <= 1.0"
     )
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +38,12 @@ from mpipipe.executor import Executor, MicroBatches
 from mpipipe.schedule import Action
 from mpipipe.stage import Chunk
 from mpipipe.xp import Array, to_host
+
+# Python hands the GIL to a thread that asks for it after this long at the most (default 5 ms).
+# A worker back from a product or loop (run without the GIL) waits for the GIL while another runs
+# Python; at 5 ms those waits added up to 25-50% of the default model's step (d_model 128,
+# measured: 780-950 ms a step against 430-540 ms at 0.1-0.5 ms; 630 ms one at a time).
+SWITCH_S = 0.0002
 
 
 class Turnstile:
@@ -163,6 +170,21 @@ class MicroBatchThreads(Executor):
                     gate.break_()
                 raise
 
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_S))
+        try:
+            self._work(worker)
+        finally:
+            sys.setswitchinterval(switch)
+        if self.on_layer_final is not None and self.training:
+            for _, layer in self.finals:
+                self.on_layer_final(layer)
+        self.finished = time.perf_counter()
+        return to_host([self.losses[mb] for mb in sorted(self.losses)])
+
+    def _work(self, worker: Callable[[int], None]) -> None:
+        """worker(0) here and worker(1..threads-1) on the pool, with one BLAS thread each and
+        the element-wise work on the worker's own thread."""
         with self.blas.limit(limits=1, user_api="blas"), rowwise.alone():
             futures: list[Future[None]] = [
                 self.pool.submit(worker, lane) for lane in range(1, self.threads)
@@ -172,11 +194,6 @@ class MicroBatchThreads(Executor):
             finally:
                 for f in futures:
                     f.result()
-        if self.on_layer_final is not None and self.training:
-            for _, layer in self.finals:
-                self.on_layer_final(layer)
-        self.finished = time.perf_counter()
-        return to_host([self.losses[mb] for mb in sorted(self.losses)])
 
     def _microbatch(self, mb: int, lane: int) -> None:
         """F (and the loss), B and W of one micro-batch through every chunk, in stage order, on
