@@ -20,15 +20,16 @@ from mpipipe import TrainConfig, layers, mbthreads, rowwise, train
 TINY = dict(layers=2, d_model=32, heads=2, seq_len=16, steps=2, eval_every=1, eval_batches=1)
 
 
-def run(cfg: TrainConfig, threads: int) -> tuple[list[float], dict[str, np.ndarray]]:
-    """Losses (train and eval) and final parameters of `cfg` on `threads` cores."""
+def run(cfg: TrainConfig, threads: int) -> tuple[list[float], dict[str, np.ndarray], float]:
+    """Losses (train and eval), final parameters and the most bytes of saved activations
+    (MiB, the metrics' stash_mb) of `cfg` on `threads` cores."""
     with threadpool_limits(threads, user_api="blas"):  # the runtime takes its cores from this
         try:
             result = train(cfg, out=io.StringIO())
         finally:
             rowwise.use_threads(1)
     losses = [r[k] for r in result.history for k in ("loss", "eval_loss") if k in r]
-    return losses, result.params
+    return losses, result.params, max(float(r["stash_mb"][0]) for r in result.history)
 
 
 @pytest.fixture
@@ -81,6 +82,8 @@ def test_threads_equal_the_serial_run_bitwise(
     assert threaded[1].keys() == serial[1].keys()
     for name, p in serial[1].items():
         assert p.tobytes() == threaded[1][name].tobytes(), name
+    # as many micro-batches' activations at once as threads, at the most (the row's peak: one)
+    assert 0 < serial[2] < threaded[2] <= 3 * serial[2] + 1e-9, (serial[2], threaded[2])
 
 
 def test_only_one_rank_with_several_cores_and_microbatches() -> None:
