@@ -120,6 +120,7 @@ class Transport:
         self.lock = threading.RLock()  # the executor and the reducer's progress thread
         self.inflight: list[Request] = []
         self.queues: dict[int, deque[Request]] = {}  # collectives per communicator, in order
+        self.persistent: list[MPI.Prequest] = []  # freed by close()
 
     @property
     def policy(self) -> str:
@@ -170,6 +171,23 @@ class Transport:
                 release=lambda: self.pool.give(host),
             )
         )
+
+    def recv_init(self, comm: MPI.Comm, buf: Array, source: int, tag: int) -> Reposted:
+        """A receive into `buf` from `source` with `tag`, to be posted again and again
+        (`Reposted.start`): an MPI persistent request for a host buffer, `irecv` at each start
+        for a device buffer."""
+        if self.ops.is_device(buf):
+            return Reposted(lambda: self.irecv(comm, buf, source, tag))
+        req = comm.Recv_init([buf, MPI.BYTE], source=source, tag=tag)
+        self.persistent.append(req)
+        return Reposted(None, req)
+
+    def close(self) -> None:
+        """Free the persistent requests (MPI warns of any left at finalize)."""
+        for req in self.persistent:
+            if req != MPI.REQUEST_NULL:
+                req.Free()
+        self.persistent.clear()
 
     # -- collectives ---------------------------------------------------------------------------
     def iallreduce(self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM) -> Request:
@@ -350,6 +368,20 @@ class Transport:
         return not self.inflight and not any(q for q in self.queues.values())
 
 
+class Reposted:
+    """A receive posted once per step on the same buffer, peer and tag (see
+    `Transport.recv_init`): `start()` posts it, `request` is what to wait on until the next."""
+
+    def __init__(self, post: Callable[[], Any] | None, persistent: Any = None) -> None:
+        self.post, self.request = post, persistent
+
+    def start(self) -> None:
+        if self.post is None:  # MPI_Start: no arguments to convert, no request to allocate
+            self.request.Start()
+        else:
+            self.request = self.post()
+
+
 class Link:
     """The point-to-point half of a transport, bound to one communicator (the pipeline's)."""
 
@@ -361,6 +393,9 @@ class Link:
 
     def irecv(self, buf: Array, source: int, tag: int) -> Any:
         return self.transport.irecv(self.comm, buf, source, tag)
+
+    def recv_init(self, buf: Array, source: int, tag: int) -> Reposted:
+        return self.transport.recv_init(self.comm, buf, source, tag)
 
     def wait(self, req: Any) -> None:
         self.transport.wait(req)
