@@ -17,8 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from mpipipe.model import Model
-from mpipipe.parallel.p2p import tag
-from mpipipe.parallel.transport import Link, Reposted
+from mpipipe.parallel.p2p import Link, Reposted, tag
 from mpipipe.schedule import Action, Plan, message, recv_buffer_peaks, recv_buffer_slots
 from mpipipe.schedule.actions import COMPUTE
 from mpipipe.schedule.deps import input_stage, output_stage
@@ -274,8 +273,10 @@ class Executor:
 
 def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
     """Bytes of the distinct arrays reachable from a saved context."""
+    if obj is None:  # emulated compute, and W's (nothing held)
+        return 0
     seen = set() if seen is None else seen
-    if id(obj) in seen or obj is None:
+    if id(obj) in seen:
         return 0
     seen.add(id(obj))
     if hasattr(obj, "nbytes") and hasattr(obj, "shape"):

@@ -31,6 +31,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from mpipipe.parallel.p2p import Link, Reposted
 from mpipipe.parallel.staging import DeviceOps, Event, HostOps, HostPool
 from mpipipe.xp import Array, is_half
 
@@ -366,42 +367,3 @@ class Transport:
         """Nothing in flight and no collective waiting to be posted (so every staging buffer
         is back in its pool)."""
         return not self.inflight and not any(q for q in self.queues.values())
-
-
-class Reposted:
-    """A receive posted once per step on the same buffer, peer and tag (see
-    `Transport.recv_init`): `start()` posts it, `request` is what to wait on until the next."""
-
-    def __init__(self, post: Callable[[], Any] | None, persistent: Any = None) -> None:
-        self.post, self.request = post, persistent
-
-    def start(self) -> None:
-        if self.post is None:  # MPI_Start: no arguments to convert, no request to allocate
-            self.request.Start()
-        else:
-            self.request = self.post()
-
-
-class Link:
-    """The point-to-point half of a transport, bound to one communicator (the pipeline's)."""
-
-    def __init__(self, transport: Transport, comm: MPI.Comm) -> None:
-        self.transport, self.comm = transport, comm
-
-    def isend(self, buf: Array, dest: int, tag: int) -> Any:
-        return self.transport.isend(self.comm, buf, dest, tag)
-
-    def irecv(self, buf: Array, source: int, tag: int) -> Any:
-        return self.transport.irecv(self.comm, buf, source, tag)
-
-    def recv_init(self, buf: Array, source: int, tag: int) -> Reposted:
-        return self.transport.recv_init(self.comm, buf, source, tag)
-
-    def wait(self, req: Any) -> None:
-        self.transport.wait(req)
-
-    def waitall(self, reqs: list[Any]) -> None:
-        self.transport.waitall(reqs)
-
-    def progress(self) -> None:
-        self.transport.progress()
