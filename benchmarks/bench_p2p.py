@@ -119,6 +119,7 @@ def measure(args: argparse.Namespace) -> None:
             f"summary: p2p | executor vs raw round trip, 64 B | {lat_raw / lat_ex:.2f} | "
             "(reference)"
         )
+    p2p.transport.close()
     comm.Free()
 
 

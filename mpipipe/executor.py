@@ -17,9 +17,9 @@ from types import ModuleType
 from typing import Any
 
 from mpipipe.model import Model
-from mpipipe.parallel.p2p import tag
-from mpipipe.parallel.transport import Link
-from mpipipe.schedule import Action, Plan, buffer_releases, message, recv_buffer_peaks
+from mpipipe.parallel.p2p import Link, Reposted, tag
+from mpipipe.schedule import Action, Plan, message, recv_buffer_peaks, recv_buffer_slots
+from mpipipe.schedule.actions import COMPUTE
 from mpipipe.schedule.deps import input_stage, output_stage
 from mpipipe.stage import SavedInput, Stage
 from mpipipe.watchdog import NoWatchdog
@@ -74,25 +74,42 @@ class Executor:
                 key, peer = message(plan, rank, a)
                 t = tag(key[0], key[1], key[2], plan.n_stages, plan.microbatches)
                 self.wire[i] = (key, peer, t)
+        # each compute action's mailbox keys: where its input comes from (None: the pipeline's
+        # input) and where its output goes (None: the pipeline's output)
+        self.io: dict[int, tuple[tuple[str, int, int] | None, tuple[str, int, int] | None]] = {}
+        n = plan.n_stages
+        for i, a in enumerate(self.row):
+            if a.kind in ("F", "B"):
+                k = stage.ids[a.chunk]
+                src, dst = input_stage(a.kind, k, n), output_stage(a.kind, k, n)
+                take = None if src is None else ("A" if a.kind == "F" else "G", a.mb, k)
+                put: tuple[str, int, int] | None
+                if a.kind == "F":
+                    put = ("A", a.mb, dst) if dst is not None else ("G", a.mb, k)
+                else:
+                    put = None if dst is None else ("G", a.mb, dst)
+                self.io[i] = (take, put)
         self.training = any(a.kind == "B" for a in self.row)
-        self.releases = buffer_releases(self.row)
-        self.pools: dict[tuple[str, int], list[Array]] = {}
+        # every step receives into the same buffers (`recv_buffer_slots`), so each receive is
+        # one persistent request, started once per step
+        pools: dict[tuple[str, int], list[Array]] = {}
         for (kind, c), n in recv_buffer_peaks(self.row).items():
             layers = stage.chunks[c].indices
             boundary = layers.start - 1 if kind == "RA" else layers.stop - 1
             shape = model.act_shape(boundary, micro_batch)
-            self.pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
-        self.recv_labels: dict[int, tuple[str, str]] = {}
-        for i, (key, source, t) in self.wire.items():
-            a = self.row[i]
-            if a.kind in ("RA", "RG"):
-                what = "activation" if key[0] == "A" else "gradient"
-                nbytes = self.pools[(a.kind, a.chunk)][0].nbytes
-                self.recv_labels[i] = (
-                    f"waiting for the {what} of micro-batch {key[1]} from rank {source} "
-                    f"(tag {t}, {nbytes} bytes)",
-                    f"wait {what} {key[1]} from {source}",
-                )
+            pools[(kind, c)] = [xp.empty(shape, dtype=dtype) for _ in range(n)]
+        self.pending: dict[int, _Pending] = {}
+        for i, slot in recv_buffer_slots(self.row).items():
+            a, (key, source, t) = self.row[i], self.wire[i]
+            buf = pools[(a.kind, a.chunk)][slot]
+            what = "activation" if key[0] == "A" else "gradient"
+            self.pending[i] = _Pending(
+                buf,
+                p2p.recv_init(buf, source, t),
+                f"waiting for the {what} of micro-batch {key[1]} from rank {source} "
+                f"(tag {t}, {buf.nbytes} bytes)",
+                f"wait {what} {key[1]} from {source}",
+            )
         self.spans: list[tuple[float, float, Action]] = []  # last run's compute, perf_counter
         self.waited = 0.0  # seconds the current action spent waiting for its input
         self.peak_stash = 0  # most micro-batch contexts held at once, over all runs
@@ -109,6 +126,7 @@ class Executor:
             "RA": self._recv,
             "RG": self._recv,
         }
+        self.handlers = [self.dispatch[a.kind] for a in self.row]
 
     def run(self, batch: MicroBatches) -> list[float]:
         """Run the row once; return the last stage's per-micro-batch losses (else []), brought
@@ -120,24 +138,30 @@ class Executor:
         self.losses: dict[int, Array] = {}  # 0-d device arrays until the end of the run
         self.outputs: dict[int, Array] = {}  # last stage, when the batch has no targets
         self.sends: list[tuple[Any, Array]] = []
-        self.taken: dict[int, tuple[tuple[str, int], Array]] = {}  # recv index -> (pool, buffer)
         self.spans, self.waits = [], []
-        clock = time.perf_counter
+        self.unsettled: tuple[tuple[int, int], Any, bool] | None = None
+        # the loop runs once per action: names bound here, not looked up each time
+        clock, beat, labels, progress = (
+            time.perf_counter,
+            self.watchdog.beat,
+            self.labels,
+            self.p2p.progress,
+        )
+        spans, handlers = self.spans, self.handlers
         self.started = clock()
         for i, action in enumerate(self.row):
-            self.watchdog.beat(self.labels[i])
-            if action.is_compute:
+            beat(labels[i])
+            if action.kind in COMPUTE:
+                self._settle()
                 self.waited = 0.0
                 t0 = clock()
-                self.dispatch[action.kind](action, i)
+                handlers[i](action, i)
                 # an action first waits for its input (in _take), then computes
-                self.spans.append((t0 + self.waited, clock(), action))
+                spans.append((t0 + self.waited, clock(), action))
             else:
-                self.dispatch[action.kind](action, i)
-            self.p2p.progress()  # staged and deferred messages move on between actions
-            for j in self.releases.get(i, ()):
-                pool, buf = self.taken.pop(j)
-                self.pools[pool].append(buf)
+                handlers[i](action, i)
+            progress()  # staged and deferred messages move on between actions
+        self._settle()
         self.watchdog.beat(f"{self.name}: completing sends")
         self.watchdog.waiting("waiting for sends to complete (a neighbour not receiving?)")
         t0 = clock()
@@ -164,48 +188,55 @@ class Executor:
 
     # -- compute -------------------------------------------------------------------------------
     def _forward(self, a: Action, i: int) -> None:
-        k, n = self.stage.ids[a.chunk], self.plan.n_stages
+        take, put = self.io[i]
         inputs = self.batch.inputs
-        if input_stage("F", k, n) is None and inputs is not None:  # the pipeline's input
+        if take is None and inputs is not None:  # the pipeline's input
             x = inputs[a.mb]
         else:
-            x = self._take(("A", a.mb, k))
+            x = self._take(take or ("A", a.mb, self.stage.ids[a.chunk]))
         y, ctx = self.stage.chunks[a.chunk].forward(x)
-        after = output_stage("F", k, n)
-        if after is None:  # the last stage: the loss
-            if self.batch.targets is None:  # inference: keep the model's output
-                self.outputs[a.mb] = y
-                return
-            targets = self.batch.targets[a.mb]
-            if self.training:
-                self.losses[a.mb], dy = self.stage.loss.forward_backward(
-                    y, targets, self.loss_scale
-                )
-                self.mail[("G", a.mb, k)] = dy
-            else:
-                self.losses[a.mb] = self.stage.loss.forward(y, targets)
+        assert put is not None  # a forward's output always goes somewhere: on, or to the loss
+        if put[0] == "A":
+            self.mail[put] = y
+        elif self.batch.targets is None:  # the last stage, inference: keep the model's output
+            self.outputs[a.mb] = y
+            return
+        elif self.training:  # the last stage: the loss and its gradient
+            self.losses[a.mb], self.mail[put] = self.stage.loss.forward_backward(
+                y, self.batch.targets[a.mb], self.loss_scale
+            )
         else:
-            self.mail[("A", a.mb, after)] = y
+            self.losses[a.mb] = self.stage.loss.forward(y, self.batch.targets[a.mb])
         if self.training:
             self.ctx[(a.mb, a.chunk)] = ctx
-            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
-            self._account((a.mb, a.chunk), ctx)
-            self.peak_ctx_bytes = max(self.peak_ctx_bytes, self.stash_bytes[(a.mb, a.chunk)])
+            self.unsettled = ((a.mb, a.chunk), ctx, True)
 
     def _backward_input(self, a: Action, i: int) -> None:
-        k = self.stage.ids[a.chunk]
-        dy = self._take(("G", a.mb, k))
+        take, put = self.io[i]
+        dy = self._take(take or ("G", a.mb, self.stage.ids[a.chunk]))
         dx, wctx = self.stage.chunks[a.chunk].backward_input(dy, self.ctx.pop((a.mb, a.chunk)))
+        if put is not None:
+            self.mail[put] = dx
         self.wctx[(a.mb, a.chunk)] = wctx
-        self._account((a.mb, a.chunk), wctx)
-        before = output_stage("B", k, self.plan.n_stages)
-        if before is not None:
-            self.mail[("G", a.mb, before)] = dx
+        self.unsettled = ((a.mb, a.chunk), wctx, False)
 
     def _backward_weight(self, a: Action, i: int) -> None:
         done = self.on_layer_final if i == self.final_w.get(a.chunk) else None
         self.stage.chunks[a.chunk].backward_weight(self.wctx.pop((a.mb, a.chunk)), done)
-        self._account((a.mb, a.chunk), None)
+        self.unsettled = ((a.mb, a.chunk), None, False)
+
+    def _settle(self) -> None:
+        """The memory accounting of the last compute action, done after the messages that
+        follow it in the row are posted (at the next compute action or the run's end), so its
+        output leaves sooner; the counts and peaks are the same, as no compute runs between."""
+        if self.unsettled is None:
+            return
+        key, saved, forward = self.unsettled
+        self.unsettled = None
+        self._account(key, saved)
+        if forward:
+            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
+            self.peak_ctx_bytes = max(self.peak_ctx_bytes, self.stash_bytes[key])
 
     def _account(self, key: tuple[int, int], saved: Any) -> None:
         """Track the bytes that saved contexts hold (activation memory) and their peak."""
@@ -223,18 +254,16 @@ class Executor:
         self.sends.append((self.p2p.isend(buf, dest, t), buf))
 
     def _recv(self, a: Action, i: int) -> None:
-        key, source, t = self.wire[i]
-        pool = (a.kind, a.chunk)
-        buf = self.pools[pool].pop()
-        self.taken[i] = (pool, buf)
-        self.mail[key] = _Pending(buf, self.p2p.irecv(buf, source, t), *self.recv_labels[i])
+        pending = self.pending[i]
+        pending.receive.start()
+        self.mail[self.wire[i][0]] = pending
 
     def _take(self, key: tuple[str, int, int]) -> Array:
         item = self.mail.pop(key)
         if isinstance(item, _Pending):
             self.watchdog.waiting(item.waiting)
             t0 = time.perf_counter()
-            self.p2p.wait(item.request)
+            self.p2p.wait(item.receive.request)
             t1 = time.perf_counter()
             self.waited += t1 - t0
             self.waits.append((t0, t1, item.span))
@@ -244,8 +273,10 @@ class Executor:
 
 def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
     """Bytes of the distinct arrays reachable from a saved context."""
+    if obj is None:  # emulated compute, and W's (nothing held)
+        return 0
     seen = set() if seen is None else seen
-    if id(obj) in seen or obj is None:
+    if id(obj) in seen:
         return 0
     seen.add(id(obj))
     if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
@@ -265,6 +296,6 @@ def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
 @dataclass
 class _Pending:
     buffer: Array
-    request: Any
+    receive: Reposted
     waiting: str  # what the watchdog says if the wait hangs
     span: str  # the wait's name in the trace

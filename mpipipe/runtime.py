@@ -273,3 +273,4 @@ class Runtime:
             self.reducer.close()
         if self.tie is not None:
             self.tie.close()
+        self.transport.close()  # the executors' persistent receives

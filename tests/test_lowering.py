@@ -25,6 +25,7 @@ from mpipipe.schedule import (
     lower,
     message,
     recv_buffer_peaks,
+    recv_buffer_slots,
 )
 
 RECV = {"F": "RA", "B": "RG"}
@@ -152,6 +153,21 @@ def test_receive_buffers_outlive_their_last_reader(case):
                     ]
                     assert at == max(readers), (str(a), i, at, readers)
             assert recv_buffer_peaks(row) == live_peaks(row)
+            # the fixed buffers the executor receives into: a buffer is taken again only after
+            # the receive that held it gave it back, and each pool's buffers are all used
+            slots, peaks = recv_buffer_slots(row), recv_buffer_peaks(row)
+            given_at = {i: at for at, recvs in releases.items() for i in recvs}
+            free_after: dict[tuple[str, int, int], int] = {}
+            for i in recvs:
+                a = row[i]
+                held = (a.kind, a.chunk, slots[i])
+                assert free_after.get(held, -1) < i, (str(a), i, held)
+                free_after[held] = given_at[i]
+            used: dict[tuple[str, int], set[int]] = {}
+            for i in recvs:
+                used.setdefault((row[i].kind, row[i].chunk), set()).add(slots[i])
+            assert {k: len(v) for k, v in used.items()} == peaks
+            assert all(v == set(range(len(v))) for v in used.values())
 
 
 def live_peaks(row: tuple[Action, ...]) -> dict[tuple[str, int], int]:

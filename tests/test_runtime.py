@@ -152,6 +152,29 @@ def test_freed_host_memory_is_kept_unless_the_user_set_the_allocator():
     assert reuse_host_memory({}) is glibc  # mallopt accepted both settings
 
 
+def test_a_persistent_receive_takes_every_step_s_message_and_close_frees_it():
+    """`recv_init`: the executor's receives, one MPI persistent request each, started per step
+    into the same buffer (here on COMM_SELF: a rank sending to itself)."""
+    from mpi4py import MPI
+
+    from mpipipe.parallel.transport import Transport
+
+    comm = MPI.COMM_SELF.Dup()
+    transport = Transport()
+    buf = np.zeros(4, np.float32)
+    recv = transport.link(comm).recv_init(buf, 0, 7)
+    for step in (1, 2):
+        recv.start()
+        send = transport.isend(comm, np.full(4, step, np.float32), 0, 7)
+        transport.wait(recv.request)
+        transport.wait(send)
+        assert buf.tolist() == [step] * 4
+    assert len(transport.persistent) == 1
+    transport.close()
+    assert not transport.persistent
+    comm.Free()
+
+
 def test_waits_spin_long_only_where_every_rank_has_a_core():
     from mpipipe.parallel.transport import SPIN_OWN_CORE_S, SPIN_SHARED_S, spin_for
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from mpipipe.parallel.p2p import Link, Reposted
 from mpipipe.parallel.staging import DeviceOps, Event, HostOps, HostPool
 from mpipipe.xp import Array, is_half
 
@@ -120,6 +121,7 @@ class Transport:
         self.lock = threading.RLock()  # the executor and the reducer's progress thread
         self.inflight: list[Request] = []
         self.queues: dict[int, deque[Request]] = {}  # collectives per communicator, in order
+        self.persistent: list[MPI.Prequest] = []  # freed by close()
 
     @property
     def policy(self) -> str:
@@ -170,6 +172,23 @@ class Transport:
                 release=lambda: self.pool.give(host),
             )
         )
+
+    def recv_init(self, comm: MPI.Comm, buf: Array, source: int, tag: int) -> Reposted:
+        """A receive into `buf` from `source` with `tag`, to be posted again and again
+        (`Reposted.start`): an MPI persistent request for a host buffer, `irecv` at each start
+        for a device buffer."""
+        if self.ops.is_device(buf):
+            return Reposted(lambda: self.irecv(comm, buf, source, tag))
+        req = comm.Recv_init([buf, MPI.BYTE], source=source, tag=tag)
+        self.persistent.append(req)
+        return Reposted(None, req)
+
+    def close(self) -> None:
+        """Free the persistent requests (MPI warns of any left at finalize)."""
+        for req in self.persistent:
+            if req != MPI.REQUEST_NULL:
+                req.Free()
+        self.persistent.clear()
 
     # -- collectives ---------------------------------------------------------------------------
     def iallreduce(self, comm: MPI.Comm, buf: Array, op: MPI.Op = MPI.SUM) -> Request:
@@ -348,25 +367,3 @@ class Transport:
         """Nothing in flight and no collective waiting to be posted (so every staging buffer
         is back in its pool)."""
         return not self.inflight and not any(q for q in self.queues.values())
-
-
-class Link:
-    """The point-to-point half of a transport, bound to one communicator (the pipeline's)."""
-
-    def __init__(self, transport: Transport, comm: MPI.Comm) -> None:
-        self.transport, self.comm = transport, comm
-
-    def isend(self, buf: Array, dest: int, tag: int) -> Any:
-        return self.transport.isend(self.comm, buf, dest, tag)
-
-    def irecv(self, buf: Array, source: int, tag: int) -> Any:
-        return self.transport.irecv(self.comm, buf, source, tag)
-
-    def wait(self, req: Any) -> None:
-        self.transport.wait(req)
-
-    def waitall(self, reqs: list[Any]) -> None:
-        self.transport.waitall(reqs)
-
-    def progress(self) -> None:
-        self.transport.progress()

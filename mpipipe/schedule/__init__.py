@@ -13,7 +13,13 @@ from mpipipe.schedule.actions import Action, Plan, from_text, parse
 from mpipipe.schedule.check import Costs, Report, check, render, simulate
 from mpipipe.schedule.gpipe import forward_only, gpipe
 from mpipipe.schedule.interleaved import interleaved
-from mpipipe.schedule.lower import buffer_releases, lower, message, recv_buffer_peaks
+from mpipipe.schedule.lower import (
+    buffer_releases,
+    lower,
+    message,
+    recv_buffer_peaks,
+    recv_buffer_slots,
+)
 from mpipipe.schedule.one_f_one_b import one_f_one_b
 from mpipipe.schedule.vshape import dualpipev, v_half, v_min
 from mpipipe.schedule.zero_bubble import zb_h1, zbv
@@ -85,6 +91,7 @@ __all__ = [
     "parse",
     "message",
     "recv_buffer_peaks",
+    "recv_buffer_slots",
     "render",
     "simulate",
 ]

@@ -72,6 +72,26 @@ def buffer_releases(row: tuple[Action, ...] | list[Action]) -> dict[int, list[in
     return releases
 
 
+def recv_buffer_slots(row: tuple[Action, ...] | list[Action]) -> dict[int, int]:
+    """Which buffer of its pool (one pool per kind 'RA'|'RG' and chunk) each receive on a
+    lowered row takes: `buffer_releases` played through the row once, the buffer given back
+    last taken first. The executor receives into the same buffers every step, so each receive
+    is one persistent request; a pool's slots are 0 .. its `recv_buffer_peaks` - 1."""
+    releases = buffer_releases(row)
+    free: dict[tuple[str, int], list[int]] = {}
+    made: dict[tuple[str, int], int] = {}
+    slots: dict[int, int] = {}
+    for i, a in enumerate(row):
+        if a.kind in ("RA", "RG"):
+            key = (a.kind, a.chunk)
+            pool = free.setdefault(key, [])
+            slots[i] = pool.pop() if pool else made.get(key, 0)
+            made[key] = max(made.get(key, 0), slots[i] + 1)
+        for j in releases.get(i, ()):
+            free[(row[j].kind, row[j].chunk)].append(slots[j])
+    return slots
+
+
 def recv_buffer_peaks(row: tuple[Action, ...] | list[Action]) -> dict[tuple[str, int], int]:
     """Most receive buffers alive at once on one lowered row, per (kind 'RA'|'RG', chunk)."""
     freed = {i: j for j, recvs in buffer_releases(row).items() for i in recvs}
