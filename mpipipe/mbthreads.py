@@ -103,6 +103,7 @@ class MicroBatchThreads(Executor):
     """The Executor's run of a one-rank row, with micro-batches on `threads` workers."""
 
     def __init__(self, *args: Any, threads: int, **kwargs: Any) -> None:
+        self.local = threading.local()  # each worker's action not yet accounted (`unsettled`)
         super().__init__(*args, **kwargs)
         if self.wire or not all(isinstance(c, Chunk) for c in self.stage.chunks):
             raise ValueError("micro-batch threads need one rank holding the model, real layers")
@@ -141,8 +142,17 @@ class MicroBatchThreads(Executor):
             for c, i in sorted(self.final_w.items(), key=lambda kv: kv[1])
             for j in reversed(range(len(self.stage.chunks[c].layers)))
         ]
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the accounting (`_settle` calls `_account`) and spans
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="microbatch")
+
+    @property
+    def unsettled(self) -> Any:
+        """The executor's action whose memory accounting is pending, one per worker."""
+        return getattr(self.local, "unsettled", None)
+
+    @unsettled.setter
+    def unsettled(self, value: Any) -> None:
+        self.local.unsettled = value
 
     @property
     def busy(self) -> float:
@@ -216,6 +226,7 @@ class MicroBatchThreads(Executor):
         t0 = time.perf_counter()
         work(a, i)
         with self.lock:
+            self._settle()  # this worker's accounting: no message to post first
             self.spans.append((t0, time.perf_counter(), a))
             self.lanes.append(lane)  # the trace's thread for the span
 
