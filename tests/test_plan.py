@@ -219,14 +219,44 @@ def test_action_overhead_by_ranks_interpolates_in_log_ranks_and_round_trips() ->
 
 
 def test_calibrated_overhead_reproduces_the_measured_step() -> None:
-    """calibrate.overhead_for inverts the planner: the overhead it finds for a step time that a
-    known overhead produced is that overhead."""
-    from mpipipe.plan.calibrate import SLEEP_MS, overhead_for
+    """calibrate.overhead_for inverts the planner: the overhead it finds for a pipeline time
+    that a known overhead produced is that overhead (the step's other terms left out)."""
+    from mpipipe.plan.calibrate import overhead_for, pipeline_run
 
-    model = GPT(4, 32, 2, 16, 256, 8, emulate=(SLEEP_MS,) * 3)
-    lay = Layout(4, 1, 1, "1f1b", 1, 8)
-    step = predict(model, lay, ideal(action_overhead_us=1234.0)).step_time
-    assert overhead_for(step, 4, ideal()) == pytest.approx(1234.0, rel=1e-4)
+    model, lay, _ = pipeline_run(4)
+    noisy = ideal(action_overhead_us=1234.0, step_overhead_ms=50.0)
+    pipeline = predict(model, lay, noisy).breakdown["pipeline"]
+    assert overhead_for(pipeline, 4, ideal(step_overhead_ms=50.0)) == pytest.approx(
+        1234.0, rel=1e-4
+    )
+
+
+def test_step_and_gradient_phase_tables_price_by_ranks_and_only_dp_pays_the_phase() -> None:
+    """step_overhead_by_ranks replaces the 1-rank step overhead for N ranks; the gradient
+    phase's calibrated time reaches layouts with dp > 1 only, after their last action."""
+    import tomllib
+
+    m = ideal(step_overhead_ms=1.0, step_overhead_by_ranks=((1, 1.0), (16, 9.0)),
+              reduce_overhead_by_ranks=((2, 4.0), (8, 10.0)))  # fmt: skip
+    assert m.step_overhead(4) == pytest.approx(5e-3)  # halfway in log: 1 -> 4 -> 16
+    assert m.reduce_overhead(4, 4) == pytest.approx(7e-3)  # N replicas: the table's value
+    assert m.reduce_overhead(4, 2) == pytest.approx(3.5e-3)  # 2 of 4: log2(2) / log2(4) of it
+    assert m.reduce_overhead(64, 8) == pytest.approx(5e-3)  # held past the last point, 3/6
+    assert m.reduce_overhead(4, 1) == 0.0
+    assert ideal().reduce_overhead(32, 32) == 0.0  # presets: the links' model only
+    assert from_mapping(tomllib.loads(m.to_toml()), "t") == m
+    bad = tomllib.loads(m.to_toml().replace("[[2, 4]", "[[2, -4]"))
+    with pytest.raises(ConfigError, match="reduce_overhead_by_ranks"):
+        from_mapping(bad, "t")
+    model = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    for layout, phase in (
+        (Layout(4, 1, 1, "1f1b", 1, 4), 0.0),
+        (Layout(2, 2, 1, "1f1b", 1, 4), 3.5e-3),
+    ):
+        base = predict(model, layout, ideal()).step_time
+        got = predict(model, layout, m)
+        assert got.step_time - base == pytest.approx(5e-3 + phase, rel=1e-9)
+        assert got.breakdown["dp reduce (not hidden)"] == pytest.approx(phase, abs=1e-12)
 
 
 def test_profiled_compute_replaces_the_roofline() -> None:

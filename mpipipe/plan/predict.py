@@ -8,7 +8,10 @@ on the link and the optimizer waits for all. Here: a layer is final when its chu
 (the W of a chunk works layer by layer, last layer first, so its layers finish in turn); buckets
 start at max(ready, previous bucket done); without overlap (--overlap off) all start when the
 rank's last action ends. ZeRO-1 reduce-scatters the same way and all-gathers
-the updated parameters after the optimizer step, which nothing overlaps.
+the updated parameters after the optimizer step, which nothing overlaps. A machine file calibrated
+here adds what the alpha-beta model of the links leaves out, per step of a job of N ranks
+(machine.py): the gradient phase's waits when dp > 1 (replicas drift apart; ranks wait for a
+core) and the step's fixed work outside the pipeline.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     link = machine.link(layout.tp * layout.dp - 1)
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
+    waits = machine.reduce_overhead(layout.ranks, layout.dp)
     for r, spans in enumerate(report.spans):
         compute_end = spans[-1][1] if spans else 0.0
         ready: list[tuple[float, float]] = []  # (time a layer is final, its gradient bytes)
@@ -86,11 +90,11 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
                 t = last_w[0] + (last_w[1] - last_w[0]) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
         clock = _buckets(ready, compute_end, layout, link, bucket_mb)
-        end = max(compute_end, clock)
+        end = max(compute_end, clock) + waits
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))
-    step = max(ends) + opt + machine.step_overhead_ms * 1e-3
+    step = max(ends) + opt + machine.step_overhead(layout.ranks)
     tokens = model.global_batch * model.seq_len
     flops = model.model_flops(model.global_batch)
     mfu = flops / step / (machine.peak(model.dtype) * layout.ranks)
