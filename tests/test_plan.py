@@ -281,6 +281,14 @@ def test_profiled_compute_replaces_the_roofline() -> None:
     times = Profile(16, 2, 8, 32, "float32", repeats=1).times(2, 2)
     assert set(times) == {"embed", "block", "head"}
     assert all(x > 0 for k in ("block", "head") for x in times[k])
+    # the optimizer too: the profile's seconds per parameter times the rank's parameters
+    fixed.optimizer_rate = lambda name, tp: 1e-3 if (name, tp) == ("adamw", 1) else 0.0
+    lay = Layout(2, 1, 1, "1f1b", 1, 4)
+    got = predict(model, lay, ideal()).breakdown["optimizer"]
+    assert got == pytest.approx(
+        1e-3 * max(predict(model, lay, ideal()).memory, key=lambda m: m.params).params
+    )
+    assert Profile(16, 2, 8, 32, "float32", repeats=1).optimizer_rate("adamw", 1) > 0
 
 
 def test_megatron_rows_run_the_artifacts_layouts_and_dropout_costs_traffic() -> None:

@@ -141,10 +141,14 @@ def _reduce(link: Link, nbytes: float, layout: Layout) -> float:
 
 def _optimizer(model: GPT, layout: Layout, machine: Machine, params: int, link: Link) -> float:
     """AdamW/SGD on the rank's (shard of) parameters: memory-bound, ~7 fp32 streams per
-    parameter (plus the 16-bit copies); ZeRO-1 updates 1/dp of them, then all-gathers."""
+    parameter (plus the 16-bit copies), or with a profile the runtime's optimizer timed here;
+    ZeRO-1 updates 1/dp of them, then all-gathers."""
     streams = 7 * 4 + (4 if model.width == 2 else 0)
     mine = params / (layout.dp if layout.zero else 1)
-    t = machine.memory_time(mine * streams)
+    if model.profile is not None:
+        t = mine * model.profile.optimizer_rate(model.optimizer, layout.tp)
+    else:
+        t = machine.memory_time(mine * streams)
     if layout.zero and layout.dp > 1:
         t += allreduce_time(link, params * model.width, layout.dp) / 2
     return t

@@ -97,7 +97,7 @@ def prediction(n: int, flags: list[str], machine: Machine, profile: bool = False
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
     ).with_(overlap=c.overlap == "on")
     model = model_of(c)
-    if profile and model.emulate is None:  # real compute: the layers timed here, just before
+    if profile:  # the layers (real compute) and the optimizer (both) timed here, just before
         model = replace(model, profile=Profile(*_shape(model)))
     return predict(model, layout, machine, bucket_mb=c.bucket_mb)
 
