@@ -233,18 +233,28 @@ def test_calibrated_overhead_reproduces_the_measured_step() -> None:
 
 def test_step_and_gradient_phase_tables_price_by_ranks_and_only_dp_pays_the_phase() -> None:
     """step_overhead_by_ranks replaces the 1-rank step overhead for N ranks; the gradient
-    phase's calibrated time reaches layouts with dp > 1 only, after their last action."""
+    phase's calibrated rounds (log2 of the group) and drift (sqrt of a rank's actions, the
+    expected slowest of dp replicas) reach layouts with dp > 1 only, after their last action."""
     import tomllib
 
+    from mpipipe.plan.machine import largest
+
+    assert largest(1) == pytest.approx(0.0, abs=1e-9)
+    assert largest(2) == pytest.approx(1 / 3.141592653589793**0.5, rel=1e-6)  # 1 / sqrt(pi)
+    assert largest(4) == pytest.approx(1.0294, abs=1e-4)  # the tabulated normal order statistic
     m = ideal(step_overhead_ms=1.0, step_overhead_by_ranks=((1, 1.0), (16, 9.0)),
               reduce_overhead_by_ranks=((2, 4.0), (8, 10.0)))  # fmt: skip
     assert m.step_overhead(4) == pytest.approx(5e-3)  # halfway in log: 1 -> 4 -> 16
-    assert m.reduce_overhead(4, 4) == pytest.approx(7e-3)  # N replicas: the table's value
-    assert m.reduce_overhead(4, 2) == pytest.approx(3.5e-3)  # 2 of 4: log2(2) / log2(4) of it
-    assert m.reduce_overhead(64, 8) == pytest.approx(5e-3)  # held past the last point, 3/6
-    assert m.reduce_overhead(4, 1) == 0.0
-    assert ideal().reduce_overhead(32, 32) == 0.0  # presets: the links' model only
+    assert m.reduce_overhead(4, 4, 9) == pytest.approx(7e-3)  # N replicas: the table's value
+    assert m.reduce_overhead(4, 2, 9) == pytest.approx(3.5e-3)  # 2 of 4: log2(2) / log2(4)
+    assert m.reduce_overhead(64, 8, 9) == pytest.approx(5e-3)  # held past the last point, 3/6
+    assert m.reduce_overhead(4, 1, 9) == 0.0
+    assert ideal().reduce_overhead(32, 32, 9) == 0.0  # presets: the links' model only
+    d = ideal(reduce_drift_by_ranks=((4, 2.0),))
+    assert d.reduce_overhead(4, 4, 9) == pytest.approx(6e-3)  # 2 ms x sqrt(9)
+    assert d.reduce_overhead(4, 2, 16) == pytest.approx(8e-3 * largest(2) / largest(4))
     assert from_mapping(tomllib.loads(m.to_toml()), "t") == m
+    assert from_mapping(tomllib.loads(d.to_toml()), "t") == d
     bad = tomllib.loads(m.to_toml().replace("[[2, 4]", "[[2, -4]"))
     with pytest.raises(ConfigError, match="reduce_overhead_by_ranks"):
         from_mapping(bad, "t")
@@ -257,6 +267,19 @@ def test_step_and_gradient_phase_tables_price_by_ranks_and_only_dp_pays_the_phas
         got = predict(model, layout, m)
         assert got.step_time - base == pytest.approx(5e-3 + phase, rel=1e-9)
         assert got.breakdown["dp reduce (not hidden)"] == pytest.approx(phase, abs=1e-12)
+
+
+def test_phase_fit_splits_rounds_from_drift() -> None:
+    """calibrate.phase_fit inverts extra = rounds + drift sqrt(k) from two action counts, and
+    never returns a negative part."""
+    from mpipipe.plan.calibrate import phase_fit
+
+    assert phase_fit([(12, 3.0 + 2.0 * 12**0.5), (48, 3.0 + 2.0 * 48**0.5)]) == pytest.approx(
+        (3.0, 2.0)
+    )
+    assert phase_fit([(12, 5.0), (48, 4.0)]) == pytest.approx((5.0, 0.0))  # noise: no drift
+    rounds, drift = phase_fit([(12, 0.0), (48, 7.0)])  # steep: all drift, through the larger
+    assert (rounds, drift) == pytest.approx((0.0, 7.0 / 48**0.5))
 
 
 def test_profiled_compute_replaces_the_roofline() -> None:

@@ -14,9 +14,10 @@
                wake-ups, MPI progress and, past the core count, waiting for a core), and the
                time per step outside the pipeline (the step's all-reduce of statistics over N
                ranks, the optimizer's Python);
-               busy replicas (pp = 1, dp = N, one layer, 4 micro-batches: every rank busy at
-               once): the time per step of the gradient phase beyond the alpha-beta all-reduce
-               (replicas waiting for the slowest, ranks waiting for a core).
+               busy replicas (pp = 1, dp = N, one layer, 4 and 16 micro-batches: every rank
+               busy at once): the gradient phase beyond the alpha-beta all-reduce, as a time
+               per step (the all-reduce's rounds, ranks waiting for a core) and a drift per
+               square root of a rank's actions (replicas waiting for the slowest).
                These runs share no layout with --validate's (see the README).
 Every rank is one core with one BLAS thread (validate runs them so). One node: both link levels
 get the p2p figures; `devices_per_node` is the core count.
@@ -25,6 +26,7 @@ get the p2p figures; `devices_per_node` is the core count.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,16 +131,19 @@ def pipeline_run(n: int) -> tuple[Any, Any, list[str]]:
     return model, Layout(n, 1, 1, "1f1b", 1, 8), flags
 
 
-def busy_run(n: int) -> tuple[Any, Any, list[str]]:
-    """(model, layout, train flags) of the N-rank data-parallel calibration run: pp = 1, dp = N
-    (every rank busy, no bubble), one layer, 4 micro-batches of one sample per replica."""
+def busy_run(n: int, m: int) -> tuple[Any, Any, list[str]]:
+    """(model, layout, train flags) of an N-rank data-parallel calibration run: pp = 1, dp = N
+    (every rank busy, no bubble), one layer, m micro-batches of one sample per replica."""
     from mpipipe.plan.cost import GPT, Layout
 
-    model = GPT(1, 32, 2, 16, 256, 4 * n, emulate=(SLEEP_MS, SLEEP_MS, SLEEP_MS))
+    model = GPT(1, 32, 2, 16, 256, m * n, emulate=(SLEEP_MS, SLEEP_MS, SLEEP_MS))
     flags = ["--layers", "1", "--d-model", "32", "--heads", "2", "--seq-len", "16",
-             "--global-batch", str(4 * n), "--microbatches", "4", "--pp", "1", "--dp", str(n),
+             "--global-batch", str(m * n), "--microbatches", str(m), "--pp", "1", "--dp", str(n),
              *EMULATE]  # fmt: skip
-    return model, Layout(1, n, 1, "1f1b", 1, 4), flags
+    return model, Layout(1, n, 1, "1f1b", 1, m), flags
+
+
+BUSY_M = (4, 16)  # micro-batches of the two busy runs per N: 12 and 48 actions per rank
 
 
 def overhead_for(pipeline: float, n: int, machine: Machine) -> float:
@@ -160,15 +165,17 @@ def overhead_for(pipeline: float, n: int, machine: Machine) -> float:
 def overheads_by_ranks(launch_n: Any, machine: Machine) -> Machine:
     """`machine` with its three by-ranks tables measured here, for N in BY_RANKS: from the pp = N
     run the time per action (its pipeline, as overhead_for fits it) and the time per step
-    outside the pipeline (its step less its pipeline and the predicted optimizer); then from the
-    dp = N run the time per step of the gradient phase: its step less the prediction of
-    everything else (the alpha-beta all-reduce among them). Neither kind of run is a --validate
-    layout."""
+    outside the pipeline (its step less its pipeline and the predicted optimizer); then from two
+    dp = N runs (BUSY_M micro-batches) the gradient phase: each run's step less the prediction
+    of everything else (the alpha-beta all-reduce among them), split into the all-reduce's
+    rounds and the replicas' drift by how it grows with the actions per rank (phase_fit).
+    Neither kind of run is a --validate layout."""
     from mpipipe.plan.predict import predict
 
     action = [(1, machine.action_overhead_us)]
     step = [(1, machine.step_overhead_ms)]
     reduce: list[tuple[int, float]] = []
+    drifts: list[tuple[int, float]] = []
     for n in BY_RANKS:
         model, layout, flags = pipeline_run(n)
         got = _medians(launch_n(n), flags)
@@ -180,10 +187,27 @@ def overheads_by_ranks(launch_n: Any, machine: Machine) -> Machine:
     machine = replace(machine, action_overhead_by_ranks=tuple(action),
                       step_overhead_by_ranks=tuple(step))  # fmt: skip
     for n in BY_RANKS:
-        model, layout, flags = busy_run(n)
-        measured = _medians(launch_n(n), flags)["step_time_s"]
-        reduce.append((n, max(0.0, measured - predict(model, layout, machine).step_time) * 1e3))
-    return replace(machine, reduce_overhead_by_ranks=tuple(reduce))
+        extra = []  # ms the gradient phase adds at k = 3 m actions per rank
+        for m in BUSY_M:
+            model, layout, flags = busy_run(n, m)
+            measured = _medians(launch_n(n), flags)["step_time_s"]
+            extra.append((3 * m, (measured - predict(model, layout, machine).step_time) * 1e3))
+        rounds, drift = phase_fit(extra)
+        reduce.append((n, rounds))
+        drifts.append((n, drift))
+    return replace(machine, reduce_overhead_by_ranks=tuple(reduce),
+                   reduce_drift_by_ranks=tuple(drifts))  # fmt: skip
+
+
+def phase_fit(extra: list[tuple[int, float]]) -> tuple[float, float]:
+    """(rounds ms, drift ms per sqrt(action)) through the gradient phase's extra time at two
+    action counts, extra = rounds + drift sqrt(k), neither below 0."""
+    (k0, e0), (k1, e1) = extra
+    drift = max(0.0, (e1 - e0) / (math.sqrt(k1) - math.sqrt(k0)))
+    rounds = max(0.0, e0 - drift * math.sqrt(k0))
+    if rounds == 0.0:  # the line would cross 0: the drift alone through the larger point
+        drift = max(0.0, e1 / math.sqrt(k1))
+    return rounds, drift
 
 
 def calibrate(kind: str = "auto") -> Machine:

@@ -28,11 +28,12 @@
     # time per step outside the pipeline and the gradient reduction in a job of N ranks (ms):
     # the step's statistics all-reduce over all N ranks, the optimizer's Python, the wake-ups.
     step_overhead_by_ranks = [[1, 2.8], [4, 12.0]]
-    # time per step of the data-parallel gradient phase beyond the alpha-beta all-reduces in a
-    # job of N ranks that are N replicas (ms): the replicas wait for the slowest one (their
-    # pipelines drift apart by the jitter of every action) and the all-reduce's ranks wait for a
-    # core; dp < N replicas pay a log2(dp) / log2(N) share (Machine.reduce_overhead).
-    reduce_overhead_by_ranks = [[2, 5.0], [4, 20.0]]
+    # the data-parallel gradient phase beyond the alpha-beta all-reduces, measured on N ranks
+    # that are N replicas (Machine.reduce_overhead scales both to dp replicas): the all-reduce's
+    # rounds on shared cores (ms), and the replicas' drift, the jitter that makes them wait for
+    # the slowest (ms per square root of a rank's actions)
+    reduce_overhead_by_ranks = [[2, 0.5], [4, 1.5]]
+    reduce_drift_by_ranks = [[2, 0.2], [4, 1.0]]
 
 `plan --calibrate` writes one for the machine it runs on; presets live in plan/machines/.
 """
@@ -42,6 +43,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,7 @@ class Machine:
     action_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, us), ranks rising
     step_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
+    reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -108,18 +111,23 @@ class Machine:
         table = self.step_overhead_by_ranks
         return (by_ranks(table, ranks) if table else self.step_overhead_ms) * 1e-3
 
-    def reduce_overhead(self, ranks: int, dp: int) -> float:
-        """Seconds per step the gradient phase of `dp` replicas in a job of `ranks` ranks costs
-        beyond its alpha-beta all-reduces (0 without a calibrated table: presets price the
-        links only). The table holds the phase of dp = N replicas; a group of dp pays its
-        log2(dp) / log2(N) share: MPI's all-reduce of a small or mid-size message (recursive
-        doubling, or Rabenseifner's reduce-scatter and all-gather) takes rounds in proportion to
-        log2 of the group, each round a wait for the partner on the shared cores, and the
-        slowest of dp replicas' drift grows about as slowly with dp."""
-        table = self.reduce_overhead_by_ranks
-        if not table or dp <= 1:
+    def reduce_overhead(self, ranks: int, dp: int, actions: int) -> float:
+        """Seconds per step the gradient phase of `dp` replicas, each rank running `actions`
+        actions, costs in a job of `ranks` ranks beyond its alpha-beta all-reduces (0 without
+        calibrated tables: presets price the links only). The tables hold dp = N replicas:
+        - rounds: MPI's all-reduce of a small or mid-size message (recursive doubling, or
+          Rabenseifner's reduce-scatter and all-gather) takes rounds in proportion to log2 of
+          the group, each a wait for the partner on shared cores: dp pays log2(dp) / log2(N);
+        - drift: replicas' pipelines drift apart by the jitter of each action (a random walk:
+          sqrt(actions) steps) and all wait for the slowest, which is e(dp) standard deviations
+          above the mean (e: the expected largest of dp normal draws): dp pays e(dp) / e(N)."""
+        if dp <= 1:
             return 0.0
-        return by_ranks(table, ranks) * 1e-3 * math.log2(dp) / math.log2(max(ranks, 2))
+        rounds, drift = self.reduce_overhead_by_ranks, self.reduce_drift_by_ranks
+        ms = by_ranks(rounds, ranks) * math.log2(dp) / math.log2(max(ranks, 2)) if rounds else 0.0
+        if drift:
+            ms += by_ranks(drift, ranks) * math.sqrt(actions) * largest(dp) / largest(ranks)
+        return ms * 1e-3
 
     def matmul_time(self, flops: float, dtype: str) -> float:
         return flops / (self.peak(dtype) * self.matmul_efficiency)
@@ -162,7 +170,24 @@ class Machine:
         return "\n".join(lines) + "\n"
 
 
-TABLES = ("action_overhead_by_ranks", "step_overhead_by_ranks", "reduce_overhead_by_ranks")
+TABLES = (
+    "action_overhead_by_ranks",
+    "step_overhead_by_ranks",
+    "reduce_overhead_by_ranks",
+    "reduce_drift_by_ranks",
+)
+
+
+@lru_cache(maxsize=64)
+def largest(n: int) -> float:
+    """The expected largest of n standard normal draws (0 for n = 1): the integral of
+    x n phi(x) Phi(x)^(n-1), by the midpoint rule on [-8, 8]."""
+    step, total = 1e-3, 0.0
+    for i in range(16000):
+        x = -8.0 + (i + 0.5) * step
+        phi = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        total += x * n * phi * (0.5 * (1 + math.erf(x / math.sqrt(2)))) ** (n - 1) * step
+    return total
 
 
 def by_ranks(table: tuple[tuple[int, float], ...], ranks: int) -> float:
@@ -219,6 +244,7 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             action_overhead_by_ranks=_table(rt, TABLES[0]),
             step_overhead_by_ranks=_table(rt, TABLES[1]),
             reduce_overhead_by_ranks=_table(rt, TABLES[2]),
+            reduce_drift_by_ranks=_table(rt, TABLES[3]),
         )
     except KeyError as e:
         raise ConfigError(

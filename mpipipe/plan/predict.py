@@ -75,7 +75,8 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     link = machine.link(layout.tp * layout.dp - 1)
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
-    waits = machine.reduce_overhead(layout.ranks, layout.dp)
+    actions = max(len(spans) for spans in report.spans)
+    waits = machine.reduce_overhead(layout.ranks, layout.dp, actions)
     for r, spans in enumerate(report.spans):
         compute_end = spans[-1][1] if spans else 0.0
         ready: list[tuple[float, float]] = []  # (time a layer is final, its gradient bytes)
