@@ -111,6 +111,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             "bubble": report.step_time * report.bubble,
             "dp reduce (not hidden)": reduce_tail,
             "optimizer": opt,
+            "step overhead": machine.step_overhead(layout.ranks),
             "p2p message": costs.p2p,
             "F/B/W stage 0": costs.f[0] + costs.b[0] + costs.w[0],
         },
