@@ -219,14 +219,67 @@ def test_action_overhead_by_ranks_interpolates_in_log_ranks_and_round_trips() ->
 
 
 def test_calibrated_overhead_reproduces_the_measured_step() -> None:
-    """calibrate.overhead_for inverts the planner: the overhead it finds for a step time that a
-    known overhead produced is that overhead."""
-    from mpipipe.plan.calibrate import SLEEP_MS, overhead_for
+    """calibrate.overhead_for inverts the planner: the overhead it finds for a pipeline time
+    that a known overhead produced is that overhead (the step's other terms left out)."""
+    from mpipipe.plan.calibrate import overhead_for, pipeline_run
 
-    model = GPT(4, 32, 2, 16, 256, 8, emulate=(SLEEP_MS,) * 3)
-    lay = Layout(4, 1, 1, "1f1b", 1, 8)
-    step = predict(model, lay, ideal(action_overhead_us=1234.0)).step_time
-    assert overhead_for(step, 4, ideal()) == pytest.approx(1234.0, rel=1e-4)
+    model, lay, _ = pipeline_run(4)
+    noisy = ideal(action_overhead_us=1234.0, step_overhead_ms=50.0)
+    pipeline = predict(model, lay, noisy).breakdown["pipeline"]
+    assert overhead_for(pipeline, 4, ideal(step_overhead_ms=50.0)) == pytest.approx(
+        1234.0, rel=1e-4
+    )
+
+
+def test_step_and_gradient_phase_tables_price_by_ranks_and_only_dp_pays_the_phase() -> None:
+    """step_overhead_by_ranks replaces the 1-rank step overhead for N ranks; the gradient
+    phase's calibrated rounds (log2 of the group) and drift (sqrt of a rank's actions, the
+    expected slowest of dp replicas) reach layouts with dp > 1 only, after their last action."""
+    import tomllib
+
+    from mpipipe.plan.machine import largest
+
+    assert largest(1) == pytest.approx(0.0, abs=1e-9)
+    assert largest(2) == pytest.approx(1 / 3.141592653589793**0.5, rel=1e-6)  # 1 / sqrt(pi)
+    assert largest(4) == pytest.approx(1.0294, abs=1e-4)  # the tabulated normal order statistic
+    m = ideal(step_overhead_ms=1.0, step_overhead_by_ranks=((1, 1.0), (16, 9.0)),
+              reduce_overhead_by_ranks=((2, 4.0), (8, 10.0)))  # fmt: skip
+    assert m.step_overhead(4) == pytest.approx(5e-3)  # halfway in log: 1 -> 4 -> 16
+    assert m.reduce_overhead(4, 4, 9) == pytest.approx(7e-3)  # N replicas: the table's value
+    assert m.reduce_overhead(4, 2, 9) == pytest.approx(3.5e-3)  # 2 of 4: log2(2) / log2(4)
+    assert m.reduce_overhead(64, 8, 9) == pytest.approx(5e-3)  # held past the last point, 3/6
+    assert m.reduce_overhead(4, 1, 9) == 0.0
+    assert ideal().reduce_overhead(32, 32, 9) == 0.0  # presets: the links' model only
+    d = ideal(reduce_drift_by_ranks=((4, 2.0),))
+    assert d.reduce_overhead(4, 4, 9) == pytest.approx(6e-3)  # 2 ms x sqrt(9)
+    assert d.reduce_overhead(4, 2, 16) == pytest.approx(8e-3 * largest(2) / largest(4))
+    assert from_mapping(tomllib.loads(m.to_toml()), "t") == m
+    assert from_mapping(tomllib.loads(d.to_toml()), "t") == d
+    bad = tomllib.loads(m.to_toml().replace("[[2, 4]", "[[2, -4]"))
+    with pytest.raises(ConfigError, match="reduce_overhead_by_ranks"):
+        from_mapping(bad, "t")
+    model = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    for layout, phase in (
+        (Layout(4, 1, 1, "1f1b", 1, 4), 0.0),
+        (Layout(2, 2, 1, "1f1b", 1, 4), 3.5e-3),
+    ):
+        base = predict(model, layout, ideal()).step_time
+        got = predict(model, layout, m)
+        assert got.step_time - base == pytest.approx(5e-3 + phase, rel=1e-9)
+        assert got.breakdown["dp reduce (not hidden)"] == pytest.approx(phase, abs=1e-12)
+
+
+def test_phase_fit_splits_rounds_from_drift() -> None:
+    """calibrate.phase_fit inverts extra = rounds + drift sqrt(k) from two action counts, and
+    never returns a negative part."""
+    from mpipipe.plan.calibrate import phase_fit
+
+    assert phase_fit([(12, 3.0 + 2.0 * 12**0.5), (48, 3.0 + 2.0 * 48**0.5)]) == pytest.approx(
+        (3.0, 2.0)
+    )
+    assert phase_fit([(12, 5.0), (48, 4.0)]) == pytest.approx((5.0, 0.0))  # noise: no drift
+    rounds, drift = phase_fit([(12, 0.0), (48, 7.0)])  # steep: all drift, through the larger
+    assert (rounds, drift) == pytest.approx((0.0, 7.0 / 48**0.5))
 
 
 def test_profiled_compute_replaces_the_roofline() -> None:
@@ -251,6 +304,14 @@ def test_profiled_compute_replaces_the_roofline() -> None:
     times = Profile(16, 2, 8, 32, "float32", repeats=1).times(2, 2)
     assert set(times) == {"embed", "block", "head"}
     assert all(x > 0 for k in ("block", "head") for x in times[k])
+    # the optimizer too: the profile's seconds per parameter times the rank's parameters
+    fixed.optimizer_rate = lambda name, tp: 1e-3 if (name, tp) == ("adamw", 1) else 0.0
+    lay = Layout(2, 1, 1, "1f1b", 1, 4)
+    got = predict(model, lay, ideal()).breakdown["optimizer"]
+    assert got == pytest.approx(
+        1e-3 * max(predict(model, lay, ideal()).memory, key=lambda m: m.params).params
+    )
+    assert Profile(16, 2, 8, 32, "float32", repeats=1).optimizer_rate("adamw", 1) > 0
 
 
 def test_megatron_rows_run_the_artifacts_layouts_and_dropout_costs_traffic() -> None:

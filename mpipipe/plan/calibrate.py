@@ -7,11 +7,18 @@
                time, bandwidth from the 4 MiB one
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
-    by ranks   emulated 1F1B trainings of N = 2, 4, ... 32 ranks (N stages of one layer, 8
-               micro-batches, 1 ms actions): the time per action that makes the planner's
-               simulation of each run last what the run measured, so it holds everything a rank
-               pays between actions with N ranks here (message wake-ups, MPI progress and, past
-               the core count, waiting for a core). These runs share no layout with --validate's.
+    by ranks   emulated trainings of N = 2, 4, ... 32 ranks, 1 ms actions, two kinds:
+               pipelines (pp = N 1F1B, one layer per stage, 8 micro-batches): the time per
+               action that makes the planner's simulation of the run's pipeline last what it
+               measured (everything a rank pays between actions with N ranks here: message
+               wake-ups, MPI progress and, past the core count, waiting for a core), and the
+               time per step outside the pipeline (the step's all-reduce of statistics over N
+               ranks, the optimizer's Python);
+               busy replicas (pp = 1, dp = N, one layer, 4 and 16 micro-batches: every rank
+               busy at once): the gradient phase beyond the alpha-beta all-reduce, as a time
+               per step (the all-reduce's rounds, ranks waiting for a core) and a drift per
+               square root of a rank's actions (replicas waiting for the slowest).
+               These runs share no layout with --validate's (see the README).
 Every rank is one core with one BLAS thread (validate runs them so). One node: both link levels
 get the p2p figures; `devices_per_node` is the core count.
 """
@@ -19,6 +26,7 @@ get the p2p figures; `devices_per_node` is the core count.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,43 +104,110 @@ def runtime_overheads(launcher: list[str]) -> tuple[float, float]:
 
 
 BY_RANKS = (2, 4, 8, 16, 32)
+EMULATE = ["--emulate", f"F={SLEEP_MS:g},B={SLEEP_MS:g},W={SLEEP_MS:g}"]  # per layer and sample
 
 
-def _step_time(launcher: list[str], flags: list[str]) -> float:
+def _medians(launcher: list[str], flags: list[str]) -> dict[str, float]:
+    """Median step, pipeline and exposed-reduction seconds of an 8-step emulated training."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
         _run([*launcher, sys.executable, "-m", "mpipipe", "train", *flags, "--steps", "8",
               "--eval-batches", "1", "--log-every", "1000000",
               "--metrics-file", str(metrics)])  # fmt: skip
         recs = [json.loads(x) for x in metrics.read_text().splitlines()][1:]
-        return float(np.median([r["step_time_s"] for r in recs]))
+        keys = ("step_time_s", "pipeline_time_s", "allreduce_exposed_s")
+        return {k: float(np.median([r[k] for r in recs])) for k in keys}
 
 
-def overhead_for(measured: float, n: int, machine: Machine) -> float:
-    """Microseconds per action that make the planner's prediction of the N-rank calibration
-    run (pp = N 1F1B, one layer per stage, 8 micro-batches of one sample, 1 ms per F, B, W)
-    equal `measured` seconds (bisection: the prediction grows with the overhead)."""
+def pipeline_run(n: int) -> tuple[Any, Any, list[str]]:
+    """(model, layout, train flags) of the N-rank pipeline calibration run: pp = N 1F1B, one
+    layer per stage, 8 micro-batches of one sample, SLEEP_MS per F, B and W."""
     from mpipipe.plan.cost import GPT, Layout
-    from mpipipe.plan.predict import predict
 
     model = GPT(n, 32, 2, 16, 256, 8, emulate=(SLEEP_MS, SLEEP_MS, SLEEP_MS))
-    layout = Layout(n, 1, 1, "1f1b", 1, 8)
+    flags = ["--layers", str(n), "--d-model", "32", "--heads", "2", "--seq-len", "16",
+             "--global-batch", "8", "--microbatches", "8", "--pp", str(n), "--schedule", "1f1b",
+             *EMULATE]  # fmt: skip
+    return model, Layout(n, 1, 1, "1f1b", 1, 8), flags
+
+
+def busy_run(n: int, m: int) -> tuple[Any, Any, list[str]]:
+    """(model, layout, train flags) of an N-rank data-parallel calibration run: pp = 1, dp = N
+    (every rank busy, no bubble), one layer, m micro-batches of one sample per replica."""
+    from mpipipe.plan.cost import GPT, Layout
+
+    model = GPT(1, 32, 2, 16, 256, m * n, emulate=(SLEEP_MS, SLEEP_MS, SLEEP_MS))
+    flags = ["--layers", "1", "--d-model", "32", "--heads", "2", "--seq-len", "16",
+             "--global-batch", str(m * n), "--microbatches", str(m), "--pp", "1", "--dp", str(n),
+             *EMULATE]  # fmt: skip
+    return model, Layout(1, n, 1, "1f1b", 1, m), flags
+
+
+BUSY_M = (4, 16)  # micro-batches of the two busy runs per N: 12 and 48 actions per rank
+
+
+def overhead_for(pipeline: float, n: int, machine: Machine) -> float:
+    """Microseconds per action that make the planner's simulated pipeline of the N-rank
+    pipeline calibration run last `pipeline` seconds, the run's measured pipeline time
+    (bisection: the simulation grows with the overhead)."""
+    from mpipipe.plan.predict import predict
+
+    model, layout, _ = pipeline_run(n)
     lo, hi = 0.0, 0.1
     for _ in range(40):
         mid = (lo + hi) / 2
         at = replace(machine, action_overhead_us=mid * 1e6, action_overhead_by_ranks=())
-        lo, hi = (mid, hi) if predict(model, layout, at).step_time < measured else (lo, mid)
+        simulated = predict(model, layout, at).breakdown["pipeline"]
+        lo, hi = (mid, hi) if simulated < pipeline else (lo, mid)
     return lo * 1e6
 
 
-def overheads_by_ranks(launch_n: Any, machine: Machine) -> tuple[tuple[int, float], ...]:
-    out = [(1, machine.action_overhead_us)]
+def overheads_by_ranks(launch_n: Any, machine: Machine) -> Machine:
+    """`machine` with its three by-ranks tables measured here, for N in BY_RANKS: from the pp = N
+    run the time per action (its pipeline, as overhead_for fits it) and the time per step
+    outside the pipeline (its step less its pipeline and the predicted optimizer); then from two
+    dp = N runs (BUSY_M micro-batches) the gradient phase: each run's step less the prediction
+    of everything else (the alpha-beta all-reduce among them), split into the all-reduce's
+    rounds and the replicas' drift by how it grows with the actions per rank (phase_fit).
+    Neither kind of run is a --validate layout."""
+    from mpipipe.plan.predict import predict
+
+    action = [(1, machine.action_overhead_us)]
+    step = [(1, machine.step_overhead_ms)]
+    reduce: list[tuple[int, float]] = []
+    drifts: list[tuple[int, float]] = []
     for n in BY_RANKS:
-        flags = ["--layers", str(n), "--d-model", "32", "--heads", "2", "--seq-len", "16",
-                 "--global-batch", "8", "--microbatches", "8", "--pp", str(n), "--schedule",
-                 "1f1b", "--emulate", f"F={SLEEP_MS:g},B={SLEEP_MS:g},W={SLEEP_MS:g}"]  # fmt: skip
-        out.append((n, overhead_for(_step_time(launch_n(n), flags), n, machine)))
-    return tuple(out)
+        model, layout, flags = pipeline_run(n)
+        got = _medians(launch_n(n), flags)
+        action.append((n, overhead_for(got["pipeline_time_s"], n, machine)))
+        at = replace(machine, action_overhead_by_ranks=tuple(action))
+        optimizer = predict(model, layout, at).breakdown["optimizer"]
+        rest = got["step_time_s"] - got["pipeline_time_s"] - optimizer
+        step.append((n, max(0.0, rest) * 1e3))
+    machine = replace(machine, action_overhead_by_ranks=tuple(action),
+                      step_overhead_by_ranks=tuple(step))  # fmt: skip
+    for n in BY_RANKS:
+        extra = []  # ms the gradient phase adds at k = 3 m actions per rank
+        for m in BUSY_M:
+            model, layout, flags = busy_run(n, m)
+            measured = _medians(launch_n(n), flags)["step_time_s"]
+            extra.append((3 * m, (measured - predict(model, layout, machine).step_time) * 1e3))
+        rounds, drift = phase_fit(extra)
+        reduce.append((n, rounds))
+        drifts.append((n, drift))
+    return replace(machine, reduce_overhead_by_ranks=tuple(reduce),
+                   reduce_drift_by_ranks=tuple(drifts))  # fmt: skip
+
+
+def phase_fit(extra: list[tuple[int, float]]) -> tuple[float, float]:
+    """(rounds ms, drift ms per sqrt(action)) through the gradient phase's extra time at two
+    action counts, extra = rounds + drift sqrt(k), neither below 0."""
+    (k0, e0), (k1, e1) = extra
+    drift = max(0.0, (e1 - e0) / (math.sqrt(k1) - math.sqrt(k0)))
+    rounds = max(0.0, e0 - drift * math.sqrt(k0))
+    if rounds == 0.0:  # the line would cross 0: the drift alone through the larger point
+        drift = max(0.0, e1 / math.sqrt(k1))
+    return rounds, drift
 
 
 def calibrate(kind: str = "auto") -> Machine:
@@ -164,7 +239,7 @@ def calibrate(kind: str = "auto") -> Machine:
         action_overhead_us=per_action * 1e6,
         step_overhead_ms=per_step * 1e3,
     )
-    return replace(machine, action_overhead_by_ranks=overheads_by_ranks(launch_n, machine))
+    return overheads_by_ranks(launch_n, machine)
 
 
 def _memory_gib() -> float:

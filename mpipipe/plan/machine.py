@@ -18,12 +18,22 @@
     [runtime]
     action_overhead_us = 0.0      # fixed time per pipeline action (dispatch, launches, Python)
     step_overhead_ms = 0.0        # fixed time per optimizer step outside the pipeline
-    # optional: time per action in a job of N ranks on this one machine, as [[N, us], ...]:
-    # what a rank pays between consecutive actions (Python, MPI progress, the wake-up of a
-    # waiting rank) when N ranks run here; past the core count they share cores and are served
-    # in turn. Interpolated in log N, held constant past both ends; replaces
-    # action_overhead_us where given. `plan --calibrate` measures it from N-rank runs.
+    # optional, measured by `plan --calibrate` from N-rank runs on this one machine; each is a
+    # table [[N, value], ...] interpolated in log N, held constant past both ends, and replaces
+    # the fixed value above where given:
+    # time per action in a job of N ranks (us): what a rank pays between consecutive actions
+    # (Python, MPI progress, the wake-up of a waiting rank); past the core count the ranks share
+    # cores and are served in turn.
     action_overhead_by_ranks = [[1, 320.0], [2, 880.0], [4, 1400.0]]
+    # time per step outside the pipeline and the gradient reduction in a job of N ranks (ms):
+    # the step's statistics all-reduce over all N ranks, the optimizer's Python, the wake-ups.
+    step_overhead_by_ranks = [[1, 2.8], [4, 12.0]]
+    # the data-parallel gradient phase beyond the alpha-beta all-reduces, measured on N ranks
+    # that are N replicas (Machine.reduce_overhead scales both to dp replicas): the all-reduce's
+    # rounds on shared cores (ms), and the replicas' drift, the jitter that makes them wait for
+    # the slowest (ms per square root of a rank's actions)
+    reduce_overhead_by_ranks = [[2, 0.5], [4, 1.5]]
+    reduce_drift_by_ranks = [[2, 0.2], [4, 1.0]]
 
 `plan --calibrate` writes one for the machine it runs on; presets live in plan/machines/.
 """
@@ -33,6 +43,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +81,9 @@ class Machine:
     action_overhead_us: float = 0.0
     step_overhead_ms: float = 0.0
     action_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, us), ranks rising
+    step_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
+    reduce_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
+    reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -90,15 +104,30 @@ class Machine:
     def action_overhead(self, ranks: int) -> float:
         """Seconds per pipeline action in a job of `ranks` ranks (see the format above)."""
         table = self.action_overhead_by_ranks
-        if not table:
-            return self.action_overhead_us * 1e-6
-        if ranks <= table[0][0]:
-            return table[0][1] * 1e-6
-        for (n0, u0), (n1, u1) in zip(table, table[1:], strict=False):
-            if ranks <= n1:
-                x = math.log(ranks / n0) / math.log(n1 / n0)
-                return (u0 + x * (u1 - u0)) * 1e-6
-        return table[-1][1] * 1e-6
+        return (by_ranks(table, ranks) if table else self.action_overhead_us) * 1e-6
+
+    def step_overhead(self, ranks: int) -> float:
+        """Seconds per step outside the pipeline and the reduction, in a job of `ranks` ranks."""
+        table = self.step_overhead_by_ranks
+        return (by_ranks(table, ranks) if table else self.step_overhead_ms) * 1e-3
+
+    def reduce_overhead(self, ranks: int, dp: int, actions: int) -> float:
+        """Seconds per step the gradient phase of `dp` replicas, each rank running `actions`
+        actions, costs in a job of `ranks` ranks beyond its alpha-beta all-reduces (0 without
+        calibrated tables: presets price the links only). The tables hold dp = N replicas:
+        - rounds: MPI's all-reduce of a small or mid-size message (recursive doubling, or
+          Rabenseifner's reduce-scatter and all-gather) takes rounds in proportion to log2 of
+          the group, each a wait for the partner on shared cores: dp pays log2(dp) / log2(N);
+        - drift: replicas' pipelines drift apart by the jitter of each action (a random walk:
+          sqrt(actions) steps) and all wait for the slowest, which is e(dp) standard deviations
+          above the mean (e: the expected largest of dp normal draws): dp pays e(dp) / e(N)."""
+        if dp <= 1:
+            return 0.0
+        rounds, drift = self.reduce_overhead_by_ranks, self.reduce_drift_by_ranks
+        ms = by_ranks(rounds, ranks) * math.log2(dp) / math.log2(max(ranks, 2)) if rounds else 0.0
+        if drift:
+            ms += by_ranks(drift, ranks) * math.sqrt(actions) * largest(dp) / largest(ranks)
+        return ms * 1e-3
 
     def matmul_time(self, flops: float, dtype: str) -> float:
         return flops / (self.peak(dtype) * self.matmul_efficiency)
@@ -133,10 +162,43 @@ class Machine:
             f"action_overhead_us = {self.action_overhead_us:.4g}",
             f"step_overhead_ms = {self.step_overhead_ms:.4g}",
         ]
-        if self.action_overhead_by_ranks:
-            pairs = ", ".join(f"[{n}, {us:.4g}]" for n, us in self.action_overhead_by_ranks)
-            lines.append(f"action_overhead_by_ranks = [{pairs}]")
+        for key in TABLES:
+            table = getattr(self, key)
+            if table:
+                pairs = ", ".join(f"[{n}, {v:.4g}]" for n, v in table)
+                lines.append(f"{key} = [{pairs}]")
         return "\n".join(lines) + "\n"
+
+
+TABLES = (
+    "action_overhead_by_ranks",
+    "step_overhead_by_ranks",
+    "reduce_overhead_by_ranks",
+    "reduce_drift_by_ranks",
+)
+
+
+@lru_cache(maxsize=64)
+def largest(n: int) -> float:
+    """The expected largest of n standard normal draws (0 for n = 1): the integral of
+    x n phi(x) Phi(x)^(n-1), by the midpoint rule on [-8, 8]."""
+    step, total = 1e-3, 0.0
+    for i in range(16000):
+        x = -8.0 + (i + 0.5) * step
+        phi = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        total += x * n * phi * (0.5 * (1 + math.erf(x / math.sqrt(2)))) ** (n - 1) * step
+    return total
+
+
+def by_ranks(table: tuple[tuple[int, float], ...], ranks: int) -> float:
+    """A [[N, value], ...] table at `ranks`: linear in log N between its points, held constant
+    past both ends."""
+    if ranks <= table[0][0]:
+        return table[0][1]
+    for (n0, u0), (n1, u1) in zip(table, table[1:], strict=False):
+        if ranks <= n1:
+            return u0 + math.log(ranks / n0) / math.log(n1 / n0) * (u1 - u0)
+    return table[-1][1]
 
 
 def load(spec: str) -> Machine:
@@ -157,6 +219,10 @@ def load(spec: str) -> Machine:
     return from_mapping(raw, str(path))
 
 
+def _table(rt: dict[str, Any], key: str) -> tuple[tuple[int, float], ...]:
+    return tuple(sorted((int(n), float(v)) for n, v in rt.get(key, [])))
+
+
 def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
     try:
         m, links, rt = raw["machine"], raw["links"], raw.get("runtime", {})
@@ -175,9 +241,10 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             ),
             action_overhead_us=float(rt.get("action_overhead_us", 0.0)),
             step_overhead_ms=float(rt.get("step_overhead_ms", 0.0)),
-            action_overhead_by_ranks=tuple(
-                sorted((int(n), float(us)) for n, us in rt.get("action_overhead_by_ranks", []))
-            ),
+            action_overhead_by_ranks=_table(rt, TABLES[0]),
+            step_overhead_by_ranks=_table(rt, TABLES[1]),
+            reduce_overhead_by_ranks=_table(rt, TABLES[2]),
+            reduce_drift_by_ranks=_table(rt, TABLES[3]),
         )
     except KeyError as e:
         raise ConfigError(
@@ -192,11 +259,13 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
         machine.intra.bandwidth_gbs,
         machine.inter.bandwidth_gbs,
     )
-    if any(n < 1 or us < 0 for n, us in machine.action_overhead_by_ranks):
-        raise ConfigError(
-            f"machine file {origin}: runtime.action_overhead_by_ranks takes [[ranks >= 1, "
-            f"microseconds >= 0], ...] (got {list(machine.action_overhead_by_ranks)})"
-        )
+    for key in TABLES:
+        table = getattr(machine, key)
+        if any(n < 1 or v < 0 for n, v in table) or len({n for n, _ in table}) < len(table):
+            raise ConfigError(
+                f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
+                f"with each rank count once (got {list(table)})"
+            )
     if min(positive) <= 0 or not 0 < machine.matmul_efficiency <= 1:
         raise ConfigError(
             f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency in "

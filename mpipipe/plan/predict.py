@@ -8,7 +8,10 @@ on the link and the optimizer waits for all. Here: a layer is final when its chu
 (the W of a chunk works layer by layer, last layer first, so its layers finish in turn); buckets
 start at max(ready, previous bucket done); without overlap (--overlap off) all start when the
 rank's last action ends. ZeRO-1 reduce-scatters the same way and all-gathers
-the updated parameters after the optimizer step, which nothing overlaps.
+the updated parameters after the optimizer step, which nothing overlaps. A machine file calibrated
+here adds what the alpha-beta model of the links leaves out, per step of a job of N ranks
+(machine.py): the gradient phase's waits when dp > 1 (replicas drift apart; ranks wait for a
+core) and the step's fixed work outside the pipeline.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     link = machine.link(layout.tp * layout.dp - 1)
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
+    actions = max(len(spans) for spans in report.spans)
+    waits = machine.reduce_overhead(layout.ranks, layout.dp, actions)
     for r, spans in enumerate(report.spans):
         compute_end = spans[-1][1] if spans else 0.0
         ready: list[tuple[float, float]] = []  # (time a layer is final, its gradient bytes)
@@ -86,11 +91,11 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
                 t = last_w[0] + (last_w[1] - last_w[0]) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
         clock = _buckets(ready, compute_end, layout, link, bucket_mb)
-        end = max(compute_end, clock)
+        end = max(compute_end, clock) + waits
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))
-    step = max(ends) + opt + machine.step_overhead_ms * 1e-3
+    step = max(ends) + opt + machine.step_overhead(layout.ranks)
     tokens = model.global_batch * model.seq_len
     flops = model.model_flops(model.global_batch)
     mfu = flops / step / (machine.peak(model.dtype) * layout.ranks)
@@ -106,6 +111,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             "bubble": report.step_time * report.bubble,
             "dp reduce (not hidden)": reduce_tail,
             "optimizer": opt,
+            "step overhead": machine.step_overhead(layout.ranks),
             "p2p message": costs.p2p,
             "F/B/W stage 0": costs.f[0] + costs.b[0] + costs.w[0],
         },
@@ -137,10 +143,14 @@ def _reduce(link: Link, nbytes: float, layout: Layout) -> float:
 
 def _optimizer(model: GPT, layout: Layout, machine: Machine, params: int, link: Link) -> float:
     """AdamW/SGD on the rank's (shard of) parameters: memory-bound, ~7 fp32 streams per
-    parameter (plus the 16-bit copies); ZeRO-1 updates 1/dp of them, then all-gathers."""
+    parameter (plus the 16-bit copies), or with a profile the runtime's optimizer timed here;
+    ZeRO-1 updates 1/dp of them, then all-gathers."""
     streams = 7 * 4 + (4 if model.width == 2 else 0)
     mine = params / (layout.dp if layout.zero else 1)
-    t = machine.memory_time(mine * streams)
+    if model.profile is not None:
+        t = mine * model.profile.optimizer_rate(model.optimizer, layout.tp)
+    else:
+        t = machine.memory_time(mine * streams)
     if layout.zero and layout.dp > 1:
         t += allreduce_time(link, params * model.width, layout.dp) / 2
     return t

@@ -11,6 +11,10 @@ collectives return their input (the shard's compute only; the planner adds the a
 the link model, as for the roofline). Each time is the median of `repeats` runs after a warm-up:
 validation compares with median step times, so both see the same machine. The loss (softmax
 cross-entropy) belongs to the head's F, as the executor runs it at the end of the last F.
+
+The optimizer is timed the same way: the runtime's own (optim.make) stepping a block's (shard of)
+parameters, as seconds per parameter; a copy-bandwidth roofline of its ~7 streams misses NumPy's
+temporaries (3x on this machine for AdamW).
 """
 
 from __future__ import annotations
@@ -50,6 +54,40 @@ class Profile:
         self.shape = (d_model, heads, seq_len, vocab)
         self.dtype, self.repeats = dtype, repeats
         self.cache: dict[tuple[int, int], dict[str, tuple[float, float, float]]] = {}
+        self.rates: dict[tuple[str, int], float] = {}
+
+    def optimizer_rate(self, optimizer: str, tp: int) -> float:
+        """Seconds per parameter of the runtime's `optimizer` step on a block's tp shard (the
+        median of `repeats` steps after one)."""
+        key = (optimizer, tp)
+        if key not in self.rates:
+            self.rates[key] = self._optimizer(optimizer, tp)
+        return self.rates[key]
+
+    def _optimizer(self, optimizer: str, tp: int) -> float:
+        import time
+
+        from threadpoolctl import threadpool_limits
+
+        from mpipipe import optim
+        from mpipipe.config import TrainConfig
+        from mpipipe.layers import Init
+        from mpipipe.model import gpt
+        from mpipipe.xp import dtype_of
+
+        c, h, t, v = self.shape
+        block = gpt(1, c, h, t, v).layers[1].build(Init.for_layer(0, 1, dtype_of(self.dtype), np,
+                                                                  _Shard(tp)))  # fmt: skip
+        params = block.params
+        opt = optim.make(optimizer, params, TrainConfig(dtype=self.dtype))
+        grads = {k: np.full_like(x, 1e-3) for k, x in params.items()}
+        times = []
+        with threadpool_limits(1, user_api="blas"):
+            for _ in range(self.repeats + 1):
+                t0 = time.perf_counter()
+                opt.step(grads, 1e-4)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) / sum(int(x.size) for x in params.values())
 
     def times(self, micro_batch: int, tp: int) -> dict[str, tuple[float, float, float]]:
         key = (micro_batch, tp)

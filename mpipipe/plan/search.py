@@ -99,6 +99,7 @@ def screen(model: GPT, layout: Layout, machine: Machine) -> tuple[float, float]:
     link = machine.link(layout.tp * layout.dp - 1)
     params = memory(model, layout, (0,), 0).params * layout.v
     tail = allreduce_time(link, min(25e6, params * 4), layout.dp)
+    tail += machine.reduce_overhead(layout.ranks, layout.dp, 3 * layout.microbatches * layout.v)
     stash = peak_stash_bound(layout.schedule, layout.pp, layout.microbatches, layout.v)
     chunks = tuple(range(0, layout.pp * layout.v, layout.pp))
     mem = memory(model, layout, chunks, stash).total

@@ -5,11 +5,15 @@ median over the steps after the first, its stash per stage the executor's measur
 saved activations (`stash_mb` in the metrics). Emulated runs (ranks sleep the given times instead
 of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on a small machine;
 real-compute runs use a small GPT on 1-2 ranks, predicted from its layers' F/B/W timed here
-(plan/profiled.py) rather than the roofline. The layouts of one group share model, batch and
+(plan/profiled.py) rather than the roofline, once just before the run and once just after it:
+the prediction is the mean of the two, so that on a shared machine whose load drifts the
+profile sees, on average, the load the run saw. The layouts of one group share model, batch and
 rank count, so "is the measured best the predicted best" has an answer there. Emulated ranks
 mostly sleep, but each action still costs its rank Python, MPI progress and a wake-up, and past
 the core count the ranks wait for a core: the machine file's action_overhead_by_ranks prices
-that per rank count, measured by --calibrate on other layouts (pp = N 1F1B runs).
+that per rank count, step_overhead_by_ranks the step's work outside the pipeline and
+reduce_overhead_by_ranks the gradient phase of dp > 1, all measured by --calibrate on other
+layouts (pp = N 1F1B runs; pp = 1, dp = N runs of another model and micro-batch count).
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def prediction(n: int, flags: list[str], machine: Machine, profile: bool = False
         c.pp, c.dp, c.tp, c.schedule, len(job.plan.stages[0]), c.microbatches, c.recompute
     ).with_(overlap=c.overlap == "on")
     model = model_of(c)
-    if profile and model.emulate is None:  # real compute: the layers timed here, just before
+    if profile:  # the layers (real compute) and the optimizer (both) timed here, just before
         model = replace(model, profile=Profile(*_shape(model)))
     return predict(model, layout, machine, bucket_mb=c.bucket_mb)
 
@@ -152,8 +156,10 @@ def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         for group, n, text in QUICK if quick else FULL:
             flags = [*text.split(), *RUN.split()]
-            pred = prediction(n, flags, machine, profile=True)
+            before = prediction(n, flags, machine, profile=True)
             step, stash = measure(n, flags, kind, Path(tmp))
+            after = prediction(n, flags, machine, profile=True)  # profiled afresh
+            pred = replace(before, step_time=(before.step_time + after.step_time) / 2)
             r = Result(group, n, text, pred, step, stash)
             print(f"validate: {n:>2} ranks {pred.layout.label():<40} predicted "
                   f"{pred.step_time * 1e3:8.1f} ms, measured {step * 1e3:8.1f} ms "
