@@ -41,8 +41,9 @@ from mpipipe.xp import Array, to_host
 
 # Python hands the GIL to a thread that asks for it after this long at the most (default 5 ms).
 # A worker back from a product or loop (run without the GIL) waits for the GIL while another runs
-# Python; at 5 ms those waits added up to 25-50% of the default model's step (d_model 128,
-# measured: 780-950 ms a step against 430-540 ms at 0.1-0.5 ms; 630 ms one at a time).
+# Python; at 5 ms those waits made the default model's step (d_model 128) slower threaded than
+# one micro-batch at a time (780-950 against 630 ms); at 0.2 ms it takes 0.61 of it
+# (`python benchmarks/bench_cores.py --skip-kernels`, README #18).
 SWITCH_S = 0.0002
 
 
