@@ -265,7 +265,7 @@ def dry_run(cfg: config_mod.TrainConfig, comm: Any) -> None:
     print(timeline(job.report))  # the checker's report, with the emulated costs if any
     print(summary(job.report))
     zero_dp = (job.cfg.dp or 1) if job.cfg.zero else 1
-    threads = mbthreads.planned(job, comm.Get_size())
+    threads = mbthreads.threads_for(job, comm.Get_size(), job.backend, mbthreads.cores())
     if threads:
         print(f"micro-batches on threads: {threads} at once, one per core (--microbatch-threads)")
     print(table(per_rank(job, threads), job.cfg.tp, job.cfg.sequence_parallel, zero_dp))

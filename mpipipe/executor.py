@@ -186,6 +186,14 @@ class Executor:
         """Seconds from the start of the last run to its last send completing."""
         return self.finished - self.started
 
+    @property
+    def lanes(self) -> list[int]:
+        """The thread (trace track) of each of the last run's spans: one here."""
+        return [0] * len(self.spans)
+
+    def close(self) -> None:
+        """Release what the executor holds beyond its buffers (nothing here)."""
+
     # -- compute -------------------------------------------------------------------------------
     def _forward(self, a: Action, i: int) -> None:
         take, put = self.io[i]

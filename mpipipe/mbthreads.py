@@ -27,9 +27,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from threadpoolctl import ThreadpoolController
 
@@ -37,7 +37,9 @@ from mpipipe import rowwise
 from mpipipe.executor import Executor, MicroBatches
 from mpipipe.schedule import Action
 from mpipipe.stage import Chunk
-from mpipipe.xp import Array, to_host
+from mpipipe.xp import to_host
+
+Key = TypeVar("Key", bound=Hashable)
 
 # Python hands the GIL to a thread that asks for it after this long at the most (default 5 ms).
 # A worker back from a product or loop (run without the GIL) waits for the GIL while another runs
@@ -84,20 +86,44 @@ def applies(n_ranks: int, backend: str, emulated: bool, threads: int, microbatch
     return n_ranks == 1 and backend == "numpy" and not emulated and threads > 1 < microbatches
 
 
-def planned(job: Any, n_ranks: int, env: Mapping[str, str] = os.environ) -> int:
-    """The micro-batches a run of `job` on `n_ranks` will hold at once when it takes them on
-    threads (the cores `runtime.place` will give the rank: the user's OMP_NUM_THREADS and
-    friends, else the cores it may run on), or 0 when it runs its row serially: for the dry
-    run's memory estimate, before any thread is placed."""
-    user = any(v in env for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
-    cores = rowwise.blas_threads() if user else len(os.sched_getaffinity(0))
+def threads_for(job: Any, n_ranks: int, backend: str, cores: int) -> int:
+    """The micro-batches a run of `job` on `n_ranks` takes at once on `cores` cores (one per
+    worker, no more workers than micro-batches), or 0 when it runs its row serially."""
     m = job.plan.microbatches
     on = job.cfg.microbatch_threads == "auto"
     return (
         min(cores, m)
-        if on and applies(n_ranks, job.backend, job.emulated is not None, cores, m)
+        if on and applies(n_ranks, backend, job.emulated is not None, cores, m)
         else 0
     )
+
+
+def cores(env: Mapping[str, str] = os.environ) -> int:
+    """The cores `runtime.place` will give a lone rank (the user's OMP_NUM_THREADS and friends,
+    else the cores it may run on): for the dry run, before any thread is placed."""
+    user = any(v in env for v in rowwise.USER_THREADS)
+    return rowwise.blas_threads() if user else len(os.sched_getaffinity(0))
+
+
+def share_groups(grads: Mapping[Key, Sequence[Any]]) -> dict[Key, int]:
+    """Group 0, 1, ... of each key (a layer) such that keys whose arrays (gradient buffers)
+    share one are in one group: they take their W turns through one turnstile."""
+    parent = {k: k for k in grads}
+
+    def root(k: Key) -> Key:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    first: dict[int, Key] = {}  # id(array) -> the first key holding it
+    for k, arrays in grads.items():
+        for a in arrays:
+            if id(a) in first:
+                parent[root(k)] = root(first[id(a)])
+            else:
+                first[id(a)] = k
+    roots = list(dict.fromkeys(root(k) for k in grads))  # in the keys' order
+    return {k: roots.index(root(k)) for k in grads}
 
 
 class MicroBatchThreads(Executor):
@@ -112,22 +138,13 @@ class MicroBatchThreads(Executor):
         self.blas = ThreadpoolController()
         self.actions = {(a.kind, a.mb, a.chunk): (a, i) for i, a in enumerate(self.row)}
         self.mbs = sorted({a.mb for a in self.row if a.kind == "F"})
-        # each layer's gradient buffers -> one turnstile per group of layers sharing a buffer
-        layers = [(c, j) for c, ch in enumerate(self.stage.chunks) for j in range(len(ch.layers))]
-        group: dict[tuple[int, int], int] = {}
-        owner: dict[int, int] = {}  # id(buffer) -> group
-        for c, j in layers:
-            ids = [id(g) for g in self.stage.chunks[c].layers[j].grads.values()]
-            found = {owner[i] for i in ids if i in owner}
-            g = min(found) if found else len(set(owner.values()) | set(group.values()))
-            for key, old in group.items():  # merge groups this layer joins
-                if old in found:
-                    group[key] = g
-            for i, gi in list(owner.items()):
-                if gi in found:
-                    owner[i] = g
-            group[(c, j)] = g
-            owner.update((i, g) for i in ids)
+        group = share_groups(
+            {
+                (c, j): list(layer.grads.values())
+                for c, ch in enumerate(self.stage.chunks)
+                for j, layer in enumerate(ch.layers)
+            }
+        )
         # the row's order of W contributions, numbered per group
         self.ticket: dict[tuple[int, int, int], tuple[int, int]] = {}  # (mb, c, j) -> (g, n)
         counts: dict[int, int] = {}
@@ -137,13 +154,14 @@ class MicroBatchThreads(Executor):
                     g = group[(a.chunk, j)]
                     self.ticket[(a.mb, a.chunk, j)] = (g, counts.get(g, 0))
                     counts[g] = counts.get(g, 0) + 1
-        self.n_groups = len(counts)
-        self.finals = [  # (chunk, global layer) whose gradients the row's final W completes
-            (c, self.stage.chunks[c].indices[j])
-            for c, i in sorted(self.final_w.items(), key=lambda kv: kv[1])
+        self.n_groups = len(set(group.values()))
+        self.finals = [  # global layers, in the order the row's final W's complete them
+            self.stage.chunks[c].indices[j]
+            for c in sorted(self.final_w, key=self.final_w.__getitem__)
             for j in reversed(range(len(self.stage.chunks[c].layers)))
         ]
-        self.lock = threading.RLock()  # the accounting (`_settle` calls `_account`) and spans
+        self.order = sorted(range(len(self.stage.chunks)), key=lambda c: self.stage.ids[c])
+        self.lock = threading.Lock()  # the spans, waits and memory accounting
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="microbatch")
 
     @property
@@ -156,6 +174,11 @@ class MicroBatchThreads(Executor):
         self.local.unsettled = value
 
     @property
+    def lanes(self) -> list[int]:
+        """The worker (trace track) of each of the last run's spans."""
+        return self._lanes
+
+    @property
     def busy(self) -> float:
         """Seconds of compute in the last run, per worker (so that 1 - busy / wall is idle)."""
         return super().busy / self.threads
@@ -165,7 +188,7 @@ class MicroBatchThreads(Executor):
         self.ctx, self.wctx, self.mail = {}, {}, {}
         self.losses, self.outputs = {}, {}
         self.spans, self.waits = [], []
-        self.lanes: list[int] = []  # each span's worker
+        self._lanes: list[int] = []  # each span's worker
         self.gates = [Turnstile() for _ in range(self.n_groups)]
         taken = itertools.count()  # next() is one C call: atomic under the GIL
         self.started = time.perf_counter()
@@ -188,7 +211,7 @@ class MicroBatchThreads(Executor):
         finally:
             sys.setswitchinterval(switch)
         if self.on_layer_final is not None and self.training:
-            for _, layer in self.finals:
+            for layer in self.finals:
                 self.on_layer_final(layer)
         self.finished = time.perf_counter()
         return to_host([self.losses[mb] for mb in sorted(self.losses)])
@@ -209,13 +232,11 @@ class MicroBatchThreads(Executor):
     def _microbatch(self, mb: int, lane: int) -> None:
         """F (and the loss), B and W of one micro-batch through every chunk, in stage order, on
         worker `lane`."""
-        chunks = range(len(self.stage.chunks))
-        order = sorted(chunks, key=lambda c: self.stage.ids[c])
-        for c in order:
+        for c in self.order:
             self._timed(("F", mb, c), self._forward, lane)
         if not self.training:
             return
-        for c in reversed(order):
+        for c in reversed(self.order):
             self._timed(("B", mb, c), self._backward_input, lane)
             self._timed(("W", mb, c), self._weights, lane)
 
@@ -229,7 +250,7 @@ class MicroBatchThreads(Executor):
         with self.lock:
             self._settle()  # this worker's accounting: no message to post first
             self.spans.append((t0, time.perf_counter(), a))
-            self.lanes.append(lane)  # the trace's thread for the span
+            self._lanes.append(lane)  # the trace's thread for the span
 
     def _weights(self, a: Action, i: int) -> None:
         """W of one micro-batch and chunk, layer by layer, each at its turn (a wait for a turn
@@ -248,15 +269,7 @@ class MicroBatchThreads(Executor):
                 layers[j].backward_weight(wctxs[j])
             finally:
                 self.gates[g].leave()
-        self._account((a.mb, a.chunk), None)
-
-    def _account(self, key: tuple[int, int], saved: Any) -> None:
-        with self.lock:
-            super()._account(key, saved)
-            self.peak_stash = max(self.peak_stash, len(self.ctx) + len(self.wctx))
-
-    def _take(self, key: tuple[str, int, int]) -> Array:
-        return self.mail.pop(key)
+        self.unsettled = ((a.mb, a.chunk), None, False)  # as the executor's W: nothing held
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -41,6 +41,9 @@ from mpipipe.xp import Array
 BLOCK = 1 << 17  # elements of a block (of the first array): it and its temporaries stay cached
 MIN_SHARE = 1 << 15  # elements per thread below which another thread costs more than it saves
 
+# the variables through which a user sets the BLAS's threads (the runtime then leaves them be)
+USER_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
 _pool: ThreadPoolExecutor | None = None
 _threads, _block = 1, BLOCK
 

@@ -58,7 +58,7 @@ def share_cores(local_size: int, env: Mapping[str, str] = os.environ) -> int | N
     rank to, or the node's cores divided among its ranks when it bound none (1 when
     oversubscribed). Returns None, changing nothing, when the user chose (OMP_NUM_THREADS and
     friends). Done at run time with threadpoolctl, so importing mpipipe changes no setting."""
-    if any(v in env for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
+    if any(v in env for v in rowwise.USER_THREADS):
         return None
     mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cores = os.cpu_count() or 1
@@ -174,17 +174,13 @@ class Runtime:
         self.last_rank = plan.owner(plan.n_stages - 1)[0]  # my pipeline's last stage
 
     def _executor(self, plan: schedule.Plan, scale: float | None, reducer: Any) -> Executor:
-        cfg, cores = self.job.cfg, rowwise.threads()
+        threads = mbthreads.threads_for(
+            self.job, self.grid.world.Get_size(), self.device.backend, rowwise.threads()
+        )
         kind: Any = Executor
         kw: dict[str, Any] = {}
-        if cfg.microbatch_threads == "auto" and mbthreads.applies(
-            self.grid.world.Get_size(),
-            self.device.backend,
-            self.job.emulated is not None,
-            cores,
-            plan.microbatches,
-        ):
-            kind, kw = mbthreads.MicroBatchThreads, {"threads": cores}
+        if threads:
+            kind, kw = mbthreads.MicroBatchThreads, {"threads": threads}
         return kind(
             schedule.lower(plan),
             self.rank,
@@ -267,8 +263,8 @@ class Runtime:
 
     def close(self) -> None:
         for ex in (self.train_exec, self.eval_exec):
-            if isinstance(ex, mbthreads.MicroBatchThreads):
-                ex.close()  # its worker threads
+            if ex is not None:
+                ex.close()  # e.g. the micro-batch threads' workers
         if self.reducer is not None:
             self.reducer.close()
         if self.tie is not None:

@@ -321,8 +321,7 @@ class _Run:
     def trace_step(self, step: int, *marks: float) -> None:
         t_backward, t_reduced, t_sum, t_summed, t_end = marks
         tr, ex = self.tracer, self.train_exec
-        lanes = getattr(ex, "lanes", None) or [0] * len(ex.spans)  # micro-batch threads
-        for (b, e, a), lane in zip(ex.spans, lanes, strict=True):
+        for (b, e, a), lane in zip(ex.spans, ex.lanes, strict=True):
             tr.span(
                 str(a), "compute", b, e, lane, step=step + 1, kind=a.kind, mb=a.mb, chunk=a.chunk
             )

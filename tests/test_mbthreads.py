@@ -95,6 +95,12 @@ def test_only_one_rank_with_several_cores_and_microbatches() -> None:
     assert not mbthreads.applies(1, "numpy", False, 2, 1)
 
 
+def test_layers_sharing_a_gradient_buffer_share_a_turnstile() -> None:
+    a, b, c, d = (np.zeros(2) for _ in range(4))
+    groups = mbthreads.share_groups({"x": [a], "y": [b, c], "z": [d, a], "w": [c], "v": []})
+    assert groups == {"x": 0, "z": 0, "y": 1, "w": 1, "v": 2}
+
+
 def test_turns_follow_their_numbers() -> None:
     gate, order = mbthreads.Turnstile(), []
 
