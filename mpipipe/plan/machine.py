@@ -5,6 +5,8 @@
     devices_per_node = 8          # GPUs (or ranks, on CPUs) per node
     memory_gib = 80               # per device
     memory_bandwidth_gbs = 2039   # per device (HBM or DRAM share), GB/s
+    memory_efficiency = 0.88      # optional (default 1.0): the fraction of that bandwidth that
+                                  # streaming (elementwise) kernels achieve
     [flops]                       # peak dense TFLOP/s per dtype
     bf16 = 312.0
     [matmul]
@@ -84,6 +86,7 @@ class Machine:
     step_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
+    memory_efficiency: float = 1.0  # achieved fraction of memory_bandwidth_gbs
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -133,7 +136,12 @@ class Machine:
         return flops / (self.peak(dtype) * self.matmul_efficiency)
 
     def memory_time(self, nbytes: float) -> float:
-        return nbytes / (self.memory_bandwidth_gbs * 1e9)
+        return nbytes / (self.memory_bandwidth_gbs * 1e9 * self.memory_efficiency)
+
+    def product_time(self, flops: float, nbytes: float, dtype: str) -> float:
+        """One matrix product's roofline: its FLOPs at the achieved matmul rate or its operands'
+        and result's bytes at the achieved memory bandwidth, whichever takes longer."""
+        return max(self.matmul_time(flops, dtype), self.memory_time(nbytes))
 
     def to_toml(self) -> str:
         lines = [
@@ -142,6 +150,7 @@ class Machine:
             f"devices_per_node = {self.devices_per_node}",
             f"memory_gib = {self.memory_gib:.3f}",
             f"memory_bandwidth_gbs = {self.memory_bandwidth_gbs:.3f}",
+            f"memory_efficiency = {self.memory_efficiency:.4g}",
             "",
             "[flops]  # peak TFLOP/s per dtype",
             *(f"{k} = {v:.6g}" for k, v in sorted(self.flops.items())),
@@ -231,6 +240,7 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             devices_per_node=int(m["devices_per_node"]),
             memory_gib=float(m["memory_gib"]),
             memory_bandwidth_gbs=float(m["memory_bandwidth_gbs"]),
+            memory_efficiency=float(m.get("memory_efficiency", 1.0)),
             flops={str(k): float(v) for k, v in raw["flops"].items()},
             matmul_efficiency=float(raw["matmul"]["efficiency"]),
             intra=Link(
@@ -266,9 +276,11 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
                 f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
                 f"with each rank count once (got {list(table)})"
             )
-    if min(positive) <= 0 or not 0 < machine.matmul_efficiency <= 1:
+    efficiencies = (machine.matmul_efficiency, machine.memory_efficiency)
+    if min(positive) <= 0 or not all(0 < e <= 1 for e in efficiencies):
         raise ConfigError(
-            f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency in "
-            f"(0, 1] (got efficiency {machine.matmul_efficiency})"
+            f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency and "
+            f"machine.memory_efficiency in (0, 1] (got {machine.matmul_efficiency} and "
+            f"{machine.memory_efficiency})"
         )
     return machine

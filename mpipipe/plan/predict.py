@@ -112,7 +112,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             "dp reduce (not hidden)": reduce_tail,
             "optimizer": opt,
             "step overhead": machine.step_overhead(layout.ranks),
-            "p2p message": costs.p2p,
+            "p2p message": costs.p2p + costs.exchange,
             "F/B/W stage 0": costs.f[0] + costs.b[0] + costs.w[0],
         },
     )
