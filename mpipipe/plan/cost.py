@@ -3,9 +3,9 @@
 Dimensions: b samples per micro-batch, T tokens per sample, C width, H heads, V vocabulary,
 t tensor-parallel ranks; w bytes per element of the compute dtype.
 
-    block F  matmul 24 bTC^2 (/t) + attention's 2 batched products; elementwise 10 bTC whole
-             (LayerNorms, residuals) + 24 bTC (/t: biases, GELU) + 4 bHT^2 (/t: scale, mask,
-             softmax) moved
+    block F  matmul 24 bTC^2 (/t) + attention's 2 batched products; elementwise (mpipipe's
+             kernels) 10 bTC whole (LayerNorms, residuals) + 24 bTC (/t: biases, GELU) + 4 bHT^2
+             (/t: scale, mask, softmax) moved; Megatron's fused kernels move less (runtimes.py)
     block B  matmul 24 bTC^2 (/t) + attention's 4 batched products, twice F's elementwise traffic
     attention products  each 2 bT^2 C FLOPs (/t) and bHT^2 (/t: scores or probabilities, read
              or written) + 2 bTC (/t: Q, K, V, the context or their gradients) elements moved,
@@ -52,6 +52,7 @@ from mpipipe.memory import (
 )
 from mpipipe.partition import uniform
 from mpipipe.plan.machine import Link, Machine
+from mpipipe.plan.runtimes import runtime
 
 
 @dataclass(frozen=True)
@@ -187,18 +188,20 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     tp, w = layout.tp, model.width
     mm = lambda flops: machine.matmul_time(flops / tp, model.dtype)  # noqa: E731
     mem = lambda elems: machine.memory_time(elems * w)  # noqa: E731
-    whole = 10 * b * t * c / (tp if layout.sp else 1)
+    rt = runtime(layout.runtime)  # its elementwise traffic (plan/runtimes.py)
+    btc, scores = b * t * c / (tp if layout.sp else 1), b * h * t * t / tp
     drop_attn = drop_res = 0.0
     if model.dropout:  # F and B each: read, write and a 1-byte mask (written, then read)
         drop_attn = (2 + 1 / w) * b * h * t * t / tp
         drop_res = 2 * (1 / w) * b * t * c / (tp if layout.sp else 1)  # fused into the residual
     product = attention_product(model, b, tp, machine)
-    attn_f = 2 * product + mem(4 * b * h * t * t / tp + drop_attn)
-    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp + drop_res)
+    attn_f = 2 * product + mem(rt.scores_f * scores + drop_attn)
+    block_f = mm(24 * b * t * c * c) + attn_f + mem(rt.whole_f * btc + rt.split_f * b * t * c / tp)
+    block_f += mem(drop_res)
     block_b = (
         mm(24 * b * t * c * c)
         + 4 * product
-        + 2 * mem(whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp)
+        + mem(rt.whole_b * btc + rt.split_b * b * t * c / tp + rt.scores_b * scores)
         + mem(drop_attn + drop_res)
     )
     block_w = mm(24 * b * t * c * c)
@@ -267,10 +270,11 @@ def accumulation_time(model: GPT, layout: Layout, machine: Machine) -> float:
     """Seconds per parameter a W spends adding its weight gradients into the accumulation buffer:
     0 for mpipipe (priced with the matrix products), 3 16-bit elements moved for Megatron's
     local DDP, (m - 1) / m of that for PyTorch's (see the module's docstring)."""
-    if layout.runtime != "megatron" or model.emulate or model.profile is not None:
+    rt = runtime(layout.runtime)
+    if not rt.accumulate or model.emulate or model.profile is not None:
         return 0.0
     share = 1.0 if not layout.overlap else (layout.microbatches - 1) / layout.microbatches
-    return share * machine.memory_time(3 * model.width)
+    return share * machine.memory_time(rt.accumulate * model.width)
 
 
 def pipeline_message(model: GPT, layout: Layout, machine: Machine) -> tuple[float, float]:
@@ -282,7 +286,7 @@ def pipeline_message(model: GPT, layout: Layout, machine: Machine) -> tuple[floa
     tp = layout.tp
     msg = layout.micro_batch(model) * model.seq_len * model.d_model * model.width
     link = machine.link(tp * layout.dp)
-    if layout.runtime == "megatron":
+    if runtime(layout.runtime).blocking_p2p:
         gather = allreduce_time(machine.link(tp - 1), msg, tp) / 2  # half of a ring all-reduce
         return 0.0, link.time(msg / tp) + gather
     return link.time(msg / (tp if layout.sp else 1)), 0.0

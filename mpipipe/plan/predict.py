@@ -31,6 +31,7 @@ from mpipipe.plan.cost import (
     memory,
 )
 from mpipipe.plan.machine import Link, Machine
+from mpipipe.plan.runtimes import runtime
 
 
 @dataclass
@@ -71,7 +72,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     costs = action_costs(model, layout, machine)
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     mems = [memory(model, layout, chunks, peaks[r]) for r, chunks in enumerate(plan.stages)]
-    grad_width = 4 if model.width == 2 else model.width
+    grad_width = runtime(layout.runtime).grad_width_16 if model.width == 2 else model.width
     link = machine.link(layout.tp * layout.dp - 1)
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
