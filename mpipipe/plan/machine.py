@@ -17,6 +17,8 @@
     [links.inter]                 # between nodes, per device and direction
     bandwidth_gbs = 25.0
     latency_us = 5.0
+    nics_per_node = 8             # optional (default 0: one): network ports a collective's
+                                  # rings use at once, one per member of its group in the node
     [runtime]
     action_overhead_us = 0.0      # fixed time per pipeline action (dispatch, launches, Python)
     step_overhead_ms = 0.0        # fixed time per optimizer step outside the pipeline
@@ -87,6 +89,7 @@ class Machine:
     reduce_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
     memory_efficiency: float = 1.0  # achieved fraction of memory_bandwidth_gbs
+    nics_per_node: int = 0  # inter-node ports a collective uses in parallel (0: one)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -103,6 +106,17 @@ class Machine:
         """The link between ranks `distance` apart in rank numbers (consecutive ranks fill a
         node first): intra-node when the group fits in one node."""
         return self.intra if distance < self.devices_per_node else self.inter
+
+    def collective_link(self, stride: int, n: int) -> Link:
+        """The link a ring collective of `n` ranks `stride` apart runs at. Inside a node, the
+        intra-node link. Across nodes, NCCL runs one ring per network port, each carrying its
+        share, so a group with k members in each node moves k x the inter-node bandwidth
+        through min(k, nics_per_node) ports, up to what the intra-node link carries."""
+        if n * stride - 1 < self.devices_per_node:  # as link(): the group's span fits a node
+            return self.intra
+        members = max(1, min(n, self.devices_per_node // stride, self.nics_per_node))
+        bandwidth = min(self.inter.bandwidth_gbs * members, self.intra.bandwidth_gbs)
+        return Link(max(bandwidth, self.inter.bandwidth_gbs), self.inter.latency_us)
 
     def action_overhead(self, ranks: int) -> float:
         """Seconds per pipeline action in a job of `ranks` ranks (see the format above)."""
@@ -165,6 +179,7 @@ class Machine:
                 f"bandwidth_gbs = {link.bandwidth_gbs:.4g}",
                 f"latency_us = {link.latency_us:.4g}",
             ]
+        lines.append(f"nics_per_node = {self.nics_per_node}")
         lines += [
             "",
             "[runtime]",
@@ -241,6 +256,7 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             memory_gib=float(m["memory_gib"]),
             memory_bandwidth_gbs=float(m["memory_bandwidth_gbs"]),
             memory_efficiency=float(m.get("memory_efficiency", 1.0)),
+            nics_per_node=int(links["inter"].get("nics_per_node", 0)),
             flops={str(k): float(v) for k, v in raw["flops"].items()},
             matmul_efficiency=float(raw["matmul"]["efficiency"]),
             intra=Link(

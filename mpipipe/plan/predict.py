@@ -73,7 +73,8 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     mems = [memory(model, layout, chunks, peaks[r]) for r, chunks in enumerate(plan.stages)]
     grad_width = runtime(layout.runtime).grad_width_16 if model.width == 2 else model.width
-    link = machine.link(layout.tp * layout.dp - 1)
+    link = machine.collective_link(layout.tp, layout.dp)
+    fused = runtime(layout.runtime).fused_backward
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
     actions = max(len(spans) for spans in report.spans)
@@ -87,9 +88,12 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
         for chunk, k in enumerate(plan.stages[r]):
             last_w = max((s for s in spans if s[2].kind == "W" and s[2].chunk == chunk),
                          key=lambda s: s[1])  # fmt: skip
+            start = last_w[0]
+            if fused:  # one backward pass: layers finish in turn over the last B and W
+                start = max(s[0] for s in spans if s[2].kind == "B" and s[2].chunk == chunk)
             layers = list(reversed(parts[k]))
             for j, i in enumerate(layers):
-                t = last_w[0] + (last_w[1] - last_w[0]) * (j + 1) / len(layers)
+                t = start + (last_w[1] - start) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
         clock = _buckets(ready, compute_end, layout, link, bucket_mb)
         end = max(compute_end, clock) + waits
@@ -144,9 +148,10 @@ def _reduce(link: Link, nbytes: float, layout: Layout) -> float:
 
 def _optimizer(model: GPT, layout: Layout, machine: Machine, params: int, link: Link) -> float:
     """AdamW/SGD on the rank's (shard of) parameters: memory-bound, ~7 fp32 streams per
-    parameter (plus the 16-bit copies), or with a profile the runtime's optimizer timed here;
+    parameter (16-bit training: the runtime's bytes, runtimes.py), or with a profile the
+    runtime's optimizer timed here;
     ZeRO-1 updates 1/dp of them, then all-gathers."""
-    streams = 7 * 4 + (4 if model.width == 2 else 0)
+    streams = runtime(layout.runtime).optimizer_16 if model.width == 2 else 7 * 4
     mine = params / (layout.dp if layout.zero else 1)
     if model.profile is not None:
         t = mine * model.profile.optimizer_rate(model.optimizer, layout.tp)

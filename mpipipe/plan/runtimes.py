@@ -44,6 +44,18 @@ reduces float32 copies (4); Megatron's buffer is the parameters' dtype unless
 --accumulate-allreduce-grads-in-fp32 (megatron/model/distributed.py, _get_buffer_type; the flag
 defaults off and is forced on for bf16 only): 2 for the SC21 runs (fp16; ASSUMPTION: the
 artifact's CONFIG.sh, not public, does not set it). PyTorch's DDP reduces the fp16 .grad: 2.
+
+When a layer's gradients are final: mpipipe's W is its own action, so during the last W;
+Megatron's backward is one autograd pass per chunk (recomputation, input and weight gradients
+layer by layer), so during the last B and W together (what PyTorch's DDP overlaps with).
+
+The mixed-precision Adam step, bytes per parameter: mpipipe's reads and writes the fp32 master,
+its two moments and the gradient (7 x 4) and writes the 16-bit copy (4, with its read).
+Megatron's (megatron/optimizer/optimizer.py, Float16OptimizerWithFloat16Params.step): the fp16
+main_grad to an fp32 .grad (read 2, write 4), unscale and check for inf
+(_amp_foreach_non_finite_check_and_unscale_: 8), the norm for clipping (read 4), apex's
+FusedAdam (read parameter, gradient and moments, write parameter and moments: 28), the fp32
+masters to the fp16 model (read 4, write 2), the gradient buffer zeroed (write 2): 54.
 """
 
 from __future__ import annotations
@@ -65,11 +77,13 @@ class Runtime:
     accumulate: float  # elements moved per parameter and micro-batch by W's accumulation
     grad_width_16: int  # bytes per gradient element reduced over dp, for 16-bit training
     blocking_p2p: bool  # the pipeline exchange: Megatron's scatter/gather, blocking
+    fused_backward: bool  # B and W are one pass (autograd): gradients final during both
+    optimizer_16: int  # bytes moved per parameter by the 16-bit (mixed-precision) Adam step
 
 
 RUNTIMES = {
-    "mpipipe": Runtime("mpipipe", 10, 24, 4, 20, 48, 8, 0, 4, False),
-    "megatron": Runtime("megatron", 10, 16, 2, 22, 21, 3, 3, 2, True),
+    "mpipipe": Runtime("mpipipe", 10, 24, 4, 20, 48, 8, 0, 4, False, False, 32),
+    "megatron": Runtime("megatron", 10, 16, 2, 22, 21, 3, 3, 2, True, True, 54),
 }
 
 
