@@ -1,0 +1,106 @@
+"""The planner's runtime-specific and machine-specific terms (pure Python): attention's batched
+products by their own roofline, the achieved memory bandwidth, NIC-parallel collectives across
+nodes, and what Megatron-LM's runtime does differently from mpipipe's (plan/runtimes.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import tomllib
+
+from mpipipe.errors import ConfigError
+from mpipipe.memory import shard_params
+from mpipipe.plan.cost import GPT, Layout, action_costs, allreduce_time, attention_product
+from mpipipe.plan.machine import Link, Machine, from_mapping, load
+from mpipipe.plan.predict import predict
+from mpipipe.plan.runtimes import RUNTIMES, Runtime
+
+SMALL = dict(layers=4, d_model=64, heads=4, seq_len=32, vocab=128, global_batch=16)
+
+
+def machine(**kw: object) -> Machine:
+    """1 TFLOP/s, 1 GB/s of memory, distinct links: every term is visible."""
+    base = Machine("t", 8, 64.0, 1.0, {"float32": 1.0}, 1.0, Link(2.0, 1.0), Link(0.5, 4.0))
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_attention_products_take_the_longer_of_their_flops_and_their_bytes() -> None:
+    model, b, tp = GPT(**SMALL), 2, 2
+    t, c, h, w = 32, 64, 4, 4
+    flops, nbytes = 2 * b * t * t * c / tp, (b * h * t * t / tp + 2 * b * t * c / tp) * w
+    fast_memory = machine(memory_bandwidth_gbs=1e9)
+    assert attention_product(model, b, tp, fast_memory) == pytest.approx(flops / 1e12)
+    slow = machine(flops={"float32": 1e6}, memory_efficiency=0.5)
+    assert attention_product(model, b, tp, slow) == pytest.approx(nbytes / 0.5e9)
+
+
+def test_new_machine_keys_default_to_the_old_prices_and_round_trip() -> None:
+    old = load("selene-a100").to_toml()
+    for key in ("memory_efficiency = 0.88\n", "nics_per_node = 8\n"):
+        old = old.replace(key, "")
+    m = from_mapping(tomllib.loads(old), "t")
+    assert (m.memory_efficiency, m.nics_per_node) == (1.0, 0)
+    assert m.memory_time(2e9) == pytest.approx(2e9 / (m.memory_bandwidth_gbs * 1e9))
+    assert m.collective_link(8, 32) == m.inter  # one port: the inter-node link as before
+    selene = load("selene-a100")
+    assert from_mapping(tomllib.loads(selene.to_toml()), "t") == selene
+    with pytest.raises(ConfigError, match="memory_efficiency"):
+        from_mapping(tomllib.loads(selene.to_toml().replace("= 0.88", "= 1.5")), "t")
+
+
+def test_collectives_across_nodes_use_a_port_per_member_up_to_the_node_link() -> None:
+    m = machine(nics_per_node=8)  # intra 2 GB/s, inter 0.5 GB/s, 8 devices per node
+    assert m.collective_link(1, 8) == m.intra  # one node
+    assert m.collective_link(8, 4).bandwidth_gbs == 0.5  # one member per node: one port
+    assert m.collective_link(2, 16).bandwidth_gbs == 2.0  # 4 members: 4 x 0.5, the node's cap
+    assert m.collective_link(4, 8).bandwidth_gbs == 1.0  # 2 members per node
+    assert machine(nics_per_node=1).collective_link(2, 16).bandwidth_gbs == 0.5
+
+
+def test_megatron_runtime_blocks_on_a_scattered_exchange_and_accumulates_gradients() -> None:
+    """Against mpipipe's runtime on the same layout: F of every virtual stage but the last and
+    B of every one but the first hold the exchange (1/tp of the message on the pipeline link,
+    then an all-gather over tp); W adds 3 elements per parameter (local DDP, every micro-batch);
+    the message is no longer a latency."""
+    model, m = GPT(**SMALL), machine()
+    lay = Layout(2, 1, 2, "interleaved", 2, 4, overlap=False)
+    ours, theirs = (
+        action_costs(model, lay, m),
+        action_costs(model, lay.with_(runtime="megatron"), m),
+    )
+    msg = 4 * 32 * 64 * 4  # b x T x C float32 (b = 4), to a neighbour 2 ranks apart: in a node
+    exchange = m.intra.time(msg / 2) + allreduce_time(m.intra, msg, 2) / 2
+    assert (theirs.p2p, theirs.exchange) == (0.0, pytest.approx(exchange))
+    assert ours.p2p == pytest.approx(m.intra.time(msg)) and ours.exchange == 0.0
+    mpi, meg = RUNTIMES["mpipipe"], RUNTIMES["megatron"]
+    btc, scores = 4 * 32 * 64, 4 * 4 * 32 * 32 / 2  # b x T x C; b x H x T^2 / tp
+
+    def kernels(rt: Runtime, f: bool) -> float:  # elementwise seconds of one block (1 GB/s)
+        whole, split, att = (rt.whole_f, rt.split_f, rt.scores_f) if f else (
+            rt.whole_b, rt.split_b, rt.scores_b)  # fmt: skip
+        return (whole * btc + split * btc / 2 + att * scores) * 4 / 1e9
+
+    extra_f, extra_b = (kernels(meg, f) - kernels(mpi, f) for f in (True, False))
+    assert len(theirs.f) == 4  # one block per virtual stage, the embedding on 0, the head on 3
+    for k in range(4):
+        assert theirs.f[k] - ours.f[k] == pytest.approx(extra_f + (k < 3) * exchange)
+        assert theirs.b[k] - ours.b[k] == pytest.approx(extra_b + (k > 0) * exchange)
+    per_block = shard_params("block0", model.meta, model.layer_params("block0"), 2)
+    assert theirs.w[1] - ours.w[1] == pytest.approx(per_block * 3 * 4 / 1e9)
+
+
+def test_megatron_reduces_16_bit_gradients_and_pytorch_ddp_skips_the_first_accumulation() -> None:
+    model = GPT(**{**SMALL, "dtype": "fp16"})
+    m = machine(flops={"fp16": 1.0})
+    lay = Layout(1, 4, 1, "1f1b", 1, 4, overlap=False)
+    ours = predict(model, lay, m)
+    theirs = predict(model, lay.with_(runtime="megatron"), m)
+    assert theirs.breakdown["dp reduce (not hidden)"] < ours.breakdown["dp reduce (not hidden)"]
+    assert theirs.breakdown["optimizer"] == pytest.approx(ours.breakdown["optimizer"] * 54 / 32)
+    local = action_costs(model, lay.with_(runtime="megatron"), m).w
+    torch = action_costs(model, lay.with_(runtime="megatron", overlap=True), m).w
+    plain = action_costs(model, lay, m).w
+    assert [t - p for t, p in zip(torch, plain, strict=True)] == pytest.approx(
+        [(x - p) * 3 / 4 for x, p in zip(local, plain, strict=True)]
+    )
