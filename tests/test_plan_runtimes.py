@@ -83,9 +83,13 @@ def test_megatron_runtime_blocks_on_a_scattered_exchange_and_accumulates_gradien
 
     extra_f, extra_b = (kernels(meg, f) - kernels(mpi, f) for f in (True, False))
     assert len(theirs.f) == 4  # one block per virtual stage, the embedding on 0, the head on 3
-    for k in range(4):
-        assert theirs.f[k] - ours.f[k] == pytest.approx(extra_f + (k < 3) * exchange)
-        assert theirs.b[k] - ours.b[k] == pytest.approx(extra_b + (k > 0) * exchange)
+    logits = 4 * 32 * 128 / 2 * 4 / 1e9  # the loss's b x T x V / tp, float32, at 1 GB/s
+    loss_f, loss_b = ((x - y) * logits for x, y in ((19, 4), (7, 4)))  # runtimes.py's counts
+    for k in range(4):  # F sends but from the last, B but from the first; the head on 3
+        f_extra = extra_f + (k < 3) * exchange + (k == 3) * loss_f
+        b_extra = extra_b + (k > 0) * exchange + (k == 3) * loss_b
+        assert theirs.f[k] - ours.f[k] == pytest.approx(f_extra)
+        assert theirs.b[k] - ours.b[k] == pytest.approx(b_extra)
     per_block = shard_params("block0", model.meta, model.layer_params("block0"), 2)
     assert theirs.w[1] - ours.w[1] == pytest.approx(per_block * 3 * 4 / 1e9)
 
@@ -104,3 +108,29 @@ def test_megatron_reduces_16_bit_gradients_and_pytorch_ddp_skips_the_first_accum
     assert [t - p for t, p in zip(torch, plain, strict=True)] == pytest.approx(
         [(x - p) * 3 / 4 for x, p in zip(local, plain, strict=True)]
     )
+
+
+def test_tensor_parallel_ends_pay_their_all_reduces() -> None:
+    """Beyond the blocks' two all-reduces in F and two in B: the vocabulary-parallel embedding's
+    output in F, the loss's two float32 values per token in F, the head's input gradient in B."""
+    model, lay = GPT(**SMALL), Layout(1, 1, 2, "1f1b", 1, 4)
+    free = machine(intra=Link(1e12, 0.0))
+    paid, none = action_costs(model, lay, machine()), action_costs(model, lay, free)
+    btc = allreduce_time(machine().intra, 4 * 32 * 64 * 4, 2)  # b = 4, float32
+    per_token = allreduce_time(machine().intra, 4 * 32 * 4, 2)
+    assert paid.f[0] - none.f[0] == pytest.approx(4 * 2 * btc + btc + 2 * per_token, rel=1e-6)
+    assert paid.b[0] - none.b[0] == pytest.approx(4 * 2 * btc + btc, rel=1e-6)
+
+
+def test_recomputed_flops_are_the_papers_formula() -> None:
+    """At 1 FLOP/s and free memory and links, a step with full recomputation costs Megatron
+    SC21's FLOPs per iteration, 96 B s l h^2 (1 + s / 6h + V / 16 l h), its equation 3."""
+    from mpipipe.plan.megatron import paper_flops
+
+    model = GPT(**SMALL)
+    free = machine(memory_bandwidth_gbs=1e30, flops={"float32": 1e-12},
+                   intra=Link(1e30, 0.0), inter=Link(1e30, 0.0))  # fmt: skip
+    lay = Layout(2, 1, 1, "1f1b", 1, 4, "full")
+    c = action_costs(model, lay, free)
+    total = (sum(c.f) + sum(c.b) + sum(c.w)) * lay.microbatches
+    assert total == pytest.approx(paper_flops(16, 32, 4, 64, 128), rel=1e-9)

@@ -28,13 +28,14 @@ sender's action and the receiver's). With Layout.runtime = "megatron", Megatron-
   W's fresh 16-bit weight gradients are added into the contiguous gradient buffer,
   main_grad.add_(grad), reading both and writing one, 3 elements per parameter and micro-batch.
   PyTorch's DDP (overlap, Megatron's --DDP-impl torch) accumulates into .grad from the second
-  micro-batch on: (m - 1) / m of that on average. With
-tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
+  micro-batch on: (m - 1) / m of that on average.
+With tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
 parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
-activations outside the matrix products are split /t). Recompute full redoes the chunk's
-forward in B; selective redoes the attention scores. Emulated compute (`--emulate F=,B=,W=` ms
-per layer and sample) replaces the roofline by those times, as train does (no tensor-parallel
-all-reduces: emulated chunks only sleep).
+activations outside the matrix products are split /t), the vocabulary-parallel embedding once in
+F, the head's input gradient once in B, and the loss two float32 values per token in F.
+Recompute full redoes the chunk's forward in B; selective redoes the attention scores. Emulated
+compute (`--emulate F=,B=,W=` ms per layer and sample) replaces the roofline by those times, as
+train does (no tensor-parallel all-reduces: emulated chunks only sleep).
 """
 
 from __future__ import annotations
@@ -232,10 +233,16 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         embed = (prof["embed"][0], prof["embed"][2])
     else:
         head = (
-            mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
-            mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
+            mm(2 * b * t * c * v) + mem(rt.logits_f * b * t * v / tp),
+            mm(2 * b * t * c * v) + mem(rt.logits_b * b * t * v / tp),
             mm(2 * b * t * c * v),
         )
+    if not model.emulate:  # the vocabulary-parallel ends' collectives (parallel/tensor.py)
+        link = machine.link(tp - 1)
+        embed = (embed[0] + allreduce_time(link, b * t * c * w, tp), embed[1])
+        loss_max_sum = 2 * allreduce_time(link, b * t * 4, tp)  # float32 per token
+        head_f_comm = head[1] + allreduce_time(link, b * t * c * w, tp)  # the head's f
+        head = (head[0] + loss_max_sum, head_f_comm, head[2])
     over = machine.action_overhead(layout.ranks)
     p2p, exchange = pipeline_message(model, layout, machine)
     accumulate = accumulation_time(model, layout, machine)  # per parameter of the chunk

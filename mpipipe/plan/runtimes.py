@@ -15,7 +15,8 @@ Megatron-LM's block of 2021 (NVIDIA/Megatron-LM megatron/model/transformer.py,
 ParallelTransformerLayer; fused kernels in megatron/model/fused_softmax.py,
 fused_bias_gelu.py, fused_layer_norm.py), read kernel by kernel:
   F whole 10: two apex LayerNorms (read, write: 2 each), two bias_dropout_add_fused (read the
-      branch, the residual, write: 3 each);
+      branch, the residual, write: 3 each; ASSUMPTION: one kernel each, as the TorchScript
+      function is meant to fuse; unfused it moves 8);
   F split 16: the QKV projection's bias, added after the product (PyTorch's F.linear on a 3-D
       input: matmul, then add_: 6 for 3C), the context's permute().contiguous() (2), the fused
       bias-GeLU of the 4C hidden layer (read, write: 8); the other two biases ride in
@@ -25,10 +26,18 @@ fused_bias_gelu.py, fused_layer_norm.py), read kernel by kernel:
   B whole 22: two LayerNorm backwards (read dy, x; write dx: 3, and the gamma/beta pass reads
       dy, x again: 2), two bias_dropout_add backwards (read dy, write dx, the bias's sum reads
       dx: 3 each), the two residual forks' gradient sums (read 2, write 1: 3 each);
-  B split 21: bias-GeLU backward (read dy, x, write dx: 12) and its bias's sum (4), the QKV
-      bias's sum (3), the permute's backward (2);
+  B split 27: bias-GeLU backward (read dy, x, write dx: 12) and its bias's sum (4), the QKV
+      bias's sum (3), the permute's backward (2), and the q, k, v gradients joined into the
+      QKV output's (torch.split's backward concatenates: read 3, write 3);
   B scores 3: the fused softmax backward (read dy and the probabilities, write dx).
 mpipipe's block (mpipipe/kernels/, unfused): F 10 whole, 24 split, 4 scores; B twice F.
+
+The loss on the vocabulary-parallel logits (b x T x V / t of them), in 16-bit elements: mpipipe
+moves 4 in F and 4 in B. Megatron (megatron/model/gpt_model.py: without --fp16-lm-cross-entropy
+the fp16 logits go through .float(); megatron/mpu/cross_entropy.py, vocab_parallel_cross_entropy)
+moves, in bytes per logit, F: the cast (read 2, write 4), the maximum (read 4), sub_ (8),
+exp (8), the sum (read 4), div_ (8): 38 = 19 elements; B: mul_ by the loss's gradient (8), the
+cast back to fp16 (read 4, write 2): 14 = 7 elements.
 
 Gradient accumulation, in elements moved per parameter and micro-batch beyond the weight-gradient
 product: mpipipe's is priced with the products (0). Megatron's local DDP (--DDP-impl local, the
@@ -79,11 +88,13 @@ class Runtime:
     blocking_p2p: bool  # the pipeline exchange: Megatron's scatter/gather, blocking
     fused_backward: bool  # B and W are one pass (autograd): gradients final during both
     optimizer_16: int  # bytes moved per parameter by the 16-bit (mixed-precision) Adam step
+    logits_f: float  # the loss's elementwise traffic, units of b x T x V / t 16-bit elements
+    logits_b: float
 
 
 RUNTIMES = {
-    "mpipipe": Runtime("mpipipe", 10, 24, 4, 20, 48, 8, 0, 4, False, False, 32),
-    "megatron": Runtime("megatron", 10, 16, 2, 22, 21, 3, 3, 2, True, True, 54),
+    "mpipipe": Runtime("mpipipe", 10, 24, 4, 20, 48, 8, 0, 4, False, False, 32, 4, 4),
+    "megatron": Runtime("megatron", 10, 16, 2, 22, 27, 3, 3, 2, True, True, 54, 19, 7),
 }
 
 
