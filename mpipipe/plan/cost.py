@@ -12,7 +12,7 @@ t tensor-parallel ranks; w bytes per element of the compute dtype.
              priced by its own roofline: at head widths C/H of 64-160 the T x T result makes
              them memory-bound or nearly so, not at the large products' rate
     block W  matmul 24 bTC^2 (/t)
-    head     F 2 bTCV (/t) + 4 bTV moved, B and W 2 bTCV each
+    head     F 2 bTCV (/t) + 4 bTV moved (mpipipe's loss), B and W 2 bTCV each
     dropout  (GPT.dropout, Megatron's default; mpipipe has none) F and B each move
              (2 + 1/w) bHT^2 (/t) on the attention probabilities and a 1-byte mask of bTC twice
 A compute action costs matmul FLOPs / (peak x efficiency) + bytes moved / (memory bandwidth x
@@ -121,7 +121,7 @@ class Layout:
     zero: int = 0
     sp: bool = False
     overlap: bool = True  # gradient reduction during the backward pass (train's --overlap)
-    runtime: str = "mpipipe"  # whose pipeline messages and gradient buffers: or "megatron"
+    runtime: str = "mpipipe"  # whose kernels and messages are priced, or "megatron" (runtimes.py)
 
     @property
     def ranks(self) -> int:
