@@ -134,3 +134,17 @@ def test_recomputed_flops_are_the_papers_formula() -> None:
     c = action_costs(model, lay, free)
     total = (sum(c.f) + sum(c.b) + sum(c.w)) * lay.microbatches
     assert total == pytest.approx(paper_flops(16, 32, 4, 64, 128), rel=1e-9)
+
+
+def test_megatron_gradients_are_final_across_its_one_backward_pass() -> None:
+    """PyTorch's DDP overlaps the reduction with the whole backward (B and W, one autograd pass):
+    more of it hides than behind mpipipe's W alone. Emulated float32 on pp = 1: nothing else in
+    the two runtimes' prices differs."""
+    model = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    slow = machine(intra=Link(0.01, 5.0))  # 10 MB/s: the reduction outlasts the backward
+    lay = Layout(1, 2, 1, "1f1b", 1, 2, overlap=True)
+    ours = predict(model, lay, slow, bucket_mb=0.001)
+    theirs = predict(model, lay.with_(runtime="megatron"), slow, bucket_mb=0.001)
+    assert ours.breakdown["pipeline"] == theirs.breakdown["pipeline"]
+    tail = "dp reduce (not hidden)"
+    assert 0 < theirs.breakdown[tail] < ours.breakdown[tail]
