@@ -148,3 +148,16 @@ def test_megatron_gradients_are_final_across_its_one_backward_pass() -> None:
     assert ours.breakdown["pipeline"] == theirs.breakdown["pipeline"]
     tail = "dp reduce (not hidden)"
     assert 0 < theirs.breakdown[tail] < ours.breakdown[tail]
+
+
+def test_megatron_all_reduces_the_tied_embeddings_between_first_and_last_stage() -> None:
+    """After the data-parallel reduction the first and last pipeline stages all-reduce the word
+    embeddings' gradient, V x C / t elements (megatron/training.py); mpipipe's GPT ties none."""
+    model, m = GPT(**SMALL), machine()
+    lay = Layout(2, 1, 1, "1f1b", 1, 4, runtime="megatron")  # dp = 1: nothing else to reduce
+
+    def tail(layout: Layout) -> float:
+        return predict(model, layout, m).breakdown["dp reduce (not hidden)"]
+
+    assert tail(lay) == pytest.approx(allreduce_time(m.intra, 128 * 64 * 4, 2))
+    assert tail(lay.with_(runtime="mpipipe")) == tail(lay.with_(pp=1, microbatches=8)) == 0

@@ -90,11 +90,12 @@ class Runtime:
     optimizer_16: int  # bytes moved per parameter by the 16-bit (mixed-precision) Adam step
     logits_f: float  # the loss's elementwise traffic, units of b x T x V / t 16-bit elements
     logits_b: float
+    tied_embeddings: bool  # the first and last stages all-reduce the word embeddings' gradient
 
 
 RUNTIMES = {
-    "mpipipe": Runtime("mpipipe", 10, 24, 4, 20, 48, 8, 0, 4, False, False, 32, 4, 4),
-    "megatron": Runtime("megatron", 10, 16, 2, 22, 27, 3, 3, 2, True, True, 54, 19, 7),
+    "mpipipe": Runtime("mpipipe", 10, 24, 4, 20, 48, 8, 0, 4, False, False, 32, 4, 4, False),
+    "megatron": Runtime("megatron", 10, 16, 2, 22, 27, 3, 3, 2, True, True, 54, 19, 7, True),
 }
 
 
