@@ -3,21 +3,39 @@
 Dimensions: b samples per micro-batch, T tokens per sample, C width, H heads, V vocabulary,
 t tensor-parallel ranks; w bytes per element of the compute dtype.
 
-    block F  matmul 24 bTC^2 + 4 bT^2 C FLOPs (/t); elementwise 10 bTC whole (LayerNorms,
-             residuals) + 24 bTC (/t: biases, GELU) + 4 bHT^2 (/t: scale, mask, softmax) moved
-    block B  matmul 24 bTC^2 + 8 bT^2 C (/t), twice F's elementwise traffic
+    block F  matmul 24 bTC^2 (/t) + attention's 2 batched products; elementwise (mpipipe's
+             kernels) 10 bTC whole (LayerNorms, residuals) + 24 bTC (/t: biases, GELU) + 4 bHT^2
+             (/t: scale, mask, softmax) moved; Megatron's fused kernels move less (runtimes.py)
+    block B  matmul 24 bTC^2 (/t) + attention's 4 batched products, twice F's elementwise traffic
+    attention products  each 2 bT^2 C FLOPs (/t) and bHT^2 (/t: scores or probabilities, read
+             or written) + 2 bTC (/t: Q, K, V, the context or their gradients) elements moved,
+             priced by its own roofline: at head widths C/H of 64-160 the T x T result makes
+             them memory-bound or nearly so, not at the large products' rate
     block W  matmul 24 bTC^2 (/t)
-    head     F 2 bTCV (/t) + 4 bTV moved, B and W 2 bTCV each
+    head     F 2 bTCV (/t) + 4 bTV moved (mpipipe's loss), B and W 2 bTCV each
     dropout  (GPT.dropout, Megatron's default; mpipipe has none) F and B each move
              (2 + 1/w) bHT^2 (/t) on the attention probabilities and a 1-byte mask of bTC twice
-A compute action costs matmul FLOPs / (peak x efficiency) + bytes moved / memory bandwidth (a
-roofline summed over the action's kernels), plus the runtime's fixed overhead per action. With
-tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
+A compute action costs matmul FLOPs / (peak x efficiency) + bytes moved / (memory bandwidth x
+its achieved fraction) (a roofline summed over the action's kernels), plus the runtime's fixed
+overhead per action. The pipeline message is mpipipe's (non-blocking: a latency between the
+sender's action and the receiver's). With Layout.runtime = "megatron", Megatron-LM's of 2021:
+- the message (megatron/p2p_communication.py): each tensor-parallel rank sends 1/t of the
+  activation over the pipeline link and the receivers all-gather it over the tensor-parallel
+  group (--scatter-gather-tensors-in-pipeline, on by default), and the exchange blocks the stage
+  (batch_isend_irecv, wait, then torch.cuda.synchronize): every F that sends forward and every B
+  that sends back holds its stage for the exchange;
+- the gradient accumulation (megatron/model/distributed.py, the local DDP's param hook): each
+  W's fresh 16-bit weight gradients are added into the contiguous gradient buffer,
+  main_grad.add_(grad), reading both and writing one, 3 elements per parameter and micro-batch.
+  PyTorch's DDP (overlap, Megatron's --DDP-impl torch) accumulates into .grad from the second
+  micro-batch on: (m - 1) / m of that on average.
+With tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
 parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
-activations outside the matrix products are split /t). Recompute full redoes the chunk's
-forward in B; selective redoes the attention scores. Emulated compute (`--emulate F=,B=,W=` ms
-per layer and sample) replaces the roofline by those times, as train does (no tensor-parallel
-all-reduces: emulated chunks only sleep).
+activations outside the matrix products are split /t), the vocabulary-parallel embedding once in
+F, the head's input gradient once in B, and the loss two float32 values per token in F.
+Recompute full redoes the chunk's forward in B; selective redoes the attention scores. Emulated
+compute (`--emulate F=,B=,W=` ms per layer and sample) replaces the roofline by those times, as
+train does (no tensor-parallel all-reduces: emulated chunks only sleep).
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from mpipipe.memory import (
 )
 from mpipipe.partition import uniform
 from mpipipe.plan.machine import Link, Machine
+from mpipipe.plan.runtimes import runtime
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,7 @@ class Layout:
     zero: int = 0
     sp: bool = False
     overlap: bool = True  # gradient reduction during the backward pass (train's --overlap)
+    runtime: str = "mpipipe"  # whose kernels and messages are priced, or "megatron" (runtimes.py)
 
     @property
     def ranks(self) -> int:
@@ -118,6 +138,7 @@ class Layout:
                 " zero1" if self.zero else "",
                 " sp" if self.sp else "",
                 "" if self.overlap else " no-overlap",
+                "" if self.runtime == "mpipipe" else f" runtime={self.runtime}",
             ]
         )
         return (
@@ -153,7 +174,8 @@ class StageCosts:
     f: list[float]  # seconds per virtual stage
     b: list[float]
     w: list[float]
-    p2p: float  # one activation message between neighbouring pipeline ranks
+    p2p: float  # one activation message between neighbouring pipeline ranks (its latency)
+    exchange: float = 0.0  # a blocking exchange, inside each F and B that sends (megatron)
 
 
 def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
@@ -167,16 +189,20 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     tp, w = layout.tp, model.width
     mm = lambda flops: machine.matmul_time(flops / tp, model.dtype)  # noqa: E731
     mem = lambda elems: machine.memory_time(elems * w)  # noqa: E731
-    whole = 10 * b * t * c / (tp if layout.sp else 1)
+    rt = runtime(layout.runtime)  # its elementwise traffic (plan/runtimes.py)
+    btc, scores = b * t * c / (tp if layout.sp else 1), b * h * t * t / tp
     drop_attn = drop_res = 0.0
     if model.dropout:  # F and B each: read, write and a 1-byte mask (written, then read)
         drop_attn = (2 + 1 / w) * b * h * t * t / tp
         drop_res = 2 * (1 / w) * b * t * c / (tp if layout.sp else 1)  # fused into the residual
-    attn_f = mm(4 * b * t * t * c) + mem(4 * b * h * t * t / tp + drop_attn)
-    block_f = mm(24 * b * t * c * c) + attn_f + mem(whole + 24 * b * t * c / tp + drop_res)
+    product = attention_product(model, b, tp, machine)
+    attn_f = 2 * product + mem(rt.scores_f * scores + drop_attn)
+    block_f = mm(24 * b * t * c * c) + attn_f + mem(rt.whole_f * btc + rt.split_f * b * t * c / tp)
+    block_f += mem(drop_res)
     block_b = (
-        mm(24 * b * t * c * c + 8 * b * t * t * c)
-        + 2 * mem(whole + 24 * b * t * c / tp + 4 * b * h * t * t / tp)
+        mm(24 * b * t * c * c)
+        + 4 * product
+        + mem(rt.whole_b * btc + rt.split_b * b * t * c / tp + rt.scores_b * scores)
         + mem(drop_attn + drop_res)
     )
     block_w = mm(24 * b * t * c * c)
@@ -207,22 +233,70 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         embed = (prof["embed"][0], prof["embed"][2])
     else:
         head = (
-            mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
-            mm(2 * b * t * c * v) + mem(4 * b * t * v / tp),
+            mm(2 * b * t * c * v) + mem(rt.logits_f * b * t * v / tp),
+            mm(2 * b * t * c * v) + mem(rt.logits_b * b * t * v / tp),
             mm(2 * b * t * c * v),
         )
+    if not model.emulate:  # the vocabulary-parallel ends' collectives (parallel/tensor.py)
+        link = machine.link(tp - 1)
+        embed = (embed[0] + allreduce_time(link, b * t * c * w, tp), embed[1])
+        loss_max_sum = 2 * allreduce_time(link, b * t * 4, tp)  # float32 per token
+        head_f_comm = head[1] + allreduce_time(link, b * t * c * w, tp)  # the head's f
+        head = (head[0] + loss_max_sum, head_f_comm, head[2])
     over = machine.action_overhead(layout.ranks)
+    p2p, exchange = pipeline_message(model, layout, machine)
+    accumulate = accumulation_time(model, layout, machine)  # per parameter of the chunk
+    shards = {n: shard_params(n, model.meta, model.layer_params(n), tp) for n in model.names}
     f, bb, ww = [], [], []
-    names = model.names
-    for r in bounds(model, layout):
+    names, parts = model.names, bounds(model, layout)
+    for k, r in enumerate(parts):
         n = sum(1 for i in r if names[i].startswith("block"))
         has_head, has_embed = names[r[-1]] == "head", names[r[0]] == "embed"
-        f.append(over + n * block_f + has_head * head[0] + has_embed * embed[0])
-        bb.append(over + n * block_b + has_head * head[1])
-        ww.append(over + n * block_w + has_head * head[2] + has_embed * embed[1])
-    msg = b * t * c * w / (tp if layout.sp else 1)
-    p2p = machine.link(layout.tp * layout.dp).time(msg) if layout.pp > 1 else 0.0
-    return StageCosts(f, bb, ww, p2p)
+        sends_f, sends_b = k < len(parts) - 1, k > 0  # blocking exchanges (megatron)
+        f.append(over + n * block_f + has_head * head[0] + has_embed * embed[0]
+                 + sends_f * exchange)  # fmt: skip
+        bb.append(over + n * block_b + has_head * head[1] + sends_b * exchange)
+        ww.append(over + n * block_w + has_head * head[2] + has_embed * embed[1]
+                  + accumulate * sum(shards[names[i]] for i in r))  # fmt: skip
+    return StageCosts(f, bb, ww, p2p, exchange)
+
+
+def attention_product(model: GPT, b: int, tp: int, machine: Machine) -> float:
+    """One of attention's batched products on one rank, by its own roofline: 2 bT^2 C / t FLOPs
+    (per head a (T x d)(d x T) or (T x T)(T x d) product, d = C / H) against its bytes, the
+    heads' T x T scores or probabilities (read or written) and two T x d operands or results
+    per head. Q K^T reads Q and K and writes the scores; P V reads P and V and writes the
+    context; B's four (dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) move the same."""
+    t, c, h = model.seq_len, model.d_model, model.heads
+    flops = 2 * b * t * t * c / tp
+    elems = b * h * t * t / tp + 2 * b * t * c / tp
+    return machine.product_time(flops, elems * model.width, model.dtype)
+
+
+def accumulation_time(model: GPT, layout: Layout, machine: Machine) -> float:
+    """Seconds per parameter a W spends adding its weight gradients into the accumulation buffer:
+    0 for mpipipe (priced with the matrix products), 3 16-bit elements moved for Megatron's
+    local DDP, (m - 1) / m of that for PyTorch's (see the module's docstring)."""
+    rt = runtime(layout.runtime)
+    if not rt.accumulate or model.emulate or model.profile is not None:
+        return 0.0
+    share = 1.0 if not layout.overlap else (layout.microbatches - 1) / layout.microbatches
+    return share * machine.memory_time(rt.accumulate * model.width)
+
+
+def pipeline_message(model: GPT, layout: Layout, machine: Machine) -> tuple[float, float]:
+    """(latency, blocking exchange) of one activation message between pipeline neighbours,
+    tp x dp ranks apart: mpipipe's is a latency on the link; Megatron's (Layout.runtime) 1/t of
+    it on that link then an all-gather over the tensor-parallel group, held by both stages."""
+    if layout.pp == 1:
+        return 0.0, 0.0
+    tp = layout.tp
+    msg = layout.micro_batch(model) * model.seq_len * model.d_model * model.width
+    link = machine.link(tp * layout.dp)
+    if runtime(layout.runtime).blocking_p2p:
+        gather = allreduce_time(machine.link(tp - 1), msg, tp) / 2  # half of a ring all-reduce
+        return 0.0, link.time(msg / tp) + gather
+    return link.time(msg / (tp if layout.sp else 1)), 0.0
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@
     devices_per_node = 8          # GPUs (or ranks, on CPUs) per node
     memory_gib = 80               # per device
     memory_bandwidth_gbs = 2039   # per device (HBM or DRAM share), GB/s
+    memory_efficiency = 0.88      # optional (default 1.0): the fraction of that bandwidth that
+                                  # streaming (elementwise) kernels achieve
     [flops]                       # peak dense TFLOP/s per dtype
     bf16 = 312.0
     [matmul]
@@ -15,6 +17,8 @@
     [links.inter]                 # between nodes, per device and direction
     bandwidth_gbs = 25.0
     latency_us = 5.0
+    nics_per_node = 8             # optional (default 0: one): network ports a collective's
+                                  # rings use at once, one per member of its group in the node
     [runtime]
     action_overhead_us = 0.0      # fixed time per pipeline action (dispatch, launches, Python)
     step_overhead_ms = 0.0        # fixed time per optimizer step outside the pipeline
@@ -84,6 +88,8 @@ class Machine:
     step_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
+    memory_efficiency: float = 1.0  # achieved fraction of memory_bandwidth_gbs
+    nics_per_node: int = 0  # inter-node ports a collective uses in parallel (0: one)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -100,6 +106,17 @@ class Machine:
         """The link between ranks `distance` apart in rank numbers (consecutive ranks fill a
         node first): intra-node when the group fits in one node."""
         return self.intra if distance < self.devices_per_node else self.inter
+
+    def collective_link(self, stride: int, n: int) -> Link:
+        """The link a ring collective of `n` ranks `stride` apart runs at. Inside a node, the
+        intra-node link. Across nodes, NCCL runs one ring per network port, each carrying its
+        share, so a group with k members in each node moves k x the inter-node bandwidth
+        through min(k, nics_per_node) ports, up to what the intra-node link carries."""
+        if n * stride - 1 < self.devices_per_node:  # as link(): the group's span fits a node
+            return self.intra
+        members = max(1, min(n, self.devices_per_node // stride, self.nics_per_node))
+        bandwidth = min(self.inter.bandwidth_gbs * members, self.intra.bandwidth_gbs)
+        return Link(max(bandwidth, self.inter.bandwidth_gbs), self.inter.latency_us)
 
     def action_overhead(self, ranks: int) -> float:
         """Seconds per pipeline action in a job of `ranks` ranks (see the format above)."""
@@ -133,7 +150,12 @@ class Machine:
         return flops / (self.peak(dtype) * self.matmul_efficiency)
 
     def memory_time(self, nbytes: float) -> float:
-        return nbytes / (self.memory_bandwidth_gbs * 1e9)
+        return nbytes / (self.memory_bandwidth_gbs * 1e9 * self.memory_efficiency)
+
+    def product_time(self, flops: float, nbytes: float, dtype: str) -> float:
+        """One matrix product's roofline: its FLOPs at the achieved matmul rate or its operands'
+        and result's bytes at the achieved memory bandwidth, whichever takes longer."""
+        return max(self.matmul_time(flops, dtype), self.memory_time(nbytes))
 
     def to_toml(self) -> str:
         lines = [
@@ -142,6 +164,7 @@ class Machine:
             f"devices_per_node = {self.devices_per_node}",
             f"memory_gib = {self.memory_gib:.3f}",
             f"memory_bandwidth_gbs = {self.memory_bandwidth_gbs:.3f}",
+            f"memory_efficiency = {self.memory_efficiency:.4g}",
             "",
             "[flops]  # peak TFLOP/s per dtype",
             *(f"{k} = {v:.6g}" for k, v in sorted(self.flops.items())),
@@ -156,6 +179,7 @@ class Machine:
                 f"bandwidth_gbs = {link.bandwidth_gbs:.4g}",
                 f"latency_us = {link.latency_us:.4g}",
             ]
+        lines.append(f"nics_per_node = {self.nics_per_node}")
         lines += [
             "",
             "[runtime]",
@@ -231,6 +255,8 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             devices_per_node=int(m["devices_per_node"]),
             memory_gib=float(m["memory_gib"]),
             memory_bandwidth_gbs=float(m["memory_bandwidth_gbs"]),
+            memory_efficiency=float(m.get("memory_efficiency", 1.0)),
+            nics_per_node=int(links["inter"].get("nics_per_node", 0)),
             flops={str(k): float(v) for k, v in raw["flops"].items()},
             matmul_efficiency=float(raw["matmul"]["efficiency"]),
             intra=Link(
@@ -266,9 +292,11 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
                 f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
                 f"with each rank count once (got {list(table)})"
             )
-    if min(positive) <= 0 or not 0 < machine.matmul_efficiency <= 1:
+    efficiencies = (machine.matmul_efficiency, machine.memory_efficiency)
+    if min(positive) <= 0 or not all(0 < e <= 1 for e in efficiencies):
         raise ConfigError(
-            f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency in "
-            f"(0, 1] (got efficiency {machine.matmul_efficiency})"
+            f"machine file {origin}: sizes and bandwidths must be > 0 and matmul.efficiency and "
+            f"machine.memory_efficiency in (0, 1] (got {machine.matmul_efficiency} and "
+            f"{machine.memory_efficiency})"
         )
     return machine

@@ -45,7 +45,8 @@ def layout_of(r: dict[str, str]) -> tuple[GPT, Layout]:
     v = layers // (pp * per_virtual) if per_virtual else 1
     schedule = "interleaved" if v > 1 else "1f1b"
     overlap = r["ddp"] == "torch"
-    return model, Layout(pp, dp, tp, schedule, v, batch // (dp * mbs), "full", overlap=overlap)
+    m = batch // (dp * mbs)
+    return model, Layout(pp, dp, tp, schedule, v, m, "full", overlap=overlap, runtime="megatron")
 
 
 def paper_flops(batch: int, s: int, layers: int, h: int, vocab: int) -> float:

@@ -11,7 +11,11 @@ rank's last action ends. ZeRO-1 reduce-scatters the same way and all-gathers
 the updated parameters after the optimizer step, which nothing overlaps. A machine file calibrated
 here adds what the alpha-beta model of the links leaves out, per step of a job of N ranks
 (machine.py): the gradient phase's waits when dp > 1 (replicas drift apart; ranks wait for a
-core) and the step's fixed work outside the pipeline.
+core) and the step's fixed work outside the pipeline. Megatron's runtime (runtimes.py) differs:
+its layers are final across the chunk's last B and W (one autograd pass), its gradients are
+16-bit, and its first and last stages then all-reduce the tied embeddings' gradient (counted in
+the breakdown's "dp reduce (not hidden)"). The gradient all-reduce runs on
+Machine.collective_link (one NIC per member of the group in a node, where the file says so).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from mpipipe.plan.cost import (
     memory,
 )
 from mpipipe.plan.machine import Link, Machine
+from mpipipe.plan.runtimes import runtime
 
 
 @dataclass
@@ -71,8 +76,10 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     costs = action_costs(model, layout, machine)
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     mems = [memory(model, layout, chunks, peaks[r]) for r, chunks in enumerate(plan.stages)]
-    grad_width = 4 if model.width == 2 else model.width
-    link = machine.link(layout.tp * layout.dp - 1)
+    grad_width = runtime(layout.runtime).grad_width_16 if model.width == 2 else model.width
+    link = machine.collective_link(layout.tp, layout.dp)
+    fused = runtime(layout.runtime).fused_backward
+    tied = _tied_embeddings(model, layout, machine, grad_width)  # first and last rank only
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
     actions = max(len(spans) for spans in report.spans)
@@ -86,12 +93,15 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
         for chunk, k in enumerate(plan.stages[r]):
             last_w = max((s for s in spans if s[2].kind == "W" and s[2].chunk == chunk),
                          key=lambda s: s[1])  # fmt: skip
+            start = last_w[0]
+            if fused:  # one backward pass: layers finish in turn over the last B and W
+                start = max(s[0] for s in spans if s[2].kind == "B" and s[2].chunk == chunk)
             layers = list(reversed(parts[k]))
             for j, i in enumerate(layers):
-                t = last_w[0] + (last_w[1] - last_w[0]) * (j + 1) / len(layers)
+                t = start + (last_w[1] - start) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
         clock = _buckets(ready, compute_end, layout, link, bucket_mb)
-        end = max(compute_end, clock) + waits
+        end = max(compute_end, clock) + waits + (tied if r in (0, layout.pp - 1) else 0.0)
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))
@@ -112,7 +122,7 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
             "dp reduce (not hidden)": reduce_tail,
             "optimizer": opt,
             "step overhead": machine.step_overhead(layout.ranks),
-            "p2p message": costs.p2p,
+            "p2p message": costs.p2p + costs.exchange,
             "F/B/W stage 0": costs.f[0] + costs.b[0] + costs.w[0],
         },
     )
@@ -141,11 +151,23 @@ def _reduce(link: Link, nbytes: float, layout: Layout) -> float:
     return t / 2 if layout.zero else t
 
 
+def _tied_embeddings(model: GPT, layout: Layout, machine: Machine, width: int) -> float:
+    """Megatron's GPT ties the output layer to the word embeddings: with pp > 1 the last stage
+    holds a copy, and after the data-parallel reduction the first and last stages all-reduce
+    its gradient, V x C / t elements (megatron/training.py, the embedding group). 0 for mpipipe
+    (GPT here models no tie)."""
+    if not runtime(layout.runtime).tied_embeddings or layout.pp == 1:
+        return 0.0
+    nbytes = model.vocab * model.d_model / layout.tp * width
+    return allreduce_time(machine.link(layout.tp * layout.dp * (layout.pp - 1)), nbytes, 2)
+
+
 def _optimizer(model: GPT, layout: Layout, machine: Machine, params: int, link: Link) -> float:
     """AdamW/SGD on the rank's (shard of) parameters: memory-bound, ~7 fp32 streams per
-    parameter (plus the 16-bit copies), or with a profile the runtime's optimizer timed here;
+    parameter (16-bit training: the runtime's bytes, runtimes.py), or with a profile the
+    runtime's optimizer timed here;
     ZeRO-1 updates 1/dp of them, then all-gathers."""
-    streams = 7 * 4 + (4 if model.width == 2 else 0)
+    streams = runtime(layout.runtime).optimizer_16 if model.width == 2 else 7 * 4
     mine = params / (layout.dp if layout.zero else 1)
     if model.profile is not None:
         t = mine * model.profile.optimizer_rate(model.optimizer, layout.tp)

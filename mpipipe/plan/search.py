@@ -96,7 +96,7 @@ def screen(model: GPT, layout: Layout, machine: Machine) -> tuple[float, float]:
     per_mb = max(f + b + w for f, b, w in zip(c.f, c.b, c.w, strict=True)) * layout.v
     idle = {"zb-h1": 1 / 3, "zbv": 1 / 6}.get(layout.schedule, 1.0)
     fill = (layout.pp - 1) * (per_mb / layout.v * idle + 2 * c.p2p)
-    link = machine.link(layout.tp * layout.dp - 1)
+    link = machine.collective_link(layout.tp, layout.dp)  # as predict's gradient reduction
     params = memory(model, layout, (0,), 0).params * layout.v
     tail = allreduce_time(link, min(25e6, params * 4), layout.dp)
     tail += machine.reduce_overhead(layout.ranks, layout.dp, 3 * layout.microbatches * layout.v)
