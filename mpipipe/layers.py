@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mpipipe.kernels.accumulate import adds_through_hook, children_decide
 from mpipipe.kernels.attention import attention_backward_input, attention_forward
 from mpipipe.kernels.embedding import embedding_backward_weight, embedding_forward
 from mpipipe.kernels.gelu import gelu_backward_input, gelu_forward
@@ -140,6 +141,7 @@ class Linear(Base):
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
         return linear_backward_input(dy, self.params["w"]), (dy, ctx)
 
+    @adds_through_hook
     def backward_weight(self, wctx: Any) -> None:
         dy, x = wctx
         linear_backward_weight(dy, x, self.grads["w"], self.grads.get("b"))
@@ -175,6 +177,7 @@ class ColumnLinear(Linear):
             return self.tp.reduce_scatter(dx), (dy, ctx)  # (B, T / tp, Cin)
         return self.tp.all_reduce(dx), (dy, ctx)
 
+    @adds_through_hook
     def backward_weight(self, wctx: Any) -> None:
         dy, x = wctx
         if self.sequence:
@@ -209,6 +212,7 @@ class RowLinear(Linear):
         whole = self.tp.all_gather(dy)  # (B, T, Cout) from my block
         return linear_backward_input(whole, self.params["w"]), (dy, ctx)  # keep the block
 
+    @adds_through_hook
     def backward_weight(self, wctx: Any) -> None:
         dy, x = wctx
         if self.sequence:
@@ -228,6 +232,7 @@ class LayerNorm(Base):
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
         return layernorm_backward_input(dy, ctx, self.params["g"]), (dy, ctx)
 
+    @adds_through_hook
     def backward_weight(self, wctx: Any) -> None:
         dy, ctx = wctx
         layernorm_backward_weight(dy, ctx, self.grads["g"], self.grads["b"])
@@ -243,6 +248,7 @@ class GELU(Base):
     def backward_input(self, dy: Array, ctx: Any) -> tuple[Array, Any]:
         return gelu_backward_input(dy, ctx), None
 
+    @adds_through_hook
     def backward_weight(self, wctx: Any) -> None:
         return None
 
@@ -312,6 +318,7 @@ class Sequential(Base):
             dy, wctxs[i] = self.children[i][1].backward_input(dy, ctx[i])
         return dy, wctxs
 
+    @children_decide
     def backward_weight(self, wctx: Any) -> None:
         for (_, child), w in zip(self.children, wctx, strict=True):
             child.backward_weight(w)
@@ -374,6 +381,7 @@ class _AttentionCore(Base):
             return tiled_attention_backward_input(dy, ctx), None
         return attention_backward_input(dy, ctx), None
 
+    @adds_through_hook
     def backward_weight(self, wctx: Any) -> None:
         return None
 

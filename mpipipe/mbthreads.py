@@ -14,7 +14,10 @@ its own data; the weight gradients accumulate (`grad += ...`) in the order the p
 have added them. Each gradient buffer has a turnstile: the contributions of the (micro-batch,
 layer) pairs that write it are numbered in the row's order, and each waits for its number, so a
 worker's W of layer j for micro-batch 3 runs as soon as micro-batch 2's W of layer j is done,
-while micro-batch 2 goes on to layer j - 1 (layers sharing a buffer share a turnstile). The
+while micro-batch 2 goes on to layer j - 1 (layers sharing a buffer share a turnstile). For the
+built-in layers only the additions wait: W's products run at once, their results held back
+(kernels/accumulate.py) and added at the turn; a layer whose W adds some other way (a user's)
+runs its whole W at its turn. The
 hooks that a layer's final gradient starts (tied sums, gradient buckets) run after the workers,
 on the calling thread, in the row's order. Memory: up to `threads` micro-batches' saved
 activations at once instead of the row's peak.
@@ -35,6 +38,7 @@ from threadpoolctl import ThreadpoolController
 
 from mpipipe import rowwise
 from mpipipe.executor import Executor, MicroBatches
+from mpipipe.kernels import accumulate
 from mpipipe.schedule import Action
 from mpipipe.stage import Chunk
 from mpipipe.xp import to_host
@@ -155,6 +159,8 @@ class MicroBatchThreads(Executor):
                     self.ticket[(a.mb, a.chunk, j)] = (g, counts.get(g, 0))
                     counts[g] = counts.get(g, 0) + 1
         self.n_groups = len(set(group.values()))
+        # layers whose W's additions can be held back: their products run outside the turn
+        self.hold = [[accumulate.holds_adds(x) for x in c.layers] for c in self.stage.chunks]
         self.finals = [  # global layers, in the order the row's final W's complete them
             self.stage.chunks[c].indices[j]
             for c in sorted(self.final_w, key=self.final_w.__getitem__)
@@ -259,6 +265,10 @@ class MicroBatchThreads(Executor):
         layers = self.stage.chunks[a.chunk].layers
         for j in reversed(range(len(layers))):
             g, n = self.ticket[(a.mb, a.chunk, j)]
+            adds = None
+            if self.hold[a.chunk][j]:  # the products now; only the additions take the turn
+                with accumulate.held() as adds:
+                    layers[j].backward_weight(wctxs[j])
             t0 = time.perf_counter()
             self.gates[g].enter(n)
             t1 = time.perf_counter()
@@ -266,7 +276,10 @@ class MicroBatchThreads(Executor):
                 with self.lock:
                     self.waits.append((t0, t1, f"wait W turn of layer {j} for {a.mb}"))
             try:
-                layers[j].backward_weight(wctxs[j])
+                if adds is None:
+                    layers[j].backward_weight(wctxs[j])
+                else:
+                    accumulate.apply(adds)
             finally:
                 self.gates[g].leave()
         self.unsettled = ((a.mb, a.chunk), None, False)  # as the executor's W: nothing held

@@ -16,6 +16,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from mpipipe import TrainConfig, layers, mbthreads, rowwise, train
+from mpipipe.kernels import accumulate
 
 TINY = dict(layers=2, d_model=32, heads=2, seq_len=16, steps=2, eval_every=1, eval_batches=1)
 
@@ -139,3 +140,30 @@ def test_a_failing_microbatch_raises_instead_of_hanging(
     monkeypatch.setattr(layers.Linear, "backward_input", failing)
     with pytest.raises(FloatingPointError, match="injected failure"):
         run(TrainConfig(**TINY, global_batch=8, microbatches=4), 2)
+
+
+def test_held_additions_wait_for_apply_in_their_order() -> None:
+    dst = np.zeros(3)
+    with accumulate.held() as adds:
+        accumulate.add_into(dst, np.ones(3))
+        accumulate.add_into(dst, np.full(3, 2.0))
+        assert not dst.any()  # held back
+    accumulate.add_into(dst, np.full(3, 10.0))  # outside held(): at once
+    assert dst.tolist() == [10.0] * 3 and len(adds) == 2
+    accumulate.apply(adds)
+    assert dst.tolist() == [13.0] * 3
+
+
+def test_builtin_layers_hold_their_additions_and_a_users_layer_does_not() -> None:
+    init = layers.Init(np.random.default_rng(0), np.dtype(np.float64), np)
+    block = layers.Block(init, 8, 2, 2)
+    assert accumulate.holds_adds(block) and accumulate.holds_adds(layers.LayerNorm(init, 8))
+
+    class Mine(layers.Linear):  # a user's W that adds its own way
+        def backward_weight(self, wctx: Any) -> None:
+            self.grads["w"] += 1.0
+
+    mine = Mine(init, 8, 8)
+    assert not accumulate.holds_adds(mine)
+    assert not accumulate.holds_adds(layers.Sequential([("a", layers.GELU()), ("b", mine)]))
+    assert not accumulate.holds_adds(layers.Embedding(init, 16, 8, 4))  # a scatter-add

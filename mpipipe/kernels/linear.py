@@ -2,10 +2,12 @@
 
 Products are cast back to the compute dtype: NumPy's bfloat16 matmul returns float32 (CuPy's
 returns bfloat16; `astype(..., copy=False)` is a no-op wherever the dtype already matches). The
-bias gradient's sum over rows runs in float32 for 16-bit gradients."""
+bias gradient's sum over rows runs in float32 for 16-bit gradients. Weight gradients are added
+through `accumulate.add_into` (a caller may hold the additions back: kernels/accumulate.py)."""
 
 from __future__ import annotations
 
+from mpipipe.kernels.accumulate import add_into
 from mpipipe.xp import Array, widen
 
 
@@ -24,6 +26,6 @@ def linear_backward_input(dout: Array, w: Array) -> Array:
 def linear_backward_weight(dout: Array, x: Array, dw: Array, db: Array | None) -> None:
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
     d2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)
-    dw += (x2.T @ d2).astype(dw.dtype, copy=False)  # (Cin, Cout)
+    add_into(dw, (x2.T @ d2).astype(dw.dtype, copy=False))  # (Cin, Cout)
     if db is not None:
-        db += widen(d2).sum(axis=0).astype(db.dtype, copy=False)  # (Cout,)
+        add_into(db, widen(d2).sum(axis=0).astype(db.dtype, copy=False))  # (Cout,)
