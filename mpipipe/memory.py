@@ -91,7 +91,8 @@ class RankMemory:
 def per_rank(job: Any, threads: int = 0) -> list[RankMemory]:
     """The estimate for every rank of one pipeline (replicas and a stage's tp ranks hold the
     same). `threads`: a one-rank run taking that many micro-batches at once (mbthreads.py)
-    holds that many micro-batches' activations, whatever its row's peak."""
+    holds that many micro-batches' activations, whatever its row's peak, and each worker but one
+    may hold a layer's weight-gradient products while it waits for that layer's turn."""
     cfg, model, plan = job.cfg, job.model, job.plan
     tp, meta, sp = cfg.tp, model.meta, cfg.sequence_parallel
     shards = (cfg.dp or 1) if cfg.zero else 1
@@ -110,6 +111,9 @@ def per_rank(job: Any, threads: int = 0) -> list[RankMemory]:
         ]
         held = threads or job.report.peak_stash[r]
         stash = held * max(chunk_act) * width
+        if threads > 1:  # a worker waiting for its W turn holds that layer's gradient products
+            biggest = max(shard_params(names[i], meta, model.layers[i].params, tp) for i in layers)
+            stash += (threads - 1) * biggest * width
         span = f"{names[layers[0]]}..{names[layers[-1]]}" if len(layers) > 1 else names[layers[0]]
         out.append(RankMemory(r, span, params, round(params * per_param), stash))
     return out

@@ -3,7 +3,7 @@
 Kernels hand their element-wise chains (GELU, LayerNorm, the causal softmax, the optimizers'
 updates) to `map_rows` / `each_rows` as a function of whole arrays. The backend decides how it
 runs: on NumPy, the arrays' leading axis is cut into blocks of about `BLOCK` elements (at least
-one per thread), so that a chain of passes (GELU's eight, AdamW's ten) reads and writes the
+one per thread), so that a chain of passes (GELU's nine, AdamW's ten) reads and writes the
 core's cache instead of memory, and the rank's threads take the blocks in turn, each the next
 one nobody took (NumPy releases the GIL inside its loops). On CuPy, or with blocks switched off
 on one thread (`use_threads(1, block=0)`), it is one call on the whole arrays, exactly as the

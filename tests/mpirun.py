@@ -154,17 +154,18 @@ def layouts(path: Path, specs: list[str], ranks: int) -> dict[str, Any]:
     return dict(np.load(path))
 
 
-def selected(request: pytest.FixtureRequest, argname: str) -> set[Any] | None:
+def selected(request: pytest.FixtureRequest, argname: str, tests: set[str]) -> set[Any] | None:
     """The values of `argname` that the selected tests of the requesting fixture's module take,
     so that a module fixture launches only the runs those tests read (CI's Open MPI pass selects
-    a few parametrizations with `-m openmpi`). None, meaning every run, when some selected test
-    of the module is not parametrized by `argname` (it may read any run)."""
+    a few parametrizations with `-m openmpi`). `tests`: the test functions that read only the
+    runs their `argname` names. None, meaning every run, when another test of the module is
+    selected (it may read any run)."""
     values = set()
     for item in request.session.items:
         if getattr(item, "module", None) is not request.module:
             continue
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if argname not in params:
+        if getattr(item, "originalname", None) not in tests or argname not in params:
             return None
         values.add(params[argname])
     return values

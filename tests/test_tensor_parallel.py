@@ -49,7 +49,8 @@ EIGHT = [  # on 8 ranks
 # all-reduces (SUM and MAX) beside p2p; tp beside the dp buckets; sequence parallelism's
 # all-gather and reduce-scatter; ZeRO-1's reduce-scatter and all-gather with the tied
 # embeddings' first/last-stage sum; the three groups at once on 8 ranks. The other layouts make
-# the same calls on other groups, checked under MPICH in pass 1.
+# the same calls on other groups, checked under MPICH in pass 1, as are the checkpoint chains
+# (saved at one layout, resumed at another: the same collectives, then files).
 OPENMPI = {
     "pp=2,tp=2,schedule=zbv",
     "pp=1,tp=2,dp=2",
@@ -74,14 +75,14 @@ PP4 = "pp=4,tie_embeddings=yes"  # 8 ranks: dp 2; also save at step 2
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
-    wanted = mpirun.selected(request, "layout")
+    wanted = mpirun.selected(request, "layout", {"test_tp_grid_equals_single_process"})
     if wanted is not None and not wanted & {ZERO_TP, PP4}:  # no checkpoint chain to run
-        four = mpirun.layouts(tmp / "four.npz", [x for x in FOUR if x in wanted], 4)
-        eight = [x for x in EIGHT if x in wanted]
-        if eight:
-            four.update(mpirun.layouts(tmp / "eight.npz", eight, 8))
+        got: dict[str, np.ndarray] = {}
+        for ranks, specs, name in ((4, FOUR, "four.npz"), (8, EIGHT, "eight.npz")):
+            if mine := [x for x in specs if x in wanted]:
+                got.update(mpirun.layouts(tmp / name, mine, ranks))
         ref = mpirun.layouts(tmp / "ref.npz", ["pp=1", TIED], 1)
-        return {"ref": ref, "got": four}
+        return {"ref": ref, "got": got}
     a, b = tmp / "ckpt_tp2", tmp / "ckpt_tp2dp2"
     save_a = f"pp=2,tp=2,sequence_parallel=1,steps=2,checkpoint_dir={a}"  # resumed without sp
     resume_a = f"pp=2,tp=4,resume={a}"

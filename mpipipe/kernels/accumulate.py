@@ -61,7 +61,8 @@ def adds_through_hook(method: F) -> F:
 
 def holds_adds(layer: Any) -> bool:
     """Whether `held()` catches every addition layer.backward_weight makes."""
-    method = type(layer).backward_weight
+    method = layer.backward_weight  # an instance's own override counts too
+    method = getattr(method, "__func__", method)
     if getattr(method, "adds_through_hook", False):
         return True
     if not getattr(method, "children_decide", False):

@@ -33,7 +33,7 @@ _A = 0.044715
 
 def gelu_forward(x: Array) -> tuple[Array, tuple[Array, Array]]:
     xp = namespace_of(x)
-    out, kept = xp.empty_like(x), xp.empty_like(x)  # filled block by block: no copies
+    out, kept = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)  # C order: filled
     forward = _forward_tanh if is_half(x.dtype) else _forward
     each_rows(forward, *(a.reshape(-1, x.shape[-1]) for a in (x, out, kept)))
     return out, (x, kept)
@@ -42,7 +42,7 @@ def gelu_forward(x: Array) -> tuple[Array, tuple[Array, Array]]:
 def gelu_backward_input(dout: Array, cache: tuple[Array, Array]) -> Array:
     x, kept = cache
     xp = namespace_of(x)
-    dx = xp.empty_like(dout)
+    dx = xp.empty(dout.shape, dout.dtype)  # C order: its rows are views
     backward = _backward_tanh if is_half(x.dtype) else _backward
     each_rows(backward, *(a.reshape(-1, x.shape[-1]) for a in (dout, x, kept, dx)))
     return dx

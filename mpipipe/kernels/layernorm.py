@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mpipipe.kernels.accumulate import add_into
 from mpipipe.rowwise import each_rows
-from mpipipe.xp import Array, namespace_of, widen
+from mpipipe.xp import Array, is_half, namespace_of, widen
 
 EPS = 1e-5
 
@@ -19,8 +19,8 @@ EPS = 1e-5
 def layernorm_forward(x: Array, g: Array, b: Array) -> tuple[Array, tuple[Array, Array]]:
     # x (..., C)  g (C,)  b (C,)
     xp, c = namespace_of(x), x.shape[-1]
-    out, xhat = xp.empty_like(x), xp.empty_like(x)  # filled block by block: no copies
-    rstd = xp.empty((*x.shape[:-1], 1), dtype=widen(x[..., :1]).dtype)  # float32 for 16-bit
+    out, xhat = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)  # C order: filled
+    rstd = xp.empty((*x.shape[:-1], 1), "float32" if is_half(x.dtype) else x.dtype)
     each_rows(
         lambda x, out, xhat, rstd: _forward(x, out, xhat, rstd, g, b),
         x.reshape(-1, c),
@@ -34,7 +34,7 @@ def layernorm_forward(x: Array, g: Array, b: Array) -> tuple[Array, tuple[Array,
 def layernorm_backward_input(dout: Array, cache: tuple[Array, Array], g: Array) -> Array:
     xhat, rstd = cache  # xhat (..., C) compute dtype, rstd (..., 1) float32 for 16-bit
     xp, c = namespace_of(dout), dout.shape[-1]
-    dx = xp.empty_like(dout)
+    dx = xp.empty(dout.shape, dout.dtype)  # C order: its rows are views
     each_rows(
         lambda d, xhat, rstd, dx: _backward_input(d, xhat, rstd, dx, g),
         dout.reshape(-1, c),
