@@ -119,3 +119,28 @@ def test_init_depends_only_on_seed_and_index():
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k])
     assert not np.array_equal(a.params["attn.attn.qkv.w"], c.params["attn.attn.qkv.w"])
+
+
+@pytest.mark.parametrize("t", [128, 130])
+def test_banded_causal_softmax_equals_the_whole_rows(t):
+    """From T = 128 the causal softmax and its backward work in bands of query rows over the
+    unmasked columns only (kernels/attention.py): the same as the whole rows to float64
+    rounding, every masked entry exactly 0 (T = 130: bands of unequal height)."""
+    from mpipipe.kernels import attention
+
+    assert len(attention._bands(t)) == attention.BANDS
+    rng = np.random.default_rng(0)
+    x, d = rng.normal(size=(2, 3, t, t)), rng.normal(size=(2, 3, t, t))
+    ref = x + attention.causal_mask(np, t, x.dtype)
+    ref = np.exp(ref - ref.max(axis=-1, keepdims=True))
+    ref /= ref.sum(axis=-1, keepdims=True)
+    got = x.reshape(-1, t, t).copy()
+    attention._causal_softmax(got)
+    got = got.reshape(x.shape)
+    np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-16)
+    assert not got[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]].any()
+    dref = ref * (d - (d * ref).sum(axis=-1, keepdims=True))
+    dgot = d.reshape(-1, t, t).copy()
+    attention._softmax_backward(dgot, got.reshape(-1, t, t))
+    np.testing.assert_allclose(dgot.reshape(d.shape), dref, rtol=1e-12, atol=1e-15)
+    assert not dgot.reshape(d.shape)[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]].any()
