@@ -39,14 +39,26 @@ def relaunch(ranks: int, script: str) -> int:
 REALTIME = ["chrt", "--rr", "10"]  # real-time round-robin priority 10 (root or CAP_SYS_NICE)
 
 
-def train(ranks: int, *flags: str, timeout: float = 600, realtime: bool = False) -> list[dict]:
+def bind_to_cores() -> list[str]:
+    """The launcher's flag that pins each rank to a core (round robin when ranks outnumber the
+    cores), as cluster launchers do (srun --cpu-bind=cores): MPICH's Hydra `-bind-to core`, Open
+    MPI's `--bind-to core:overload-allowed` (it refuses more ranks than cores otherwise)."""
+    if launch.family(launch.library_version()) == launch.OPEN_MPI:
+        return ["--bind-to", "core:overload-allowed"]
+    return ["-bind-to", "core"]
+
+
+def train(
+    ranks: int, *flags: str, timeout: float = 600, realtime: bool = False, bind: bool = False
+) -> list[dict]:
     """Run `mpipipe train` on `ranks` ranks; return its per-step metrics records. `realtime`:
     under REALTIME, so that other users' processes on a shared machine cannot delay a rank that
     wakes (it then runs as soon as a core is free); the ranks sleep or back off when idle, so
-    they do not starve the machine."""
+    they do not starve the machine. `bind`: each rank pinned to a core (bind_to_cores)."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
-        launcher = [*(REALTIME if realtime else []), mpiexec(), "-n", str(ranks)]
+        pin = bind_to_cores() if bind else []
+        launcher = [*(REALTIME if realtime else []), mpiexec(), *pin, "-n", str(ranks)]
         cmd = train_command(launcher, list(flags), metrics)
         r = subprocess.run(
             cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout

@@ -16,7 +16,12 @@ seen), so every row says whether such a process ran during it ("disturbed"), and
 waits up to S seconds for none before each row and measures a disturbed row again (3 tries).
 
     python benchmarks/bench_schedules.py [--costs F=5,B=5,W=5] [--steps 5] [--schedules a,b]
-                                         [--realtime] [--quiet 600]
+                                         [--realtime] [--quiet 600] [--bind-to core|none]
+
+`--bind-to core` pins each rank to a core, as cluster launchers do (8 ranks on 2 cores: four
+per core). Measured 2026-11-30 17:54-18:01, real-time priority: zbv m=16 1.086-1.088 pinned
+against 1.096-1.113 not (three alternating pairs), but a full pinned run's worst was 1.118 (zbv
+m=32, 1.096 unpinned the same half hour): no net gain, so the default stays `none`.
 """
 
 from __future__ import annotations
@@ -98,6 +103,13 @@ def main() -> int:
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated names")
     p.add_argument("--realtime", action="store_true", help="ranks at real-time priority (chrt)")
     p.add_argument(
+        "--bind-to",
+        choices=("core", "none"),
+        default="none",
+        help="core: each rank pinned to a core, as cluster launchers do (round robin when ranks "
+        "outnumber cores); none: the scheduler places them",
+    )
+    p.add_argument(
         "--quiet",
         type=float,
         default=0.0,
@@ -106,7 +118,9 @@ def main() -> int:
     args = p.parse_args()
     print(
         f"emulated compute {args.costs} ms per layer and sample on {args.ranks} ranks; median "
-        f"of steps 2..{args.steps}" + (" (real-time priority)" if args.realtime else "")
+        f"of steps 2..{args.steps}"
+        + (" (real-time priority)" if args.realtime else "")
+        + f"; ranks bound to: {args.bind_to}"
     )
     print(
         f"| {'schedule':<11} | {'m':>3} | measured ms | simulated ms | ratio | bubble meas. | "
@@ -166,6 +180,7 @@ def run(args: argparse.Namespace, m: int, name: str) -> list[dict]:
         "--log-every",
         "1000",
         realtime=args.realtime,
+        bind=args.bind_to == "core",
     )
 
 
