@@ -6,6 +6,7 @@ NumPy (CPU) and CuPy (GPU). CuPy is optional: its absence is tolerated everywher
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -237,3 +238,9 @@ def storable(a: Array) -> numpy.ndarray:
     and NumPy cannot hash its buffer. Every other dtype is returned as `to_numpy` gives it."""
     host = to_numpy(a)
     return host.astype("float32") if host.dtype.name == "bfloat16" else host
+
+
+def overflow_to_inf(xp: ModuleType) -> contextlib.AbstractContextManager[Any]:
+    """Where a kernel means exp's overflow to inf (its limit is the result): NumPy's warning off
+    inside (CuPy does not warn)."""
+    return numpy.errstate(over="ignore") if xp is numpy else contextlib.nullcontext()

@@ -18,14 +18,10 @@ block's results straight into the output arrays."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any
-
-import numpy
 
 from mpipipe.rowwise import each_rows
-from mpipipe.xp import Array, is_half, namespace_of
+from mpipipe.xp import Array, is_half, namespace_of, overflow_to_inf
 
 _K = math.sqrt(2.0 / math.pi)
 _A = 0.044715
@@ -48,11 +44,6 @@ def gelu_backward_input(dout: Array, cache: tuple[Array, Array]) -> Array:
     return dx
 
 
-def _overflow_to_inf(xp: Any) -> contextlib.AbstractContextManager[Any]:
-    """exp's overflow to inf is the intended result: no warning (NumPy warns; CuPy does not)."""
-    return numpy.errstate(over="ignore") if xp is numpy else contextlib.nullcontext()
-
-
 def _forward(x: Array, out: Array, s: Array) -> None:
     xp = namespace_of(x)
     xp.multiply(x, x, out=s)
@@ -60,7 +51,7 @@ def _forward(x: Array, out: Array, s: Array) -> None:
     s *= x
     s += x  # z / K = x + A x^3
     s *= -2.0 * _K  # -2z
-    with _overflow_to_inf(xp):
+    with overflow_to_inf(xp):
         xp.exp(s, out=s)
     s += 1.0
     xp.reciprocal(s, out=s)  # s = 1 / (1 + exp(-2z)) = 0.5 (1 + tanh z)

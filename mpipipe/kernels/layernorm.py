@@ -51,9 +51,8 @@ def _forward(x: Array, out: Array, xhat_out: Array, rstd: Array, g: Array, b: Ar
     c = x.shape[-1]
     xw = widen(x)  # (N, C), float32 for 16-bit x, else x itself
     wide = xw is not x  # 16-bit: normalise in float32, then cast into xhat_out
-    xhat = xw - xw.mean(axis=-1, keepdims=True) if wide else xhat_out  # (N, C), centred
-    if not wide:
-        xp.subtract(xw, xw.mean(axis=-1, keepdims=True), out=xhat)
+    mean = xw.mean(axis=-1, keepdims=True)  # (N, 1)
+    xhat = xw - mean if wide else xp.subtract(xw, mean, out=xhat_out)  # (N, C), centred
     var = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / c  # (N, 1), no temporary
     xp.divide(1.0, (var + EPS) ** 0.5, out=rstd)  # (N, 1)
     xhat *= rstd  # (N, C), normalised in place
