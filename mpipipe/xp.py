@@ -147,13 +147,48 @@ def scatter_add(target: Array, index: Array, values: Array) -> None:
     """target[index[i]] += values[i] for every i, in order (repeated indices accumulate)."""
     xp = namespace_of(target)
     if not is_half(target.dtype):
-        xp.add.at(target, index, values)  # CuPy 13+: cupy.add.at
+        _add_at(xp, target, index, values)
         return
     # 16-bit targets sum in a float32 array: CuPy's add.at has no bfloat16, and a token repeated
     # n times would otherwise be rounded to 8 (bf16) or 11 (fp16) bits n times
     total = xp.zeros(target.shape, dtype="float32")
-    xp.add.at(total, index, values.astype("float32"))
+    _add_at(xp, total, index, values.astype("float32"))
     target += total.astype(target.dtype)
+
+
+ROUND_MIN = 8  # indices taking part below which a round costs more than adding them one by one
+
+
+def _add_at(xp: ModuleType, target: Array, index: Array, values: Array) -> None:
+    """`xp.add.at(target, index, values)` (rows of `values` into rows of `target`), and on NumPy
+    the same bits faster. NumPy's add.at adds row after row (9.1 ms for 2048 rows of 256 float32
+    with a text's byte tokens, one thread); here the k-th occurrences of every index go in one
+    fancy-indexed add (no index twice in it), round after round while at least ROUND_MIN
+    indices take part, and an index with more occurrences adds the rest in order through one
+    `add.accumulate`: each row of `target` still receives its additions one at a time, in the
+    order of occurrence, so every sum rounds as add.at's does."""
+    if xp is not numpy or values.dtype != target.dtype or values.ndim != 2 or not index.size:
+        xp.add.at(target, index, values)  # CuPy 13+: cupy.add.at
+        return
+    index = index.reshape(-1)
+    order = numpy.argsort(index, kind="stable")  # grouped by index, each in order of occurrence
+    grouped = index[order]
+    first = numpy.flatnonzero(numpy.r_[True, grouped[1:] != grouped[:-1]])  # each group's start
+    counts = numpy.diff(numpy.r_[first, grouped.size])
+    rank = numpy.arange(grouped.size) - numpy.repeat(first, counts)  # occurrence number
+    taking_part = numpy.bincount(rank)  # how many indices have a k-th occurrence
+    few = numpy.flatnonzero(taking_part < ROUND_MIN)  # taking_part never grows with k
+    rounds = int(few[0]) if few.size else len(taking_part)
+    by_rank = order[numpy.argsort(rank, kind="stable")]  # first occurrences, then second, ...
+    start = 0
+    for n in taking_part[:rounds]:
+        rows = by_rank[start : start + n]
+        target[index[rows]] += values[rows]
+        start += n
+    for g in numpy.flatnonzero(counts > rounds):  # the few indices with more occurrences
+        rows = order[first[g] + rounds : first[g] + counts[g]]
+        i = grouped[first[g]]
+        target[i] = numpy.add.accumulate(numpy.concatenate([target[i][None], values[rows]]))[-1]
 
 
 def best_seconds(xp: ModuleType, work: Any, repeats: int = 3) -> tuple[float, str]:
@@ -224,6 +259,11 @@ def is_half(dtype: Any) -> bool:
     registers it as a user type, so `kind == "f"` alone misses it)."""
     d = numpy.dtype(dtype)
     return d.itemsize == 2 and (d.kind == "f" or d.name == "bfloat16")
+
+
+def wide_dtype(dtype: Any) -> Any:
+    """The dtype `widen` gives an array of `dtype`: float32 for a 16-bit float, else `dtype`."""
+    return numpy.dtype("float32") if is_half(dtype) else numpy.dtype(dtype)
 
 
 def widen(a: Array) -> Array:

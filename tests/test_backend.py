@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 from mpipipe import launch
@@ -76,3 +77,23 @@ def test_cupy_backend_without_cupy_is_a_clear_error(ranks):
     r = mpirun.train(ranks, "--backend", "cupy", "--steps", "1", timeout=60)
     assert r.returncode == 2, r.output
     assert "--backend cupy needs CuPy and a GPU (pip install 'mpipipe[cuda12]'" in r.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_add_equals_add_at_bit_for_bit(dtype):
+    """The embedding's gradient: NumPy's scatter_add takes rounds of distinct indices and an
+    add.accumulate for the most repeated ones (xp._add_at), and must give add.at's bits: skewed
+    index counts (a text's bytes), 1-D and 2-D indices, and a target that already holds sums."""
+    from mpipipe.xp import scatter_add
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        v, n, c = int(rng.integers(1, 60)), int(rng.integers(1, 3000)), int(rng.integers(1, 40))
+        index = rng.choice(v, size=n, p=rng.dirichlet(np.full(v, rng.uniform(0.05, 2))))
+        values = (rng.standard_normal((n, c)) * rng.uniform(0.1, 100)).astype(dtype)
+        start = rng.standard_normal((v, c)).astype(dtype)
+        want = start.copy()
+        np.add.at(want, index, values)
+        got = start.copy()
+        scatter_add(got, index.reshape(1, n) if trial % 2 else index, values)
+        np.testing.assert_array_equal(got, want)

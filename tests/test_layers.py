@@ -122,6 +122,35 @@ def test_init_depends_only_on_seed_and_index():
 
 
 @pytest.mark.parametrize("t", [128, 130])
+def test_banded_attention_products_equal_the_whole_ones(t):
+    """From T = 128 the dense attention's six products run band by band over the unmasked keys
+    only (kernels/attention.py): forward output and input gradient equal the whole-matrix
+    formulas to float64 rounding (T = 130: bands of unequal height), and recomputing the scores
+    (selective recomputation) changes no bit."""
+    from mpipipe.kernels import attention
+
+    b, h, d = 2, 3, 8
+    rng = np.random.default_rng(1)
+    qkv, dout = rng.normal(size=(b, t, 3 * h * d)), rng.normal(size=(b, t, h * d))
+    q, k, v = qkv.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d) + attention.causal_mask(np, t, q.dtype)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    ref = (p @ v).transpose(0, 2, 1, 3).reshape(b, t, h * d)
+    dy = dout.reshape(b, t, h, d).transpose(0, 2, 1, 3)
+    dp = dy @ v.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) / np.sqrt(d)
+    dref = np.stack([ds @ k, ds.transpose(0, 1, 3, 2) @ q, p.transpose(0, 1, 3, 2) @ dy])
+    dref = dref.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * h * d)
+    out, cache = attention.attention_forward(qkv, h)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
+    dqkv = attention.attention_backward_input(dout, cache)
+    np.testing.assert_allclose(dqkv, dref, rtol=1e-11, atol=1e-13)
+    _, dropped = attention.attention_forward(qkv, h, keep_scores=False)
+    np.testing.assert_array_equal(attention.attention_backward_input(dout, dropped), dqkv)
+
+
+@pytest.mark.parametrize("t", [128, 130])
 def test_banded_causal_softmax_equals_the_whole_rows(t):
     """From T = 128 the causal softmax and its backward work in bands of query rows over the
     unmasked columns only (kernels/attention.py): the same as the whole rows to float64
