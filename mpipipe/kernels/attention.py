@@ -7,13 +7,13 @@ back to the compute dtype (`astype(..., copy=False)`: a no-op for float32 and fl
 softmax and its backward are row by row: they run over blocks of the B H score matrices on the
 rank's cores (`rowwise.each_rows`).
 
-From T = 128 every T x T quantity is worked in bands of query rows (`_bands`), each over the
+From T = 192 every T x T quantity is worked in bands of query rows (`_bands`), each over the
 keys up to its last row: the masked keys past a band are never multiplied, exponentiated or
 differentiated. The six products then cost 5/8 of the whole ones with 4 bands (the input
 gradients for k and v by bands of keys instead, each over the queries that see them). Measured
 (B 8, H 4, T 256, D 64, float32, one thread, 2026-11-30): a 1-rank GPT step (bench_step, seq
 256) 3788 ms twice against 4415 and 4289 ms for the whole products, alternating. In float64 the
-results equal the whole products' bit for bit at T = 256 and to rounding at T = 130.
+results equal the whole products' bit for bit at T = 256 and to rounding at T = 194.
 """
 
 from __future__ import annotations
@@ -62,8 +62,11 @@ def _product(a: Array, b: Array, out: Array) -> None:
 
 
 BANDS = 4  # bands of query rows per score matrix (see _bands)
-BANDS_FROM = 128  # shorter sequences take one band: 4 bands' calls cost more than they save
-# (8 score matrices, one thread: T = 16 94 -> 159 us, T = 64 548 -> 589, T = 128 1816 -> 1385)
+BANDS_FROM = 192  # shorter sequences take one band: 4 bands' calls cost more than they save.
+# The whole attention core, forward + backward, best of 50 alternating, one thread, B 8 H 4,
+# float32 (2026-11-30): T = 128 D = 32 whole 7.30 / 8.01 / 10.68 ms against banded 7.56 / 7.64
+# / 11.45 (the softmax alone banded: 8.41 / 9.04 / 11.96); T = 192 19.36 against 19.30;
+# T = 256 D = 64 42.5-43.9 against 39.4-39.9.
 
 
 def _bands(t: int) -> list[tuple[int, int]]:
