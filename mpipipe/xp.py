@@ -167,10 +167,18 @@ def _add_at(xp: ModuleType, target: Array, index: Array, values: Array) -> None:
     indices take part, and an index with more occurrences adds the rest in order through one
     `add.accumulate`: each row of `target` still receives its additions one at a time, in the
     order of occurrence, so every sum rounds as add.at's does."""
-    if xp is not numpy or values.dtype != target.dtype or values.ndim != 2 or not index.size:
+    if not (
+        xp is numpy
+        and isinstance(index, numpy.ndarray)
+        and index.ndim == 1
+        and index.dtype.kind in "iu"  # integers: a boolean index is a mask to add.at
+        and values.dtype == target.dtype
+        and values.ndim == 2
+        and index.size == values.shape[0] > 0
+        and index.min() >= 0  # -1 and V - 1 are one row to add.at, two groups here
+    ):
         xp.add.at(target, index, values)  # CuPy 13+: cupy.add.at
         return
-    index = index.reshape(-1)
     order = numpy.argsort(index, kind="stable")  # grouped by index, each in order of occurrence
     grouped = index[order]
     first = numpy.flatnonzero(numpy.r_[True, grouped[1:] != grouped[:-1]])  # each group's start

@@ -83,11 +83,11 @@ def test_cupy_backend_without_cupy_is_a_clear_error(ranks):
 def test_scatter_add_equals_add_at_bit_for_bit(dtype):
     """The embedding's gradient: NumPy's scatter_add takes rounds of distinct indices and an
     add.accumulate for the most repeated ones (xp._add_at), and must give add.at's bits: skewed
-    index counts (a text's bytes), 1-D and 2-D indices, and a target that already holds sums."""
+    index counts (a text's bytes), a target that already holds sums, negative and 2-D indices."""
     from mpipipe.xp import scatter_add
 
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _ in range(30):
         v, n, c = int(rng.integers(1, 60)), int(rng.integers(1, 3000)), int(rng.integers(1, 40))
         index = rng.choice(v, size=n, p=rng.dirichlet(np.full(v, rng.uniform(0.05, 2))))
         values = (rng.standard_normal((n, c)) * rng.uniform(0.1, 100)).astype(dtype)
@@ -95,5 +95,12 @@ def test_scatter_add_equals_add_at_bit_for_bit(dtype):
         want = start.copy()
         np.add.at(want, index, values)
         got = start.copy()
-        scatter_add(got, index.reshape(1, n) if trial % 2 else index, values)
+        scatter_add(got, index, values)
+        np.testing.assert_array_equal(got, want)
+    # negative indices (the row from the end, as add.at takes them) and a 2-D index
+    index, values = np.r_[np.arange(8), -1, 7, -1], np.ones((11, 3), dtype)
+    for idx in (index, index.reshape(1, -1)):
+        want, got = np.zeros((8, 3), dtype), np.zeros((8, 3), dtype)
+        np.add.at(want, idx, values)
+        scatter_add(got, idx, values)
         np.testing.assert_array_equal(got, want)

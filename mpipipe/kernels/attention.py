@@ -54,7 +54,9 @@ def attention_scores(q: Array, k: Array) -> Array:
 
 def _product(a: Array, b: Array, out: Array) -> None:
     """out[...] = a @ b, straight into `out` (a view) when the dtypes match, else through the
-    product's own array (16-bit operands: NumPy's product is float32, CuPy's 16-bit)."""
+    product's own array, cast into `out` (16-bit operands into float32 scores: NumPy's bfloat16
+    product is float32, its float16 product and CuPy's are 16-bit, rounded before the cast as
+    `widen(q @ k)` rounded them)."""
     if a.dtype == out.dtype and b.dtype == out.dtype:
         namespace_of(out).matmul(a, b, out=out)
     else:
