@@ -138,6 +138,7 @@ class Transport:
         self.sends: list[MPI.Request] = []
         self.sending = threading.Event()  # set while `sends` is not empty
         self.closed = False
+        self.fresh = False  # a send was queued since the helper last looked
         self.pusher: threading.Thread | None = None
 
     @property
@@ -212,14 +213,20 @@ class Transport:
         1.02-1.03 and 1.10-1.13 with the single-copy path, with or without the helper). Needs
         MPI_THREAD_MULTIPLE (mpi4py's default); without it, the executor's progress calls
         between actions remain the only ones."""
+        if self.closed:
+            return
         if self.pusher is None:
             if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
                 return
             self.pusher = threading.Thread(target=self._push_sends, daemon=True)
             self.pusher.start()
-            atexit.register(self._stop_pusher)  # before mpi4py's MPI_Finalize (registered earlier)
+            # Python's atexit handlers run before mpi4py's MPI_Finalize (a C-level Py_AtExit)
+            atexit.register(self._stop_pusher)
         with self.lock:
+            if req.Test():  # done already (a small message): no need to wake the helper
+                return
             self.sends.append(req)
+            self.fresh = True  # the helper's back-off starts again from its shortest sleep
             self.sending.set()
 
     def _push_sends(self) -> None:
@@ -232,21 +239,29 @@ class Transport:
             sleep = 2e-5
             while not self.closed:
                 with self.lock:
-                    self.sends = [r for r in self.sends if not r.Test()]
+                    try:
+                        self.sends = [r for r in self.sends if not r.Test()]
+                    except Exception:  # an MPI error: the executor's own test will raise it
+                        self.closed, self.sends = True, []
+                        self.sending.clear()
+                        return
                     if not self.sends:
                         self.sending.clear()
                         break
+                    if self.fresh:
+                        sleep, self.fresh = 2e-5, False
                 time.sleep(sleep)
                 sleep = min(2 * sleep, PUSH_MAX_SLEEP_S)
 
     def _stop_pusher(self) -> None:
         """End the send helper (at close, or at exit after a failure skipped close: no thread
         may test a request while MPI finalizes)."""
+        self.closed = True  # no send is queued after this
         if self.pusher is not None:
-            self.closed = True
             self.sending.set()
             self.pusher.join()
             self.pusher = None
+            atexit.unregister(self._stop_pusher)  # and let the transport be collected
 
     def close(self) -> None:
         """Stop the send helper; free the persistent requests (MPI warns of any left at
