@@ -46,10 +46,31 @@ def attention_scores(q: Array, k: Array) -> Array:
     qs = q * (1.0 / math.sqrt(d))  # (B, H, T, D), the scale on q, not on the T x T scores
     kt = k.transpose(0, 1, 3, 2)  # (B, H, D, T) view
     att = xp.empty((*q.shape[:2], t, t), dtype=wide_dtype(q.dtype))  # (B, H, T, T)
-    for i0, i1 in _bands(t):
-        _product(qs[:, :, i0:i1], kt[..., :i1], att[:, :, i0:i1, :i1])
+    _scores_by_bands(qs, kt, att)
     each_rows(_causal_softmax, att.reshape(-1, t, t))  # (B H, T, T) view, in place
     return att
+
+
+def _scores_by_bands(a: Array, bt: Array, out: Array) -> None:
+    """out = a @ bt, (B, H, T, D) x (B, H, D, T) -> (B, H, T, T), only where a causal row sees
+    the key: each band of rows against the keys up to its last row."""
+    for i0, i1 in _bands(out.shape[-1]):
+        _product(a[:, :, i0:i1], bt[..., :i1], out[:, :, i0:i1, :i1])
+
+
+def _apply_by_bands(p: Array, x: Array, out: Array) -> None:
+    """out = p @ x for causal p (B, H, T, T) and x (B, H, T, D): each band of rows over the
+    keys it sees."""
+    for i0, i1 in _bands(p.shape[-1]):
+        _product(p[:, :, i0:i1, :i1], x[:, :, :i1], out[:, :, i0:i1])
+
+
+def _apply_transposed_by_bands(p: Array, x: Array, out: Array) -> None:
+    """out = p^T @ x for causal p (B, H, T, T) and x (B, H, T, D), by bands of keys: the keys
+    [j0, j1) are seen by the queries from j0 on (one product per output row, no sum of bands)."""
+    for j0, j1 in _bands(p.shape[-1]):
+        seen = p[:, :, j0:, j0:j1].transpose(0, 1, 3, 2)  # (B, H, keys, queries from j0)
+        _product(seen, x[:, :, j0:], out[:, :, j0:j1])
 
 
 def _product(a: Array, b: Array, out: Array) -> None:
@@ -121,8 +142,7 @@ def attention_forward(
     att = attention_scores(q, k)  # (B, H, T, T)
     y = xp.empty((b, t, n_head, d), dtype=att.dtype)  # the output's (B, T, H, D) layout
     yh, vw = y.transpose(0, 2, 1, 3), v.astype(att.dtype, copy=False)  # (B, H, T, D) each
-    for i0, i1 in _bands(t):  # each band of queries against the keys it sees
-        _product(att[:, :, i0:i1, :i1], vw[:, :, :i1], yh[:, :, i0:i1])
+    _apply_by_bands(att, vw, yh)
     out = y.reshape(b, t, c).astype(qkv.dtype, copy=False)  # (B, T, C)
     return out, (q, k, v, att if keep_scores else None)
 
@@ -134,27 +154,19 @@ def attention_backward_input(dout: Array, cache: tuple[Array, ...]) -> Array:
         att = attention_scores(q, k)  # (B, H, T, T) recomputed
     b, h, t, d = q.shape
     wide = att.dtype  # float32 for 16-bit inputs: every product with the scores in it
-    bands = _bands(t)
     dy = dout.reshape(b, t, h, d).transpose(0, 2, 1, 3).astype(wide, copy=False)  # (B, H, T, D)
     vt = v.transpose(0, 1, 3, 2).astype(wide, copy=False)  # (B, H, D, T)
     datt = xp.empty((b, h, t, t), dtype=wide)  # (B, H, T, T)
-    for i0, i1 in bands:  # the rows' unmasked columns only, as in the forward pass
-        _product(dy[:, :, i0:i1], vt[..., :i1], datt[:, :, i0:i1, :i1])
+    _scores_by_bands(dy, vt, datt)  # the rows' unmasked columns only, as in the forward pass
     dqkv = xp.empty((b, t, 3, h, d), dtype=dout.dtype)  # (B, T, 3, H, D), the qkv layout
     heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: products land in place
-    # dv = att^T dy by bands of keys: the keys [j0, j1) are seen by the queries from j0 on
-    for j0, j1 in bands:
-        seen = att[:, :, j0:, j0:j1].transpose(0, 1, 3, 2)  # (B, H, keys, queries from j0)
-        _product(seen, dy[:, :, j0:], heads[2][:, :, j0:j1])
+    _apply_transposed_by_bands(att, dy, heads[2])  # dv = att^T dy
     each_rows(_softmax_backward, datt.reshape(-1, t, t), att.reshape(-1, t, t))  # in place
     dpre = datt  # (B, H, T, T), gradient of the scaled scores (q / sqrt(D)) k^T
     scale = 1.0 / math.sqrt(d)
     kw = k.astype(wide, copy=False)
-    for i0, i1 in bands:  # dq, before the scale
-        _product(dpre[:, :, i0:i1, :i1], kw[:, :, :i1], heads[0][:, :, i0:i1])
+    _apply_by_bands(dpre, kw, heads[0])  # dq, before the scale
     heads[0] *= scale  # on (B, H, T, D), not on the (B, H, T, T) scores
     qs = (q * scale).astype(wide, copy=False)  # (B, H, T, D)
-    for j0, j1 in bands:  # dk by bands of keys, as dv
-        seen = dpre[:, :, j0:, j0:j1].transpose(0, 1, 3, 2)
-        _product(seen, qs[:, :, j0:], heads[1][:, :, j0:j1])
+    _apply_transposed_by_bands(dpre, qs, heads[1])  # dk
     return dqkv.reshape(b, t, 3 * h * d)  # (B, T, 3C)

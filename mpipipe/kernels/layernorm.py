@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mpipipe.kernels.accumulate import add_into
 from mpipipe.rowwise import each_rows
-from mpipipe.xp import Array, is_half, namespace_of, widen
+from mpipipe.xp import Array, namespace_of, wide_dtype, widen
 
 EPS = 1e-5
 
@@ -20,7 +20,7 @@ def layernorm_forward(x: Array, g: Array, b: Array) -> tuple[Array, tuple[Array,
     # x (..., C)  g (C,)  b (C,)
     xp, c = namespace_of(x), x.shape[-1]
     out, xhat = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)  # C order: filled
-    rstd = xp.empty((*x.shape[:-1], 1), "float32" if is_half(x.dtype) else x.dtype)
+    rstd = xp.empty((*x.shape[:-1], 1), wide_dtype(x.dtype))  # float32 for 16-bit
     each_rows(
         lambda x, out, xhat, rstd: _forward(x, out, xhat, rstd, g, b),
         x.reshape(-1, c),
