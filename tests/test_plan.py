@@ -1,5 +1,6 @@
-"""The planner's cost and memory model (pure Python): it agrees with the dry run's memory table
-and the checker's simulation, its FLOPs are train's, and the search returns fitting layouts."""
+"""The planner's cost and memory model: it agrees with the dry run's memory table and the
+checker's simulation, its FLOPs are train's, and the search returns fitting layouts; the
+calibration's 2-rank bench and the quick validation run under mpiexec."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mpipipe.plan.cost import GPT, Layout, action_costs, memory
 from mpipipe.plan.machine import Link, Machine, from_mapping, load
 from mpipipe.plan.predict import plan_of, predict
 from mpipipe.plan.search import Space, search
+from tests import mpirun
 
 SMALL = dict(layers=6, d_model=32, heads=4, seq_len=16, vocab=64, global_batch=16)
 
@@ -108,7 +110,6 @@ def test_search_returns_fitting_layouts_fastest_first() -> None:
 def test_validate_quick_runs_two_layouts_and_reports_the_errors(tmp_path) -> None:
     """`plan --validate --quick`: two emulated 2-rank runs, each against its prediction; the
     summary's errors are the table's (and a units slip, 1000x, would not pass the bound)."""
-    from tests import mpirun
 
     machine = tmp_path / "m.toml"
     base = load("selene-a100")  # free compute: the emulated sleeps are the work
@@ -280,6 +281,69 @@ def test_phase_fit_splits_rounds_from_drift() -> None:
     assert phase_fit([(12, 5.0), (48, 4.0)]) == pytest.approx((5.0, 0.0))  # noise: no drift
     rounds, drift = phase_fit([(12, 0.0), (48, 7.0)])  # steep: all drift, through the larger
     assert (rounds, drift) == pytest.approx((0.0, 7.0 / 48**0.5))
+
+
+def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
+    """A calibrated machine's busy_collective_us reaches every tensor-parallel collective (2 per
+    block in F and in B, the embedding's, the loss's two, the head's input gradient) and
+    busy_sync taxes the tp ranks' compute; tp = 1 and emulated layouts pay neither, and the
+    machine file keeps both (and refuses a fraction of 1 or more)."""
+    import tomllib
+
+    class Fixed:
+        def times(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
+            return {"embed": (1.0, 0.0, 2.0), "block": (10.0, 20.0, 30.0), "head": (3, 4, 5)}
+
+    model = dataclasses.replace(GPT(**SMALL), profile=Fixed())  # 6 blocks, 2 stages of 3
+    busy = ideal(busy_collective_us=1e6, busy_sync=0.5)  # 1 s a collective, half the compute
+    lay = Layout(2, 1, 2, "1f1b", 1, 4)
+    plain, taxed = action_costs(model, lay, ideal()), action_costs(model, lay, busy)
+    # stage 0: embed + 3 blocks; stage 1: 3 blocks + head (F: loss max and sum; B: dx)
+    assert [t - p for p, t in zip(plain.f, taxed.f, strict=True)] == pytest.approx(
+        [0.5 * 31.0 + 1 + 6, 0.5 * 33.0 + 6 + 2]
+    )
+    assert [t - p for p, t in zip(plain.b, taxed.b, strict=True)] == pytest.approx(
+        [0.5 * 60.0 + 6, 0.5 * 64.0 + 6 + 1]
+    )
+    assert [t - p for p, t in zip(plain.w, taxed.w, strict=True)] == pytest.approx(
+        [0.5 * 92.0, 0.5 * 95.0]
+    )
+    one = Layout(2, 1, 1, "1f1b", 1, 4)
+    assert action_costs(model, one, busy) == action_costs(model, one, ideal())
+    emulated = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
+    assert action_costs(emulated, lay, busy) == action_costs(emulated, lay, ideal())
+    assert from_mapping(tomllib.loads(busy.to_toml()), "t") == busy
+    bad = tomllib.loads(busy.to_toml().replace("busy_sync = 0.5", "busy_sync = 1"))
+    with pytest.raises(ConfigError, match="busy_sync"):
+        from_mapping(bad, "t")
+
+
+def test_busy_fit_recovers_the_fixed_time_and_the_fraction() -> None:
+    """calibrate.busy_fit: lost = fixed + fraction x compute by least squares; a line that
+    would start below 0 goes through the origin; neither part is negative."""
+    from mpipipe.plan.calibrate import busy_fit
+
+    segments = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3)
+    assert busy_fit([(s, 40e-6 + 0.08 * s) for s in segments]) == pytest.approx((40e-6, 0.08))
+    fixed, fraction = busy_fit([(s, 0.1 * s - 20e-6) for s in segments])
+    assert fixed == 0.0 and 0 < fraction < 0.1
+    falling = [(s, 60e-6 - 0.01 * s) for s in segments]  # noise: no fraction, their mean
+    assert busy_fit(falling) == pytest.approx((sum(y for _, y in falling) / 5, 0.0))
+
+
+def test_busy_collective_bench_measures_time_beyond_the_compute() -> None:
+    """plan/bench.py on 2 ranks: each busy point is the time a 128 KiB all-reduce between
+    computing ranks adds to their compute: more than nothing, less than the compute itself
+    plus a generous 50 ms for a loaded machine (a units slip or the compute counted in would
+    not pass)."""
+    import json
+
+    r = mpirun.run(["-m", "mpipipe.plan.bench"], n=2, timeout=120)
+    assert r.returncode == 0, r.output
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["busy_bytes"] == 128 << 10
+    assert [s for s, _ in got["busy"]] == [0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3]
+    assert all(0 < lost < s + 0.05 for s, lost in got["busy"]), got["busy"]
 
 
 def test_profiled_compute_replaces_the_roofline() -> None:

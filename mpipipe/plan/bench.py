@@ -1,5 +1,6 @@
 """Micro-benchmarks that `plan --calibrate` runs under mpiexec on 2 ranks: one JSON line of
-p2p ping-pong times (small and large messages) and an all-reduce, from rank 0.
+p2p ping-pong times (small and large messages), an all-reduce between idle ranks, and the
+all-reduce as tensor parallelism meets it (`busy`), from rank 0.
 
     mpiexec -n 2 python -m mpipipe.plan.bench
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -44,12 +46,56 @@ def allreduce(comm: MPI.Comm, nbytes: int, repeats: int) -> float:
     return best
 
 
+BUSY_BYTES = 128 << 10  # a small model's activation (4 x 64 x 128 float32)
+BUSY_SEGMENTS = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3)  # seconds of compute between collectives
+
+
+def busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float = 0.5) -> float:
+    """Seconds per collective that two ranks lose beyond their compute when each computes
+    `segment` seconds of matrix products, then all-reduces `nbytes` through the runtime's
+    transport (tensor parallelism's pattern): the mean iteration time less the ranks' mean
+    compute time. It holds the collective's transfer, MPI's first call after compute (cold
+    caches), and the wait for the slower rank (jitter)."""
+    from threadpoolctl import threadpool_limits
+
+    from mpipipe.parallel.transport import Transport, spin_for
+
+    with threadpool_limits(1, user_api="blas"):  # one rank per core, as validate runs them
+        return _busy(comm, nbytes, segment, seconds, Transport(spin_s=spin_for(comm.Get_size())))
+
+
+def _busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float, transport: Any) -> float:
+    x = np.random.default_rng(comm.Get_rank()).normal(size=(256, 128)).astype(np.float32)
+    w = np.ones((128, 128), np.float32)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        x @ w
+    unit = comm.allreduce(time.perf_counter() - t0) / comm.Get_size() / 100
+    reps, n = max(1, round(segment / unit)), max(20, int(seconds / segment))
+    buf = np.ones(nbytes // 4, dtype=np.float32)
+    comm.Barrier()
+    iterations, computes = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            x @ w
+        t1 = time.perf_counter()
+        transport.allreduce_now(comm, buf, MPI.SUM)
+        iterations.append(time.perf_counter() - t0)
+        computes.append(t1 - t0)
+    skip = n // 10  # the first few: both ranks still arriving
+    compute = comm.allreduce(float(np.mean(computes[skip:]))) / comm.Get_size()
+    return float(np.mean(iterations[skip:])) - compute
+
+
 def main() -> None:
     comm = MPI.COMM_WORLD
     out = {
         "small_s": pingpong(comm, SMALL, 200),
         "large_s": pingpong(comm, LARGE, 20),
         "allreduce_s": allreduce(comm, LARGE, 20),
+        "busy": [[seg, busy(comm, BUSY_BYTES, seg)] for seg in BUSY_SEGMENTS],
+        "busy_bytes": BUSY_BYTES,
         "ranks": comm.Get_size(),
         "small_bytes": SMALL,
         "large_bytes": LARGE,

@@ -5,6 +5,10 @@
     copy       memory bandwidth of a large array copy (read + write)
     p2p        ping-pong between 2 ranks under mpiexec (bench.py): latency = the 8-byte one-way
                time, bandwidth from the 4 MiB one
+    busy       the same 2 ranks computing 0.25-4 ms of matrix products between all-reduces of
+               128 KiB (tensor parallelism's pattern): the time lost per collective beyond the
+               compute, less the links' all-reduce, fitted as a fixed time per collective
+               plus a fraction of the compute in between (busy_fit)
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
     by ranks   emulated trainings of N = 2, 4, ... 32 ranks, 1 ms actions, two kinds:
@@ -75,7 +79,7 @@ def _run(cmd: list[str], timeout: float = 300.0) -> str:
     return proc.stdout
 
 
-def p2p(launcher: list[str]) -> dict[str, float]:
+def p2p(launcher: list[str]) -> dict[str, Any]:
     out = _run([*launcher, sys.executable, "-m", "mpipipe.plan.bench"])
     return dict(json.loads(out.strip().splitlines()[-1]))
 
@@ -211,6 +215,8 @@ def phase_fit(extra: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def calibrate(kind: str = "auto") -> Machine:
+    from mpipipe.plan.cost import allreduce_time
+
     launch_n: Any
     if kind == "srun" or (kind == "auto" and os.environ.get("SLURM_JOB_ID")):
         launch_n = lambda n: ["srun", "-n", str(n)]  # noqa: E731
@@ -225,6 +231,8 @@ def calibrate(kind: str = "auto") -> Machine:
     net = p2p(two)
     beta = (net["large_bytes"] - net["small_bytes"]) / max(1e-9, net["large_s"] - net["small_s"])
     link = Link(beta / 1e9, net["small_s"] * 1e6)
+    ring = allreduce_time(link, net["busy_bytes"], 2)
+    busy_s, sync = busy_fit([(seg, lost - ring) for seg, lost in net["busy"]])
     per_action, per_step = runtime_overheads(one)
     cores = os.cpu_count() or 1
     machine = Machine(
@@ -238,8 +246,27 @@ def calibrate(kind: str = "auto") -> Machine:
         inter=link,
         action_overhead_us=per_action * 1e6,
         step_overhead_ms=per_step * 1e3,
+        busy_collective_us=busy_s * 1e6,
+        busy_sync=sync,
     )
     return overheads_by_ranks(launch_n, machine)
+
+
+def busy_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per collective, fraction of the compute) through (compute between collectives,
+    time lost per collective) points by least squares, lost = fixed + fraction x compute, neither
+    below 0 (a negative fixed part: the line through the origin instead), the fraction below 1."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    fixed = my - slope * mx
+    if fixed < 0:
+        fixed, slope = 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
+    slope = min(max(slope, 0.0), 0.9)
+    if slope == 0.0:
+        fixed = max(0.0, my)
+    return fixed, slope
 
 
 def _memory_gib() -> float:

@@ -32,7 +32,10 @@ sender's action and the receiver's). With Layout.runtime = "megatron", Megatron-
 With tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
 parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
 activations outside the matrix products are split /t), the vocabulary-parallel embedding once in
-F, the head's input gradient once in B, and the loss two float32 values per token in F.
+F, the head's input gradient once in B, and the loss two float32 values per token in F. Each such
+collective blocks ranks that compute: a calibrated machine adds a fixed time per collective and
+a fraction of the tensor-parallel ranks' compute (waiting for the slowest; machine.py,
+`busy_collective_us` and `busy_sync`).
 Recompute full redoes the chunk's forward in B; selective redoes the attention scores. Emulated
 compute (`--emulate F=,B=,W=` ms per layer and sample) replaces the roofline by those times, as
 train does (no tensor-parallel all-reduces: emulated chunks only sleep).
@@ -207,13 +210,25 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     )
     block_w = mm(24 * b * t * c * c)
     block_f_roof = block_f
-    tp_comm = 2 * allreduce_time(machine.link(tp - 1), b * t * c * w, tp)
+    # tensor-parallel ranks compute between blocking collectives: each collective costs the
+    # links' alpha-beta plus, where calibrated, a fixed time (MPI's first call after compute),
+    # and the group waits for its slowest member, a fraction of the compute in between
+    busy = tp > 1 and not model.emulate
+    tax = 1 + machine.busy_sync if busy else 1.0
+
+    def collective(nbytes: float) -> float:
+        return allreduce_time(machine.link(tp - 1), nbytes, tp) + busy * (
+            machine.busy_collective_us * 1e-6
+        )
+
+    block_f, block_b, block_w = tax * block_f, tax * block_b, tax * block_w
+    tp_comm = 2 * collective(b * t * c * w)
     block_f += tp_comm
     block_b += tp_comm
     if layout.recompute == "full":
         block_b += block_f
     elif layout.recompute == "selective":
-        block_b += attn_f
+        block_b += tax * attn_f
     embed = (mem(2 * b * t * c), 0.0)  # F, W (B: the first stage sends nothing back)
     if model.emulate:
         fe, be, we = (x * b / 1e3 for x in model.emulate)
@@ -222,13 +237,13 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         embed = (0.0, 0.0)
     elif model.profile is not None:
         prof = model.profile.times(b, tp)
-        block_f, block_b, block_w = prof["block"]
+        block_f, block_b, block_w = (tax * x for x in prof["block"])
         block_f += tp_comm
         block_b += tp_comm
         if layout.recompute == "full":
             block_b += block_f
         elif layout.recompute == "selective":  # the attention core: about its share of F
-            block_b += prof["block"][0] * attn_f / max(block_f_roof, 1e-30)
+            block_b += tax * prof["block"][0] * attn_f / max(block_f_roof, 1e-30)
         head = prof["head"]
         embed = (prof["embed"][0], prof["embed"][2])
     else:
@@ -238,10 +253,10 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
             mm(2 * b * t * c * v),
         )
     if not model.emulate:  # the vocabulary-parallel ends' collectives (parallel/tensor.py)
-        link = machine.link(tp - 1)
-        embed = (embed[0] + allreduce_time(link, b * t * c * w, tp), embed[1])
-        loss_max_sum = 2 * allreduce_time(link, b * t * 4, tp)  # float32 per token
-        head_f_comm = head[1] + allreduce_time(link, b * t * c * w, tp)  # the head's f
+        head = (tax * head[0], tax * head[1], tax * head[2])
+        embed = (tax * embed[0] + collective(b * t * c * w), tax * embed[1])
+        loss_max_sum = 2 * collective(b * t * 4)  # float32 per token
+        head_f_comm = head[1] + collective(b * t * c * w)  # the head's f
         head = (head[0] + loss_max_sum, head_f_comm, head[2])
     over = machine.action_overhead(layout.ranks)
     p2p, exchange = pipeline_message(model, layout, machine)

@@ -38,6 +38,13 @@
     # the slowest (ms per square root of a rank's actions)
     reduce_overhead_by_ranks = [[2, 0.5], [4, 1.5]]
     reduce_drift_by_ranks = [[2, 0.2], [4, 1.0]]
+    # optional (default 0), measured by `plan --calibrate`: what a blocking collective costs
+    # ranks that compute between collectives (tensor parallelism's all-reduces), beyond the
+    # links' alpha-beta: a fixed time per collective (us: MPI's first call after compute runs
+    # cold, the wake-up of a waiting rank) and the fraction of the compute between two
+    # collectives that the group loses waiting for its slowest member (the ranks' jitter)
+    busy_collective_us = 50.0
+    busy_sync = 0.1
 
 `plan --calibrate` writes one for the machine it runs on; presets live in plan/machines/.
 """
@@ -90,6 +97,8 @@ class Machine:
     reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
     memory_efficiency: float = 1.0  # achieved fraction of memory_bandwidth_gbs
     nics_per_node: int = 0  # inter-node ports a collective uses in parallel (0: one)
+    busy_collective_us: float = 0.0  # per blocking collective between computing ranks
+    busy_sync: float = 0.0  # fraction of the compute between two such collectives, waiting
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -185,6 +194,8 @@ class Machine:
             "[runtime]",
             f"action_overhead_us = {self.action_overhead_us:.4g}",
             f"step_overhead_ms = {self.step_overhead_ms:.4g}",
+            f"busy_collective_us = {self.busy_collective_us:.4g}",
+            f"busy_sync = {self.busy_sync:.4g}",
         ]
         for key in TABLES:
             table = getattr(self, key)
@@ -271,6 +282,8 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             step_overhead_by_ranks=_table(rt, TABLES[1]),
             reduce_overhead_by_ranks=_table(rt, TABLES[2]),
             reduce_drift_by_ranks=_table(rt, TABLES[3]),
+            busy_collective_us=float(rt.get("busy_collective_us", 0.0)),
+            busy_sync=float(rt.get("busy_sync", 0.0)),
         )
     except KeyError as e:
         raise ConfigError(
@@ -292,6 +305,12 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
                 f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
                 f"with each rank count once (got {list(table)})"
             )
+    if machine.busy_collective_us < 0 or not 0 <= machine.busy_sync < 1:
+        raise ConfigError(
+            f"machine file {origin}: runtime.busy_collective_us must be >= 0 and "
+            f"runtime.busy_sync in [0, 1) (got {machine.busy_collective_us} and "
+            f"{machine.busy_sync})"
+        )
     efficiencies = (machine.matmul_efficiency, machine.memory_efficiency)
     if min(positive) <= 0 or not all(0 < e <= 1 for e in efficiencies):
         raise ConfigError(
