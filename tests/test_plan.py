@@ -285,50 +285,57 @@ def test_phase_fit_splits_rounds_from_drift() -> None:
 
 def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
     """A calibrated machine's busy_collective_us reaches every tensor-parallel collective (2 per
-    block in F and in B, the embedding's, the loss's two, the head's input gradient) and
-    busy_sync taxes the tp ranks' compute; tp = 1 and emulated layouts pay neither, and the
-    machine file keeps both (and refuses a fraction of 1 or more)."""
+    block in F and in B, the embedding's, the loss's two, the head's input gradient), with a
+    wait of busy_jitter_us x sqrt(compute since the last collective, in ms); tp = 1 and
+    emulated layouts pay neither, and the machine file keeps both."""
     import tomllib
 
     class Fixed:
         def times(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
-            return {"embed": (1.0, 0.0, 2.0), "block": (10.0, 20.0, 30.0), "head": (3, 4, 5)}
+            return {
+                "embed": (1e-3, 0.0, 2e-3),
+                "block": (8e-3, 18e-3, 30e-3),
+                "head": (2e-3, 4e-3, 5e-3),
+            }
 
     model = dataclasses.replace(GPT(**SMALL), profile=Fixed())  # 6 blocks, 2 stages of 3
-    busy = ideal(busy_collective_us=1e6, busy_sync=0.5)  # 1 s a collective, half the compute
+    busy = ideal(busy_collective_us=100.0, busy_jitter_us=10.0)
     lay = Layout(2, 1, 2, "1f1b", 1, 4)
-    plain, taxed = action_costs(model, lay, ideal()), action_costs(model, lay, busy)
-    # stage 0: embed + 3 blocks; stage 1: 3 blocks + head (F: loss max and sum; B: dx)
-    assert [t - p for p, t in zip(plain.f, taxed.f, strict=True)] == pytest.approx(
-        [0.5 * 31.0 + 1 + 6, 0.5 * 33.0 + 6 + 2]
+    plain, priced = action_costs(model, lay, ideal()), action_costs(model, lay, busy)
+    us = 1e-6
+    # a block's F: 2 x (100 + 10 sqrt(4 ms)); its B: 2 x (100 + 10 sqrt(9 ms)); W: nothing
+    block_f, block_b = 2 * (100 + 10 * 2) * us, 2 * (100 + 10 * 3) * us
+    embed_f = (100 + 10 * 1) * us  # one all-reduce after 1 ms
+    head_f, head_b = 2 * (100 + 10 * 1) * us, (100 + 10 * 2) * us  # loss max, sum; dx
+    assert [t - p for p, t in zip(plain.f, priced.f, strict=True)] == pytest.approx(
+        [3 * block_f + embed_f, 3 * block_f + head_f]
     )
-    assert [t - p for p, t in zip(plain.b, taxed.b, strict=True)] == pytest.approx(
-        [0.5 * 60.0 + 6, 0.5 * 64.0 + 6 + 1]
+    assert [t - p for p, t in zip(plain.b, priced.b, strict=True)] == pytest.approx(
+        [3 * block_b, 3 * block_b + head_b]
     )
-    assert [t - p for p, t in zip(plain.w, taxed.w, strict=True)] == pytest.approx(
-        [0.5 * 92.0, 0.5 * 95.0]
-    )
+    assert priced.w == plain.w
     one = Layout(2, 1, 1, "1f1b", 1, 4)
     assert action_costs(model, one, busy) == action_costs(model, one, ideal())
     emulated = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
     assert action_costs(emulated, lay, busy) == action_costs(emulated, lay, ideal())
     assert from_mapping(tomllib.loads(busy.to_toml()), "t") == busy
-    bad = tomllib.loads(busy.to_toml().replace("busy_sync = 0.5", "busy_sync = 1"))
-    with pytest.raises(ConfigError, match="busy_sync"):
+    bad = tomllib.loads(busy.to_toml().replace("busy_jitter_us = 10", "busy_jitter_us = -1"))
+    with pytest.raises(ConfigError, match="busy_jitter_us"):
         from_mapping(bad, "t")
 
 
-def test_busy_fit_recovers_the_fixed_time_and_the_fraction() -> None:
-    """calibrate.busy_fit: lost = fixed + fraction x compute by least squares; a line that
-    would start below 0 goes through the origin; neither part is negative."""
+def test_busy_fit_recovers_the_fixed_time_and_the_jitter() -> None:
+    """calibrate.busy_fit: lost = fixed + jitter sqrt(compute / 1 ms) by least squares; a
+    curve that would start below 0 goes through the origin; neither part is negative."""
     from mpipipe.plan.calibrate import busy_fit
 
-    segments = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3)
-    assert busy_fit([(s, 40e-6 + 0.08 * s) for s in segments]) == pytest.approx((40e-6, 0.08))
-    fixed, fraction = busy_fit([(s, 0.1 * s - 20e-6) for s in segments])
-    assert fixed == 0.0 and 0 < fraction < 0.1
-    falling = [(s, 60e-6 - 0.01 * s) for s in segments]  # noise: no fraction, their mean
-    assert busy_fit(falling) == pytest.approx((sum(y for _, y in falling) / 5, 0.0))
+    segments = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3)
+    exact = [(s, 40e-6 + 150e-6 * (s / 1e-3) ** 0.5) for s in segments]
+    assert busy_fit(exact) == pytest.approx((40e-6, 150.0))
+    fixed, jitter = busy_fit([(s, 100e-6 * (s / 1e-3) ** 0.5 - 20e-6) for s in segments])
+    assert fixed == 0.0 and 0 < jitter < 100.0
+    falling = [(s, 60e-6 - 1e-3 * s) for s in segments]  # noise: no jitter, their mean
+    assert busy_fit(falling) == pytest.approx((sum(y for _, y in falling) / 6, 0.0))
 
 
 def test_busy_collective_bench_measures_time_beyond_the_compute() -> None:
@@ -342,7 +349,7 @@ def test_busy_collective_bench_measures_time_beyond_the_compute() -> None:
     assert r.returncode == 0, r.output
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["busy_bytes"] == 128 << 10
-    assert [s for s, _ in got["busy"]] == [0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3]
+    assert [s for s, _ in got["busy"]] == [0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3]
     assert all(0 < lost < s + 0.05 for s, lost in got["busy"]), got["busy"]
 
 

@@ -47,7 +47,7 @@ def allreduce(comm: MPI.Comm, nbytes: int, repeats: int) -> float:
 
 
 BUSY_BYTES = 128 << 10  # a small model's activation (4 x 64 x 128 float32)
-BUSY_SEGMENTS = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3)  # seconds of compute between collectives
+BUSY_SEGMENTS = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3)  # seconds of compute between them
 
 
 def busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float = 0.5) -> float:

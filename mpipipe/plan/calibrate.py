@@ -5,10 +5,10 @@
     copy       memory bandwidth of a large array copy (read + write)
     p2p        ping-pong between 2 ranks under mpiexec (bench.py): latency = the 8-byte one-way
                time, bandwidth from the 4 MiB one
-    busy       the same 2 ranks computing 0.25-4 ms of matrix products between all-reduces of
-               128 KiB (tensor parallelism's pattern): the time lost per collective beyond the
-               compute, less the links' all-reduce, fitted as a fixed time per collective
-               plus a fraction of the compute in between (busy_fit)
+    busy       the same 2 ranks computing 0.25-16 ms of matrix products between all-reduces
+               of 128 KiB (tensor parallelism's pattern): the time lost per collective beyond
+               the compute, less the links' all-reduce, fitted as a fixed time per collective
+               plus a wait that grows as the square root of the compute in between (busy_fit)
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
     by ranks   emulated trainings of N = 2, 4, ... 32 ranks, 1 ms actions, two kinds:
@@ -232,7 +232,7 @@ def calibrate(kind: str = "auto") -> Machine:
     beta = (net["large_bytes"] - net["small_bytes"]) / max(1e-9, net["large_s"] - net["small_s"])
     link = Link(beta / 1e9, net["small_s"] * 1e6)
     ring = allreduce_time(link, net["busy_bytes"], 2)
-    busy_s, sync = busy_fit([(seg, lost - ring) for seg, lost in net["busy"]])
+    busy_s, jitter_us = busy_fit([(seg, lost - ring) for seg, lost in net["busy"]])
     per_action, per_step = runtime_overheads(one)
     cores = os.cpu_count() or 1
     machine = Machine(
@@ -247,26 +247,29 @@ def calibrate(kind: str = "auto") -> Machine:
         action_overhead_us=per_action * 1e6,
         step_overhead_ms=per_step * 1e3,
         busy_collective_us=busy_s * 1e6,
-        busy_sync=sync,
+        busy_jitter_us=jitter_us,
     )
     return overheads_by_ranks(launch_n, machine)
 
 
 def busy_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(seconds per collective, fraction of the compute) through (compute between collectives,
-    time lost per collective) points by least squares, lost = fixed + fraction x compute, neither
-    below 0 (a negative fixed part: the line through the origin instead), the fraction below 1."""
-    xs, ys = [x for x, _ in points], [y for _, y in points]
+    """(fixed seconds per collective, microseconds of waiting after 1 ms of compute) through
+    (seconds of compute between collectives, seconds lost per collective) points by least
+    squares, lost = fixed + jitter sqrt(compute / 1 ms), neither below 0 (a negative fixed
+    part: the curve through the origin instead; a falling one: the points' mean, no jitter)."""
+    xs, ys = [math.sqrt(x / 1e-3) for x, _ in points], [y for _, y in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
     fixed = my - slope * mx
     if fixed < 0:
-        fixed, slope = 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
-    slope = min(max(slope, 0.0), 0.9)
-    if slope == 0.0:
-        fixed = max(0.0, my)
-    return fixed, slope
+        fixed, slope = (
+            0.0,
+            sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs),
+        )
+    if slope <= 0:
+        fixed, slope = max(0.0, my), 0.0
+    return fixed, slope * 1e6
 
 
 def _memory_gib() -> float:

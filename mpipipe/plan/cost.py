@@ -33,9 +33,9 @@ With tensor parallelism every block all-reduces b x T x C twice in F and twice i
 parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
 activations outside the matrix products are split /t), the vocabulary-parallel embedding once in
 F, the head's input gradient once in B, and the loss two float32 values per token in F. Each such
-collective blocks ranks that compute: a calibrated machine adds a fixed time per collective and
-a fraction of the tensor-parallel ranks' compute (waiting for the slowest; machine.py,
-`busy_collective_us` and `busy_sync`).
+collective blocks ranks that compute: a calibrated machine adds a fixed time per collective and the
+wait for the group's slowest member, growing as the square root of the compute since the last
+collective (machine.py, `busy_collective_us` and `busy_jitter_us`).
 Recompute full redoes the chunk's forward in B; selective redoes the attention scores. Emulated
 compute (`--emulate F=,B=,W=` ms per layer and sample) replaces the roofline by those times, as
 train does (no tensor-parallel all-reduces: emulated chunks only sleep).
@@ -43,6 +43,7 @@ train does (no tensor-parallel all-reduces: emulated chunks only sleep).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Any
@@ -211,24 +212,29 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     block_w = mm(24 * b * t * c * c)
     block_f_roof = block_f
     # tensor-parallel ranks compute between blocking collectives: each collective costs the
-    # links' alpha-beta plus, where calibrated, a fixed time (MPI's first call after compute),
-    # and the group waits for its slowest member, a fraction of the compute in between
+    # links' alpha-beta plus, where calibrated, a fixed time (MPI's first call after compute)
+    # and the wait for the group's slowest member, which grows as the square root of the
+    # compute since the last collective (the ranks' jitter is a random walk)
     busy = tp > 1 and not model.emulate
-    tax = 1 + machine.busy_sync if busy else 1.0
+    ring = lambda nbytes: allreduce_time(machine.link(tp - 1), nbytes, tp)  # noqa: E731
 
-    def collective(nbytes: float) -> float:
-        return allreduce_time(machine.link(tp - 1), nbytes, tp) + busy * (
-            machine.busy_collective_us * 1e-6
-        )
+    def waits(compute: float, n: int) -> float:
+        """What n collectives cost beyond the links inside an action of `compute` seconds."""
+        if not busy:
+            return 0.0
+        jitter = machine.busy_jitter_us * math.sqrt(compute / n / 1e-3)
+        return n * (machine.busy_collective_us + jitter) * 1e-6
 
-    block_f, block_b, block_w = tax * block_f, tax * block_b, tax * block_w
-    tp_comm = 2 * collective(b * t * c * w)
-    block_f += tp_comm
-    block_b += tp_comm
+    def block_actions(forward: float, backward: float) -> tuple[float, float]:
+        """A block's F and B with their two all-reduces each (W has none)."""
+        comm = 2 * ring(b * t * c * w)
+        return forward + comm + waits(forward, 2), backward + comm + waits(backward, 2)
+
+    block_f, block_b = block_actions(block_f, block_b)
     if layout.recompute == "full":
         block_b += block_f
     elif layout.recompute == "selective":
-        block_b += tax * attn_f
+        block_b += attn_f
     embed = (mem(2 * b * t * c), 0.0)  # F, W (B: the first stage sends nothing back)
     if model.emulate:
         fe, be, we = (x * b / 1e3 for x in model.emulate)
@@ -237,13 +243,12 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         embed = (0.0, 0.0)
     elif model.profile is not None:
         prof = model.profile.times(b, tp)
-        block_f, block_b, block_w = (tax * x for x in prof["block"])
-        block_f += tp_comm
-        block_b += tp_comm
+        block_f, block_b = block_actions(prof["block"][0], prof["block"][1])
+        block_w = prof["block"][2]
         if layout.recompute == "full":
             block_b += block_f
         elif layout.recompute == "selective":  # the attention core: about its share of F
-            block_b += tax * prof["block"][0] * attn_f / max(block_f_roof, 1e-30)
+            block_b += prof["block"][0] * attn_f / max(block_f_roof, 1e-30)
         head = prof["head"]
         embed = (prof["embed"][0], prof["embed"][2])
     else:
@@ -253,11 +258,10 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
             mm(2 * b * t * c * v),
         )
     if not model.emulate:  # the vocabulary-parallel ends' collectives (parallel/tensor.py)
-        head = (tax * head[0], tax * head[1], tax * head[2])
-        embed = (tax * embed[0] + collective(b * t * c * w), tax * embed[1])
-        loss_max_sum = 2 * collective(b * t * 4)  # float32 per token
-        head_f_comm = head[1] + collective(b * t * c * w)  # the head's f
-        head = (head[0] + loss_max_sum, head_f_comm, head[2])
+        embed = (embed[0] + ring(b * t * c * w) + waits(embed[0], 1), embed[1])
+        loss_max_sum = 2 * ring(b * t * 4) + waits(head[0], 2)  # float32 per token
+        head_dx = ring(b * t * c * w) + waits(head[1], 1)  # the head's input gradient
+        head = (head[0] + loss_max_sum, head[1] + head_dx, head[2])
     over = machine.action_overhead(layout.ranks)
     p2p, exchange = pipeline_message(model, layout, machine)
     accumulate = accumulation_time(model, layout, machine)  # per parameter of the chunk

@@ -41,10 +41,11 @@
     # optional (default 0), measured by `plan --calibrate`: what a blocking collective costs
     # ranks that compute between collectives (tensor parallelism's all-reduces), beyond the
     # links' alpha-beta: a fixed time per collective (us: MPI's first call after compute runs
-    # cold, the wake-up of a waiting rank) and the fraction of the compute between two
-    # collectives that the group loses waiting for its slowest member (the ranks' jitter)
+    # cold, the wake-up of a waiting rank) and the wait for the group's slowest member after
+    # 1 ms of compute (us), which grows as the square root of the compute between two
+    # collectives (the ranks' jitter is a random walk)
     busy_collective_us = 50.0
-    busy_sync = 0.1
+    busy_jitter_us = 150.0
 
 `plan --calibrate` writes one for the machine it runs on; presets live in plan/machines/.
 """
@@ -98,7 +99,7 @@ class Machine:
     memory_efficiency: float = 1.0  # achieved fraction of memory_bandwidth_gbs
     nics_per_node: int = 0  # inter-node ports a collective uses in parallel (0: one)
     busy_collective_us: float = 0.0  # per blocking collective between computing ranks
-    busy_sync: float = 0.0  # fraction of the compute between two such collectives, waiting
+    busy_jitter_us: float = 0.0  # their wait for the slowest after 1 ms of compute
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
@@ -195,7 +196,7 @@ class Machine:
             f"action_overhead_us = {self.action_overhead_us:.4g}",
             f"step_overhead_ms = {self.step_overhead_ms:.4g}",
             f"busy_collective_us = {self.busy_collective_us:.4g}",
-            f"busy_sync = {self.busy_sync:.4g}",
+            f"busy_jitter_us = {self.busy_jitter_us:.4g}",
         ]
         for key in TABLES:
             table = getattr(self, key)
@@ -283,7 +284,7 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             reduce_overhead_by_ranks=_table(rt, TABLES[2]),
             reduce_drift_by_ranks=_table(rt, TABLES[3]),
             busy_collective_us=float(rt.get("busy_collective_us", 0.0)),
-            busy_sync=float(rt.get("busy_sync", 0.0)),
+            busy_jitter_us=float(rt.get("busy_jitter_us", 0.0)),
         )
     except KeyError as e:
         raise ConfigError(
@@ -305,11 +306,10 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
                 f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
                 f"with each rank count once (got {list(table)})"
             )
-    if machine.busy_collective_us < 0 or not 0 <= machine.busy_sync < 1:
+    if min(machine.busy_collective_us, machine.busy_jitter_us) < 0:
         raise ConfigError(
-            f"machine file {origin}: runtime.busy_collective_us must be >= 0 and "
-            f"runtime.busy_sync in [0, 1) (got {machine.busy_collective_us} and "
-            f"{machine.busy_sync})"
+            f"machine file {origin}: runtime.busy_collective_us and runtime.busy_jitter_us "
+            f"must be >= 0 (got {machine.busy_collective_us} and {machine.busy_jitter_us})"
         )
     efficiencies = (machine.matmul_efficiency, machine.memory_efficiency)
     if min(positive) <= 0 or not all(0 < e <= 1 for e in efficiencies):
