@@ -5,9 +5,10 @@ median over the steps after the first, its stash per stage the executor's measur
 saved activations (`stash_mb` in the metrics). Emulated runs (ranks sleep the given times instead
 of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on a small machine;
 real-compute runs use a small GPT on 1-2 ranks, predicted from its layers' F/B/W timed here
-(plan/profiled.py) rather than the roofline, once just before the run and once just after it:
-the prediction is the mean of the two, so that on a shared machine whose load drifts the
-profile sees, on average, the load the run saw. The layouts of one group share model, batch and
+(plan/profiled.py) rather than the roofline, once just before the run and once just after it,
+so that on a shared machine whose load drifts the profile sees, on average, the load the run
+saw; each real layout runs REAL_REPEATS times (the median of the runs against the median of
+their profiles). The layouts of one group share model, batch and
 rank count, so "is the measured best the predicted best" has an answer there. Emulated ranks
 mostly sleep, but each action still costs its rank Python, MPI progress and a wake-up, and past
 the core count the ranks wait for a core: the machine file's action_overhead_by_ranks prices
@@ -151,16 +152,28 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return 1 - 6 * d2 / (n * (n * n - 1))
 
 
+# Real-compute runs are short (~1 s) and their profiles shorter (~0.2 s): on this shared
+# machine one profile of a layout moved 143-247 ms between the one before and the one after
+# its run. Each real layout therefore runs this many times, each between two profiles; its
+# prediction is the median of the profiles, its measurement the median of the runs.
+REAL_REPEATS = 3
+
+
 def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for group, n, text in QUICK if quick else FULL:
             flags = [*text.split(), *RUN.split()]
-            before = prediction(n, flags, machine, profile=True)
-            step, stash = measure(n, flags, kind, Path(tmp))
-            after = prediction(n, flags, machine, profile=True)  # profiled afresh
-            pred = replace(before, step_time=(before.step_time + after.step_time) / 2)
-            r = Result(group, n, text, pred, step, stash)
+            preds, steps, stashes = [], [], []
+            for _ in range(REAL_REPEATS if group == "real" else 1):
+                preds.append(prediction(n, flags, machine, profile=True))
+                step, stash = measure(n, flags, kind, Path(tmp))
+                preds.append(prediction(n, flags, machine, profile=True))  # profiled afresh
+                steps.append(step)
+                stashes.append(stash)
+            pred = replace(preds[0], step_time=statistics.median(p.step_time for p in preds))
+            stash = [max(s) for s in zip(*stashes, strict=True)]
+            r = Result(group, n, text, pred, statistics.median(steps), stash)
             print(f"validate: {n:>2} ranks {pred.layout.label():<40} predicted "
                   f"{pred.step_time * 1e3:8.1f} ms, measured {step * 1e3:8.1f} ms "
                   f"({r.error:+.1%})", flush=True)  # fmt: skip
