@@ -13,7 +13,7 @@ from mpipipe.errors import ConfigError
 from mpipipe.job import prepare
 from mpipipe.memory import activation_elements, per_rank
 from mpipipe.plan.cost import GPT, Layout, action_costs, memory
-from mpipipe.plan.machine import Link, Machine, from_mapping, load
+from mpipipe.plan.machine import Link, Machine, from_mapping, largest, load
 from mpipipe.plan.predict import plan_of, predict
 from mpipipe.plan.search import Space, search
 from tests import mpirun
@@ -286,17 +286,15 @@ def test_phase_fit_splits_rounds_from_drift() -> None:
 def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
     """A calibrated machine's busy_collective_us reaches every tensor-parallel collective (2 per
     block in F and in B, the embedding's, the loss's two, the head's input gradient), with a
-    wait of busy_jitter_us x sqrt(compute since the last collective, in ms); tp = 1 and
-    emulated layouts pay neither, and the machine file keeps both."""
+    wait of busy_jitter_us x sqrt(compute since the last collective, in ms); full
+    recomputation pays F's again in B; tp = 1 and emulated layouts pay neither, and the
+    machine file keeps both (NaN refused)."""
     import tomllib
 
     class Fixed:
         def times(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
-            return {
-                "embed": (1e-3, 0.0, 2e-3),
-                "block": (8e-3, 18e-3, 30e-3),
-                "head": (2e-3, 4e-3, 5e-3),
-            }
+            return {"embed": (1e-3, 0.0, 2e-3), "block": (8e-3, 18e-3, 30e-3),
+                    "head": (2e-3, 4e-3, 5e-3)}  # fmt: skip
 
     model = dataclasses.replace(GPT(**SMALL), profile=Fixed())  # 6 blocks, 2 stages of 3
     busy = ideal(busy_collective_us=100.0, busy_jitter_us=10.0)
@@ -306,7 +304,8 @@ def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
     # a block's F: 2 x (100 + 10 sqrt(4 ms)); its B: 2 x (100 + 10 sqrt(9 ms)); W: nothing
     block_f, block_b = 2 * (100 + 10 * 2) * us, 2 * (100 + 10 * 3) * us
     embed_f = (100 + 10 * 1) * us  # one all-reduce after 1 ms
-    head_f, head_b = 2 * (100 + 10 * 1) * us, (100 + 10 * 2) * us  # loss max, sum; dx
+    head_f = (2 * 100 + 10 * 2**0.5) * us  # the loss's max after 2 ms, its sum at once
+    head_b = (100 + 10 * 2) * us  # the input gradient after 4 ms
     assert [t - p for p, t in zip(plain.f, priced.f, strict=True)] == pytest.approx(
         [3 * block_f + embed_f, 3 * block_f + head_f]
     )
@@ -314,14 +313,42 @@ def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
         [3 * block_b, 3 * block_b + head_b]
     )
     assert priced.w == plain.w
+    full = Layout(2, 1, 2, "1f1b", 1, 4, "full")
+    plain, priced = action_costs(model, full, ideal()), action_costs(model, full, busy)
+    assert priced.b[0] - plain.b[0] == pytest.approx(3 * (block_b + block_f))
+    four = Layout(2, 1, 4, "1f1b", 1, 4)  # the slowest of 4 waits longer than of 2
+    plain, priced = action_costs(model, four, ideal()), action_costs(model, four, busy)
+    slowest = largest(4) / largest(2)
+    assert priced.b[0] - plain.b[0] == pytest.approx(3 * 2 * (100 + 10 * 3 * slowest) * us)
     one = Layout(2, 1, 1, "1f1b", 1, 4)
     assert action_costs(model, one, busy) == action_costs(model, one, ideal())
     emulated = GPT(**SMALL, emulate=(1.0, 1.0, 1.0))
     assert action_costs(emulated, lay, busy) == action_costs(emulated, lay, ideal())
     assert from_mapping(tomllib.loads(busy.to_toml()), "t") == busy
-    bad = tomllib.loads(busy.to_toml().replace("busy_jitter_us = 10", "busy_jitter_us = -1"))
-    with pytest.raises(ConfigError, match="busy_jitter_us"):
-        from_mapping(bad, "t")
+    for value in ("-1", "nan"):
+        bad = tomllib.loads(
+            busy.to_toml().replace("busy_jitter_us = 10", f"busy_jitter_us = {value}")
+        )
+        with pytest.raises(ConfigError, match="busy_jitter_us"):
+            from_mapping(bad, "t")
+
+
+def test_sequence_parallel_prices_four_collectives_in_each_of_f_b_and_w() -> None:
+    """With sequence parallelism a block's F, B and W each run 4 collectives (2 all-gathers
+    and 2 reduce-scatters; W gathers again): W pays the 2 all-reduces' bytes and every one of
+    the 12 pays the busy terms (roofline compute: no profile of sp)."""
+    model = GPT(**SMALL)
+    sp = Layout(2, 1, 2, "1f1b", 1, 4).with_(sp=True)
+    link = ideal(intra=Link(1.0, 5.0), inter=Link(1.0, 5.0))  # 1 GB/s, 5 us
+    free, paid = action_costs(model, sp, ideal()), action_costs(model, sp, link)
+    act = 16 // 4 * SMALL["seq_len"] * SMALL["d_model"] * 4  # b T C float32
+    ring = 2 * 5e-6 + act / 1e9  # 2 ranks: 2 (n - 1) alpha + 2 (n - 1) / n bytes / beta
+    # stage 0 W: 3 blocks x 2 all-reduces' bytes, and the embedding gathers its gradient
+    assert paid.w[0] - free.w[0] == pytest.approx(3 * 2 * ring + ring / 2)
+    busy = dataclasses.replace(link, busy_collective_us=100.0)
+    priced = action_costs(model, sp, busy)
+    assert priced.w[0] - paid.w[0] == pytest.approx((3 * 4 + 1) * 100e-6)
+    assert priced.f[0] - paid.f[0] == pytest.approx((3 * 4 + 1) * 100e-6)
 
 
 def test_busy_fit_recovers_the_fixed_time_and_the_jitter() -> None:
@@ -339,18 +366,21 @@ def test_busy_fit_recovers_the_fixed_time_and_the_jitter() -> None:
 
 
 def test_busy_collective_bench_measures_time_beyond_the_compute() -> None:
-    """plan/bench.py on 2 ranks: each busy point is the time a 128 KiB all-reduce between
-    computing ranks adds to their compute: more than nothing, less than the compute itself
-    plus a generous 50 ms for a loaded machine (a units slip or the compute counted in would
-    not pass)."""
+    """plan/bench.py on 2 ranks: each busy point is the compute between collectives (about the
+    nominal segment) and the time a 128 KiB all-reduce between computing ranks adds to it:
+    more than nothing, less than half the compute plus 5 ms (a units slip, or the compute
+    counted in, fails at the 16 ms point)."""
     import json
 
     r = mpirun.run(["-m", "mpipipe.plan.bench"], n=2, timeout=120)
     assert r.returncode == 0, r.output
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["busy_bytes"] == 128 << 10
-    assert [s for s, _ in got["busy"]] == [0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3]
-    assert all(0 < lost < s + 0.05 for s, lost in got["busy"]), got["busy"]
+    nominal = [0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3]
+    assert len(got["busy"]) == len(nominal)
+    for segment, (compute, lost) in zip(nominal, got["busy"], strict=True):
+        assert segment / 2 < compute < 3 * segment, got["busy"]  # the measured compute
+        assert 0 < lost < compute / 2 + 5e-3, got["busy"]  # compute not counted in
 
 
 def test_profiled_compute_replaces_the_roofline() -> None:

@@ -50,12 +50,13 @@ BUSY_BYTES = 128 << 10  # a small model's activation (4 x 64 x 128 float32)
 BUSY_SEGMENTS = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3)  # seconds of compute between them
 
 
-def busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float = 0.5) -> float:
-    """Seconds per collective that two ranks lose beyond their compute when each computes
-    `segment` seconds of matrix products, then all-reduces `nbytes` through the runtime's
-    transport (tensor parallelism's pattern): the mean iteration time less the ranks' mean
-    compute time. It holds the collective's transfer, MPI's first call after compute (cold
-    caches), and the wait for the slower rank (jitter)."""
+def busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float = 0.5) -> list[float]:
+    """[compute, lost]: seconds of compute between collectives (about `segment` of matrix
+    products, as measured: the ranks' mean) and seconds per collective that the ranks lose
+    beyond it when each computes, then all-reduces `nbytes` through the runtime's transport
+    (tensor parallelism's pattern): the mean iteration time less the mean compute. The loss
+    holds the collective's transfer, MPI's first call after compute (cold caches), and the
+    wait for the slower rank (jitter)."""
     from threadpoolctl import threadpool_limits
 
     from mpipipe.parallel.transport import Transport, spin_for
@@ -64,7 +65,9 @@ def busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float = 0.5) -> f
         return _busy(comm, nbytes, segment, seconds, Transport(spin_s=spin_for(comm.Get_size())))
 
 
-def _busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float, transport: Any) -> float:
+def _busy(
+    comm: MPI.Comm, nbytes: int, segment: float, seconds: float, transport: Any
+) -> list[float]:
     x = np.random.default_rng(comm.Get_rank()).normal(size=(256, 128)).astype(np.float32)
     w = np.ones((128, 128), np.float32)
     t0 = time.perf_counter()
@@ -85,7 +88,7 @@ def _busy(comm: MPI.Comm, nbytes: int, segment: float, seconds: float, transport
         computes.append(t1 - t0)
     skip = n // 10  # the first few: both ranks still arriving
     compute = comm.allreduce(float(np.mean(computes[skip:]))) / comm.Get_size()
-    return float(np.mean(iterations[skip:])) - compute
+    return [compute, float(np.mean(iterations[skip:])) - compute]
 
 
 def main() -> None:
@@ -94,7 +97,7 @@ def main() -> None:
         "small_s": pingpong(comm, SMALL, 200),
         "large_s": pingpong(comm, LARGE, 20),
         "allreduce_s": allreduce(comm, LARGE, 20),
-        "busy": [[seg, busy(comm, BUSY_BYTES, seg)] for seg in BUSY_SEGMENTS],
+        "busy": [busy(comm, BUSY_BYTES, seg) for seg in BUSY_SEGMENTS],  # [compute, lost]
         "busy_bytes": BUSY_BYTES,
         "ranks": comm.Get_size(),
         "small_bytes": SMALL,

@@ -30,8 +30,9 @@ sender's action and the receiver's). With Layout.runtime = "megatron", Megatron-
   PyTorch's DDP (overlap, Megatron's --DDP-impl torch) accumulates into .grad from the second
   micro-batch on: (m - 1) / m of that on average.
 With tensor parallelism every block all-reduces b x T x C twice in F and twice in B (sequence
-parallelism: a reduce-scatter and an all-gather instead, the same bytes; the elementwise work and
-activations outside the matrix products are split /t), the vocabulary-parallel embedding once in
+parallelism: two all-gathers and two reduce-scatters instead, the same bytes, and W gathers its
+inputs again, as many bytes once more; the elementwise work and activations outside the matrix
+products are split /t), the vocabulary-parallel embedding once in
 F, the head's input gradient once in B, and the loss two float32 values per token in F. Each such
 collective blocks ranks that compute: a calibrated machine adds a fixed time per collective and the
 wait for the group's slowest member, growing as the square root of the compute since the last
@@ -56,7 +57,7 @@ from mpipipe.memory import (
     shard_params,
 )
 from mpipipe.partition import uniform
-from mpipipe.plan.machine import Link, Machine
+from mpipipe.plan.machine import Link, Machine, largest
 from mpipipe.plan.runtimes import runtime
 
 
@@ -214,23 +215,40 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     # tensor-parallel ranks compute between blocking collectives: each collective costs the
     # links' alpha-beta plus, where calibrated, a fixed time (MPI's first call after compute)
     # and the wait for the group's slowest member, which grows as the square root of the
-    # compute since the last collective (the ranks' jitter is a random walk)
+    # compute since the last collective (the ranks' jitter is a random walk), measured on 2
+    # ranks and scaled to the expected slowest of tp
     busy = tp > 1 and not model.emulate
     ring = lambda nbytes: allreduce_time(machine.link(tp - 1), nbytes, tp)  # noqa: E731
+    act = b * t * c * w  # one (B, T, C) activation's bytes
 
-    def waits(compute: float, n: int) -> float:
-        """What n collectives cost beyond the links inside an action of `compute` seconds."""
+    def waits(*segments: float) -> float:
+        """What collectives cost beyond the links, one after each of these stretches of
+        compute (seconds) since the one before."""
         if not busy:
             return 0.0
-        jitter = machine.busy_jitter_us * math.sqrt(compute / n / 1e-3)
-        return n * (machine.busy_collective_us + jitter) * 1e-6
+        slowest = largest(tp) / largest(2)
+        jitter = sum(math.sqrt(x / 1e-3) for x in segments) * machine.busy_jitter_us * slowest
+        return (len(segments) * machine.busy_collective_us + jitter) * 1e-6
 
-    def block_actions(forward: float, backward: float) -> tuple[float, float]:
-        """A block's F and B with their two all-reduces each (W has none)."""
-        comm = 2 * ring(b * t * c * w)
-        return forward + comm + waits(forward, 2), backward + comm + waits(backward, 2)
+    def evenly(compute: float, n: int) -> float:
+        """waits() of n collectives spread evenly over `compute`."""
+        return waits(*[compute / n] * n)
 
-    block_f, block_b = block_actions(block_f, block_b)
+    def block_actions(forward: float, backward: float, weight: float) -> tuple[float, ...]:
+        """A block's F, B and W with their collectives: 2 all-reduces in F and in B; with
+        sequence parallelism 2 all-gathers and 2 reduce-scatters in each (the same bytes), and
+        W gathers 4 activations again (parallel/sequence.py)."""
+        if layout.sp:
+            return (forward + 2 * ring(act) + evenly(forward, 4),
+                    backward + 2 * ring(act) + evenly(backward, 4),
+                    weight + 2 * ring(act) + evenly(weight, 4))  # fmt: skip
+        return (
+            forward + 2 * ring(act) + evenly(forward, 2),
+            backward + 2 * ring(act) + evenly(backward, 2),
+            weight,
+        )
+
+    block_f, block_b, block_w = block_actions(block_f, block_b, block_w)
     if layout.recompute == "full":
         block_b += block_f
     elif layout.recompute == "selective":
@@ -243,8 +261,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         embed = (0.0, 0.0)
     elif model.profile is not None:
         prof = model.profile.times(b, tp)
-        block_f, block_b = block_actions(prof["block"][0], prof["block"][1])
-        block_w = prof["block"][2]
+        block_f, block_b, block_w = block_actions(*prof["block"])
         if layout.recompute == "full":
             block_b += block_f
         elif layout.recompute == "selective":  # the attention core: about its share of F
@@ -258,10 +275,20 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
             mm(2 * b * t * c * v),
         )
     if not model.emulate:  # the vocabulary-parallel ends' collectives (parallel/tensor.py)
-        embed = (embed[0] + ring(b * t * c * w) + waits(embed[0], 1), embed[1])
-        loss_max_sum = 2 * ring(b * t * 4) + waits(head[0], 2)  # float32 per token
-        head_dx = ring(b * t * c * w) + waits(head[1], 1)  # the head's input gradient
-        head = (head[0] + loss_max_sum, head[1] + head_dx, head[2])
+        # the embedding's sum over vocabulary shards (sp: reduce-scattered, and W gathers the
+        # gradient again); the loss's max then sum per token, after the head's product (sp:
+        # the head first gathers its input); the head's input gradient (sp: reduce-scattered,
+        # and W gathers the input again)
+        half = ring(act) / 2  # an all-gather or a reduce-scatter: half a ring all-reduce
+        if layout.sp:
+            embed = (embed[0] + half + waits(embed[0]), embed[1] + half + waits(embed[1]))
+            loss = half + 2 * ring(b * t * 4) + waits(0.0, head[0], 0.0)
+            head = (head[0] + loss, head[1] + half + waits(head[1]),
+                    head[2] + half + waits(head[2]))  # fmt: skip
+        else:
+            embed = (embed[0] + ring(act) + waits(embed[0]), embed[1])
+            loss = 2 * ring(b * t * 4) + waits(head[0], 0.0)  # float32 per token
+            head = (head[0] + loss, head[1] + ring(act) + waits(head[1]), head[2])
     over = machine.action_overhead(layout.ranks)
     p2p, exchange = pipeline_message(model, layout, machine)
     accumulate = accumulation_time(model, layout, machine)  # per parameter of the chunk

@@ -306,7 +306,7 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
                 f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
                 f"with each rank count once (got {list(table)})"
             )
-    if min(machine.busy_collective_us, machine.busy_jitter_us) < 0:
+    if not (machine.busy_collective_us >= 0 and machine.busy_jitter_us >= 0):  # NaN too
         raise ConfigError(
             f"machine file {origin}: runtime.busy_collective_us and runtime.busy_jitter_us "
             f"must be >= 0 (got {machine.busy_collective_us} and {machine.busy_jitter_us})"

@@ -175,7 +175,7 @@ def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
             stash = [max(s) for s in zip(*stashes, strict=True)]
             r = Result(group, n, text, pred, statistics.median(steps), stash)
             print(f"validate: {n:>2} ranks {pred.layout.label():<40} predicted "
-                  f"{pred.step_time * 1e3:8.1f} ms, measured {step * 1e3:8.1f} ms "
+                  f"{pred.step_time * 1e3:8.1f} ms, measured {r.step_time * 1e3:8.1f} ms "
                   f"({r.error:+.1%})", flush=True)  # fmt: skip
             out.append(r)
     return out
