@@ -174,9 +174,14 @@ def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
             pred = replace(preds[0], step_time=statistics.median(p.step_time for p in preds))
             stash = [max(s) for s in zip(*stashes, strict=True)]
             r = Result(group, n, text, pred, statistics.median(steps), stash)
+            spread = ""
+            if len(steps) > 1:  # what the machine's drift does to one layout within a minute
+                ps, ms = [p.step_time * 1e3 for p in preds], [x * 1e3 for x in steps]
+                spread = (f"; profiles {min(ps):.1f}-{max(ps):.1f}, runs "
+                          f"{min(ms):.1f}-{max(ms):.1f} ms")  # fmt: skip
             print(f"validate: {n:>2} ranks {pred.layout.label():<40} predicted "
                   f"{pred.step_time * 1e3:8.1f} ms, measured {r.step_time * 1e3:8.1f} ms "
-                  f"({r.error:+.1%})", flush=True)  # fmt: skip
+                  f"({r.error:+.1%}){spread}", flush=True)  # fmt: skip
             out.append(r)
     return out
 
