@@ -49,6 +49,11 @@ CKPT = [
     "tests/test_checkpoint.py::test_ten_plus_ten_equals_twenty_bitwise",
     "tests/test_checkpoint.py::test_flipped_byte_is_refused_naming_file_and_dataset",
 ]  # mpiexec
+PLAN = [
+    "tests/test_plan.py::test_busy_collectives_price_tensor_parallel_ranks_only",
+    "tests/test_plan.py::test_sequence_parallel_prices_four_collectives_in_each_of_f_b_and_w",
+    "tests/test_plan.py::test_busy_fit_recovers_the_fixed_time_and_the_jitter",
+]  # the planner's busy collectives, in-process
 MPI_FILES = {t.split("::")[0] for t in TRANSPARENCY + DP + CKPT}
 
 
@@ -240,22 +245,24 @@ MUTANTS = [
     m(
         "adamw-eps-in-root",
         "optim.py",
-        "((v / c2) ** 0.5 + self.eps)",
-        "((v / c2 + self.eps) ** 0.5)",
+        "((v / c2) ** 0.5 + eps)",
+        "((v / c2 + eps) ** 0.5)",
         OPTIM,
     ),
     m(
         "adamw-no-bias-correction-2",
         "optim.py",
-        "c2 = 1.0 - b1**self.t, 1.0 - b2**self.t",
-        "c2 = 1.0 - b1**self.t, 1.0",
+        "c1, c2 = 1.0 - self.betas[0] ** self.t, 1.0 - self.betas[1] ** self.t",
+        "c1, c2 = 1.0 - self.betas[0] ** self.t, 1.0",
         OPTIM,
     ),
     m(
         "sgd-decay-without-lr",
         "optim.py",
-        "p *= 1.0 - lr * self.weight_decay\n            p -= lr * buf",
-        "p *= 1.0 - self.weight_decay\n            p -= lr * buf",
+        "shrink = 1.0 - lr * self.weight_decay if self.weight_decay and k in self.decay else 1.0\n"
+        "            update = partial(_sgd",
+        "shrink = 1.0 - self.weight_decay if self.weight_decay and k in self.decay else 1.0\n"
+        "            update = partial(_sgd",
         OPTIM,
     ),
     m(
@@ -274,19 +281,25 @@ MUTANTS = [
     ),
     m("clip-at-the-limit", "optim.py", "norm <= max_norm", "norm < max_norm", OPTIM),
     # -- kernels ------------------------------------------------------------------------------
-    m("gelu-derivative", "kernels/gelu.py", "u *= 3.0 * _A", "u *= _A", KERNELS),
+    m(
+        "gelu-derivative",
+        "kernels/gelu.py",
+        "u *= 3.0 * _A\n    u += 1.0\n    u *= -2.0 * _K",
+        "u *= _A\n    u += 1.0\n    u *= -2.0 * _K",
+        KERNELS,
+    ),
     m(
         "loss-gradient-not-averaged",
         "kernels/loss.py",
-        "probs *= scale / n",
-        "probs *= scale",
+        "factor = scale / (logits.size // v)",
+        "factor = scale",
         KERNELS,
     ),
     m(
         "linear-bias-grad-mean",
         "kernels/linear.py",
-        "db += widen(d2).sum(axis=0)",
-        "db += widen(d2).mean(axis=0)",
+        "widen(d2).sum(axis=0).astype(db.dtype",
+        "widen(d2).mean(axis=0).astype(db.dtype",
         KERNELS,
     ),
     m(
@@ -299,8 +312,8 @@ MUTANTS = [
     m(
         "layernorm-db-from-xhat",
         "kernels/layernorm.py",
-        "db += widen(dout).reshape",
-        "db += widen(dout * xhat).reshape",
+        "add_into(db, widen(dout).reshape",
+        "add_into(db, widen(dout * xhat).reshape",
         KERNELS,
     ),
     # -- data ---------------------------------------------------------------------------------
@@ -338,18 +351,18 @@ MUTANTS = [
     m(
         "executor-gradient-mailbox",
         "executor.py",
-        'self.mail[("G", a.mb, before)] = dx',
-        'self.mail[("G", a.mb, k)] = dx',
+        "self.mail[put] = dx",
+        "self.mail[put] = -dx",
         TRANSPARENCY,
     ),
     m(
         "executor-pool-fifo",
         "executor.py",
-        "self.pools[pool].append(buf)",
-        "self.pools[pool].insert(0, buf)",
+        "buf = pools[(a.kind, a.chunk)][slot]",
+        "buf = pools[(a.kind, a.chunk)][-1 - slot]",
         TRANSPARENCY,
-        "equivalent: every buffer in a pool has the same shape and is free; which one a receive "
-        "takes cannot change a result",
+        "equivalent: every buffer in a pool has the same shape and distinct slots still take "
+        "distinct buffers; which one a receive takes cannot change a result",
     ),
     m(
         "dp-last-bucket-unreduced",
@@ -374,6 +387,50 @@ MUTANTS = [
         "if hashed.result() != expected:",
         "if hashed.result() != expected and False:",
         CKPT,
+    ),
+    # -- the planner's busy collectives ---------------------------------------------------------
+    m(
+        "plan-busy-linear-not-sqrt",
+        "plan/cost.py",
+        "jitter = sum(math.sqrt(x / 1e-3) for x in segments)",
+        "jitter = sum(x / 1e-3 for x in segments)",
+        PLAN,
+    ),
+    m(
+        "plan-busy-tp-not-scaled",
+        "plan/cost.py",
+        "slowest = largest(tp) / largest(2)",
+        "slowest = 1.0",
+        PLAN,
+    ),
+    m(
+        "plan-busy-sp-counted-as-tp",
+        "plan/cost.py",
+        "        if layout.sp:\n            return (",
+        "        if False:\n            return (",
+        PLAN,
+    ),
+    m(
+        "plan-busy-recompute-without-collectives",
+        "plan/cost.py",
+        '            block_b += block_f\n        elif layout.recompute == "selective":  # the',
+        '            block_b += prof["block"][0]\n'
+        '        elif layout.recompute == "selective":  # the',
+        PLAN,
+    ),
+    m(
+        "plan-busy-fit-linear",
+        "plan/calibrate.py",
+        "xs, ys = [math.sqrt(x / 1e-3) for x, _ in points]",
+        "xs, ys = [x / 1e-3 for x, _ in points]",
+        PLAN,
+    ),
+    m(
+        "plan-busy-fixed-dropped",
+        "plan/cost.py",
+        "return (len(segments) * machine.busy_collective_us + jitter) * 1e-6",
+        "return jitter * 1e-6",
+        PLAN,
     ),
 ]
 
