@@ -45,9 +45,14 @@ def products(c: int, layers: int, t: int, b: int, heads: int, vocab: int = 256) 
     return lin + att[: 6 * layers]
 
 
+def operands(m: int, k: int, n: int, batch: int, dtype: np.dtype) -> tuple:
+    """Contiguous (batch of) m x k and k x n operands of one product."""
+    lead = (batch,) if batch > 1 else ()
+    return np.ones((*lead, m, k), dtype), np.ones((*lead, k, n), dtype)
+
+
 def time_product(m: int, k: int, n: int, batch: int, dtype: np.dtype) -> float:
-    a = np.ones((batch, m, k), dtype) if batch > 1 else np.ones((m, k), dtype)
-    w = np.ones((batch, k, n), dtype) if batch > 1 else np.ones((k, n), dtype)
+    a, w = operands(m, k, n, batch, dtype)
     a @ w
     best = float("inf")
     for _ in range(7):  # best of 7: multi-threaded products vary most between repeats here
@@ -78,10 +83,7 @@ def child_row(env: dict[str, str], *args: str) -> tuple[float, float, float, flo
 def products_alone(shapes: list, m: int, dtype: np.dtype) -> Callable[[], float]:
     """A clock of the step's products alone, each run once per micro-batch as the step runs
     them (no best of 7): what a step with nothing but its products would take now."""
-    ops = []
-    for mm, k, n, batch in shapes:
-        lead = (batch,) if batch > 1 else ()
-        ops.append((np.ones((*lead, mm, k), dtype), np.ones((*lead, k, n), dtype)))
+    ops = [operands(*shape, dtype) for shape in shapes]
 
     def run() -> float:
         t0 = time.perf_counter()

@@ -218,6 +218,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
     # compute since the last collective (the ranks' jitter is a random walk), measured on 2
     # ranks and scaled to the expected slowest of tp
     busy = tp > 1 and not model.emulate
+    slowest = largest(tp) / largest(2)  # the wait for the slowest of tp, against of 2
     ring = lambda nbytes: allreduce_time(machine.link(tp - 1), nbytes, tp)  # noqa: E731
     act = b * t * c * w  # one (B, T, C) activation's bytes
 
@@ -226,7 +227,6 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
         compute (seconds) since the one before."""
         if not busy:
             return 0.0
-        slowest = largest(tp) / largest(2)
         jitter = sum(math.sqrt(x / 1e-3) for x in segments) * machine.busy_jitter_us * slowest
         return (len(segments) * machine.busy_collective_us + jitter) * 1e-6
 
