@@ -366,10 +366,12 @@ def test_busy_fit_recovers_the_fixed_time_and_the_jitter() -> None:
 
 
 def test_busy_collective_bench_measures_time_beyond_the_compute() -> None:
-    """plan/bench.py on 2 ranks: each busy point is the compute between collectives (about the
-    nominal segment) and the time a 128 KiB all-reduce between computing ranks adds to it:
-    more than nothing, less than half the compute plus 5 ms (a units slip, or the compute
-    counted in, fails at the 16 ms point)."""
+    """plan/bench.py on 2 ranks: each busy point is the compute between collectives (the
+    nominal segment's work, sized at the machine's best speed: no shorter than about it, and
+    longer only by what other load slows it, well under 10x; a units slip is 1000x) and the
+    time a 128 KiB all-reduce between computing ranks adds to it: more than nothing, less than
+    half the compute plus 5 ms (a units slip, or the compute counted in, fails at the 16 ms
+    point)."""
     import json
 
     r = mpirun.run(["-m", "mpipipe.plan.bench"], n=2, timeout=120)
@@ -379,7 +381,7 @@ def test_busy_collective_bench_measures_time_beyond_the_compute() -> None:
     nominal = [0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3, 16e-3]
     assert len(got["busy"]) == len(nominal)
     for segment, (compute, lost) in zip(nominal, got["busy"], strict=True):
-        assert segment / 2 < compute < 3 * segment, got["busy"]  # the measured compute
+        assert segment / 2 < compute < 10 * segment, got["busy"]  # the measured compute
         assert 0 < lost < compute / 2 + 5e-3, got["busy"]  # compute not counted in
 
 
