@@ -219,6 +219,73 @@ def test_action_overhead_by_ranks_interpolates_in_log_ranks_and_round_trips() ->
     assert extra == pytest.approx([700e-6] * 8)  # the table's 4-rank time, not the 1-rank one
 
 
+def test_action_overhead_by_busy_ranks_interpolates_and_reaches_the_busier_layout() -> None:
+    """Where ranks share cores the time per action grows with how many are busy at once: the
+    table is linear in busy ranks within a rank count, held past its rows, interpolated in log N
+    across rank counts; predict prices a layout at its own busy ranks (ranks x utilisation
+    without the overhead), so an all-busy pp = 1 x dp = 4 layout pays more per action than a
+    pp = 4 pipeline with the same machine file."""
+    import tomllib
+
+    table = (
+        (1, 1.0, 50.0),
+        (4, 2.0, 100.0),
+        (4, 4.0, 400.0),
+        (16, 4.0, 200.0),
+        (16, 12.0, 1000.0),
+    )
+    m = ideal(action_overhead_by_busy=table)
+    assert m.action_overhead(4, 3.0) == pytest.approx(250e-6)  # halfway between 4's rows
+    assert m.action_overhead(4, 1.0) == pytest.approx(100e-6)  # held below the fewest busy
+    assert m.action_overhead(4, None) == pytest.approx(100e-6)  # None: the fewest busy
+    assert m.action_overhead(4, 9.0) == pytest.approx(400e-6)  # held past the most busy
+    assert m.action_overhead(8, 8.0) == pytest.approx((400e-6 + 600e-6) / 2)  # halfway in log2
+    assert m.action_overhead(64, 12.0) == pytest.approx(1000e-6)
+    assert from_mapping(tomllib.loads(m.to_toml()), "t") == m
+    for bad in ("[[4, 5, 100.0]]", "[[4, 0, 100.0]]", "[[4, 2, 1.0], [4, 2, 2.0]]", "[[4, 2]]"):
+        raw = tomllib.loads(ideal().to_toml() + f"action_overhead_by_busy = {bad}\n")
+        with pytest.raises(ConfigError, match="action_overhead_by_busy"):
+            from_mapping(raw, "t")
+    from mpipipe.plan.predict import busy_ranks
+
+    model = GPT(**{**SMALL, "layers": 4}, emulate=(1.0, 1.0, 1.0))
+    pipe, wide = Layout(4, 1, 1, "1f1b", 1, 4), Layout(1, 4, 1, "1f1b", 1, 4)
+    assert busy_ranks(model, wide, m) == pytest.approx(4.0)  # no bubble
+    # 1F1B with W after each B: busy m (F + B + W) = 12 of 12 + (p - 1)(F + B) = 18 units
+    assert busy_ranks(model, pipe, m) == pytest.approx(4 * 12 / 18)
+    for lay, busy in ((pipe, 4 * 12 / 18), (wide, 4.0)):
+        free, paid = action_costs(model, lay, ideal()), predict(model, lay, m)
+        per_action = (
+            paid.breakdown["F/B/W stage 0"] - sum(x[0] for x in (free.f, free.b, free.w))
+        ) / 3
+        assert per_action == pytest.approx(m.action_overhead(4, busy))
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "wide", "busy"])
+def test_calibration_runs_are_the_layouts_the_planner_fits(kind: str) -> None:
+    """Each calibration run's train flags make the job its (model, layout) describes: the fit
+    inverts the planner on the run it launched, and no run is a --validate layout."""
+    from mpipipe.flags import parse_train
+    from mpipipe.plan import calibrate, validate
+    from mpipipe.plan.cli import model_of
+
+    n = 8
+    run = {"pipeline": calibrate.pipeline_run, "wide": calibrate.wide_run}.get(kind)
+    model, lay, flags = run(n) if run else calibrate.busy_run(n, 4)
+    job = prepare(parse_train(flags)[0], n)
+    c = job.cfg
+    assert (c.pp, c.dp, c.tp, c.schedule, c.microbatches) == (
+        lay.pp, lay.dp, lay.tp, lay.schedule, lay.microbatches
+    )  # fmt: skip
+    assert model_of(c) == model
+
+    def key(n: int, c: TrainConfig) -> tuple[object, ...]:
+        return (n, c.pp, c.dp, c.tp, c.schedule, c.microbatches, c.layers, c.d_model, c.emulate)
+
+    validated = {key(k, prepare(parse_train(t.split())[0], k).cfg) for _, k, t in validate.FULL}
+    assert key(n, c) not in validated
+
+
 def test_calibrated_overhead_reproduces_the_measured_step() -> None:
     """calibrate.overhead_for inverts the planner: the overhead it finds for a pipeline time
     that a known overhead produced is that overhead (the step's other terms left out)."""
@@ -227,7 +294,7 @@ def test_calibrated_overhead_reproduces_the_measured_step() -> None:
     model, lay, _ = pipeline_run(4)
     noisy = ideal(action_overhead_us=1234.0, step_overhead_ms=50.0)
     pipeline = predict(model, lay, noisy).breakdown["pipeline"]
-    assert overhead_for(pipeline, 4, ideal(step_overhead_ms=50.0)) == pytest.approx(
+    assert overhead_for(pipeline, model, lay, ideal(step_overhead_ms=50.0)) == pytest.approx(
         1234.0, rel=1e-4
     )
 

@@ -18,6 +18,10 @@
                wake-ups, MPI progress and, past the core count, waiting for a core), and the
                time per step outside the pipeline (the step's all-reduce of statistics over N
                ranks, the optimizer's Python);
+               wide pipelines (N >= 4: pp = 2 x dp = N/2, 8 micro-batches of one sample): the
+               same time per action with most ranks busy at once (the pp = N runs have few;
+               where ranks share cores a rank waits longer for one the more want one: 32 ranks
+               here took 1.2-1.5 ms per action with 9 busy, 3.0-4.0 ms with 29.5);
                busy replicas (pp = 1, dp = N, one layer, 4 and 16 micro-batches: every rank
                busy at once): the gradient phase beyond the alpha-beta all-reduce, as a time
                per step (the all-reduce's rounds, ranks waiting for a core) and a drift per
@@ -147,48 +151,72 @@ def busy_run(n: int, m: int) -> tuple[Any, Any, list[str]]:
     return model, Layout(1, n, 1, "1f1b", 1, m), flags
 
 
+def wide_run(n: int) -> tuple[Any, Any, list[str]]:
+    """(model, layout, train flags) of the N-rank wide calibration run (N >= 4): pp = 2 x
+    dp = N / 2 1F1B, one layer per stage, 8 micro-batches of one sample per replica, SLEEP_MS
+    per F, B and W: most ranks busy at once, where the pp = N run has few."""
+    from mpipipe.plan.cost import GPT, Layout
+
+    d = n // 2
+    model = GPT(2, 32, 2, 16, 256, 8 * d, emulate=(SLEEP_MS, SLEEP_MS, SLEEP_MS))
+    flags = ["--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "16",
+             "--global-batch", str(8 * d), "--microbatches", "8", "--pp", "2", "--dp", str(d),
+             "--schedule", "1f1b", *EMULATE]  # fmt: skip
+    return model, Layout(2, d, 1, "1f1b", 1, 8), flags
+
+
 BUSY_M = (4, 16)  # micro-batches of the two busy runs per N: 12 and 48 actions per rank
 
 
-def overhead_for(pipeline: float, n: int, machine: Machine) -> float:
-    """Microseconds per action that make the planner's simulated pipeline of the N-rank
-    pipeline calibration run last `pipeline` seconds, the run's measured pipeline time
-    (bisection: the simulation grows with the overhead)."""
+def overhead_for(pipeline: float, model: Any, layout: Any, machine: Machine) -> float:
+    """Microseconds per action that make the planner's simulated pipeline of a calibration run
+    (`model`, `layout`) last `pipeline` seconds, the run's measured pipeline time (bisection:
+    the simulation grows with the overhead)."""
     from mpipipe.plan.predict import predict
 
-    model, layout, _ = pipeline_run(n)
     lo, hi = 0.0, 0.1
     for _ in range(40):
         mid = (lo + hi) / 2
-        at = replace(machine, action_overhead_us=mid * 1e6, action_overhead_by_ranks=())
+        at = replace(machine, action_overhead_us=mid * 1e6, action_overhead_by_ranks=(),
+                     action_overhead_by_busy=())  # fmt: skip
         simulated = predict(model, layout, at).breakdown["pipeline"]
         lo, hi = (mid, hi) if simulated < pipeline else (lo, mid)
     return lo * 1e6
 
 
 def overheads_by_ranks(launch_n: Any, machine: Machine) -> Machine:
-    """`machine` with its three by-ranks tables measured here, for N in BY_RANKS: from the pp = N
-    run the time per action (its pipeline, as overhead_for fits it) and the time per step
-    outside the pipeline (its step less its pipeline and the predicted optimizer); then from two
-    dp = N runs (BUSY_M micro-batches) the gradient phase: each run's step less the prediction
-    of everything else (the alpha-beta all-reduce among them), split into the all-reduce's
-    rounds and the replicas' drift by how it grows with the actions per rank (phase_fit).
-    Neither kind of run is a --validate layout."""
-    from mpipipe.plan.predict import predict
+    """`machine` with its by-ranks tables measured here, for N in BY_RANKS: the time per action
+    by busy ranks (action_overhead_by_busy) from the pp = N run, few ranks busy at once, and
+    from N >= 4 the wide run, most busy (each run's pipeline, as overhead_for fits it); the time
+    per step outside the pipeline from the pp = N run (its step less its pipeline and the
+    predicted optimizer); then from two dp = N runs (BUSY_M micro-batches) the gradient phase:
+    each run's step less the prediction of everything else (the alpha-beta all-reduce among
+    them), split into the all-reduce's rounds and the replicas' drift by how it grows with the
+    actions per rank (phase_fit). No run is a --validate layout."""
+    from mpipipe.plan.predict import busy_ranks, predict
 
-    action = [(1, machine.action_overhead_us)]
+    def timed(n: int, run: Any) -> tuple[tuple[int, float, float], dict[str, float]]:
+        """The (N, busy ranks, us per action) row of one calibration run, and its medians."""
+        model, layout, flags = run(n)
+        got = _medians(launch_n(n), flags)
+        us = overhead_for(got["pipeline_time_s"], model, layout, machine)
+        return (n, busy_ranks(model, layout, machine), us), got
+
+    rows = [(1, 1.0, machine.action_overhead_us)]
     step = [(1, machine.step_overhead_ms)]
     reduce: list[tuple[int, float]] = []
     drifts: list[tuple[int, float]] = []
     for n in BY_RANKS:
-        model, layout, flags = pipeline_run(n)
-        got = _medians(launch_n(n), flags)
-        action.append((n, overhead_for(got["pipeline_time_s"], n, machine)))
-        at = replace(machine, action_overhead_by_ranks=tuple(action))
+        row, got = timed(n, pipeline_run)
+        rows.append(row)
+        model, layout, _ = pipeline_run(n)
+        at = replace(machine, action_overhead_by_busy=tuple(rows))
         optimizer = predict(model, layout, at).breakdown["optimizer"]
         rest = got["step_time_s"] - got["pipeline_time_s"] - optimizer
         step.append((n, max(0.0, rest) * 1e3))
-    machine = replace(machine, action_overhead_by_ranks=tuple(action),
+        if n >= 4:
+            rows.append(timed(n, wide_run)[0])
+    machine = replace(machine, action_overhead_by_busy=tuple(rows),
                       step_overhead_by_ranks=tuple(step))  # fmt: skip
     for n in BY_RANKS:
         extra = []  # ms the gradient phase adds at k = 3 m actions per rank

@@ -183,7 +183,9 @@ class StageCosts:
     exchange: float = 0.0  # a blocking exchange, inside each F and B that sends (megatron)
 
 
-def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
+def action_costs(
+    model: GPT, layout: Layout, machine: Machine, busy_ranks: float | None = None
+) -> StageCosts:
     b, t, c, h, v = (
         layout.micro_batch(model),
         model.seq_len,
@@ -289,7 +291,7 @@ def action_costs(model: GPT, layout: Layout, machine: Machine) -> StageCosts:
             embed = (embed[0] + ring(act) + waits(embed[0]), embed[1])
             loss = 2 * ring(b * t * 4) + waits(head[0], 0.0)  # float32 per token
             head = (head[0] + loss, head[1] + ring(act) + waits(head[1]), head[2])
-    over = machine.action_overhead(layout.ranks)
+    over = machine.action_overhead(layout.ranks, busy_ranks)  # see predict.busy_ranks
     p2p, exchange = pipeline_message(model, layout, machine)
     accumulate = accumulation_time(model, layout, machine)  # per parameter of the chunk
     shards = {n: shard_params(n, model.meta, model.layer_params(n), tp) for n in model.names}

@@ -29,6 +29,12 @@
     # (Python, MPI progress, the wake-up of a waiting rank); past the core count the ranks share
     # cores and are served in turn.
     action_overhead_by_ranks = [[1, 320.0], [2, 880.0], [4, 1400.0]]
+    # the same by how many ranks are busy (inside an action) at once, which it grows with where
+    # ranks share cores: [[N, busy, us], ...], one or more rows per N; at a layout's N and busy
+    # ranks (its ranks x its schedule's utilisation without this overhead) it is linear in busy
+    # between that N's rows and in log N between rank counts, held constant past every end;
+    # replaces action_overhead_by_ranks where given
+    action_overhead_by_busy = [[4, 2.9, 160.0], [4, 3.7, 240.0], [32, 8.9, 1480.0]]
     # time per step outside the pipeline and the gradient reduction in a job of N ranks (ms):
     # the step's statistics all-reduce over all N ranks, the optimizer's Python, the wake-ups.
     step_overhead_by_ranks = [[1, 2.8], [4, 12.0]]
@@ -93,6 +99,7 @@ class Machine:
     action_overhead_us: float = 0.0
     step_overhead_ms: float = 0.0
     action_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, us), ranks rising
+    action_overhead_by_busy: tuple[tuple[int, float, float], ...] = ()  # (ranks, busy, us)
     step_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_overhead_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms)
     reduce_drift_by_ranks: tuple[tuple[int, float], ...] = ()  # (ranks, ms per sqrt(action))
@@ -128,8 +135,11 @@ class Machine:
         bandwidth = min(self.inter.bandwidth_gbs * members, self.intra.bandwidth_gbs)
         return Link(max(bandwidth, self.inter.bandwidth_gbs), self.inter.latency_us)
 
-    def action_overhead(self, ranks: int) -> float:
-        """Seconds per pipeline action in a job of `ranks` ranks (see the format above)."""
+    def action_overhead(self, ranks: int, busy: float | None = None) -> float:
+        """Seconds per pipeline action in a job of `ranks` ranks of which `busy` are inside an
+        action at once on average (see the format above; None: the fewest busy measured)."""
+        if self.action_overhead_by_busy:
+            return by_busy(self.action_overhead_by_busy, ranks, busy) * 1e-6
         table = self.action_overhead_by_ranks
         return (by_ranks(table, ranks) if table else self.action_overhead_us) * 1e-6
 
@@ -203,6 +213,10 @@ class Machine:
             if table:
                 pairs = ", ".join(f"[{n}, {v:.4g}]" for n, v in table)
                 lines.append(f"{key} = [{pairs}]")
+        if self.action_overhead_by_busy:
+            table3 = self.action_overhead_by_busy
+            rows = ", ".join(f"[{n}, {b:.4g}, {v:.4g}]" for n, b, v in table3)
+            lines.append(f"action_overhead_by_busy = [{rows}]")
         return "\n".join(lines) + "\n"
 
 
@@ -237,6 +251,23 @@ def by_ranks(table: tuple[tuple[int, float], ...], ranks: int) -> float:
     return table[-1][1]
 
 
+def by_busy(table: tuple[tuple[int, float, float], ...], ranks: int, busy: float | None) -> float:
+    """A [[N, busy, value], ...] table at `ranks` and `busy` (None: each N's fewest busy): per
+    N linear in busy between its rows, held constant past them; then as by_ranks across N."""
+    per_n: dict[int, list[tuple[float, float]]] = {}
+    for n, b, v in sorted(table):
+        per_n.setdefault(n, []).append((b, v))
+    points = []
+    for n, rows in sorted(per_n.items()):
+        at = rows[0][1]  # the fewest busy; also past the low end
+        if busy is not None:
+            for (b0, v0), (b1, v1) in zip(rows, rows[1:], strict=False):
+                if busy > b0:
+                    at = v1 if busy >= b1 else v0 + (busy - b0) / (b1 - b0) * (v1 - v0)
+        points.append((n, at))
+    return by_ranks(tuple(points), ranks)
+
+
 def load(spec: str) -> Machine:
     """A machine from a TOML path or a preset name (dgx-h100, selene-a100)."""
     path = Path(spec)
@@ -257,6 +288,16 @@ def load(spec: str) -> Machine:
 
 def _table(rt: dict[str, Any], key: str) -> tuple[tuple[int, float], ...]:
     return tuple(sorted((int(n), float(v)) for n, v in rt.get(key, [])))
+
+
+def _rows3(rt: dict[str, Any], key: str, origin: str) -> tuple[tuple[int, float, float], ...]:
+    rows = rt.get(key, [])
+    if any(not isinstance(r, list) or len(r) != 3 for r in rows):
+        raise ConfigError(
+            f"machine file {origin}: runtime.{key} takes rows of three numbers [ranks, busy, "
+            f"us] (got {rows})"
+        )
+    return tuple(sorted((int(n), float(b), float(v)) for n, b, v in rows))
 
 
 def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
@@ -280,6 +321,7 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             action_overhead_us=float(rt.get("action_overhead_us", 0.0)),
             step_overhead_ms=float(rt.get("step_overhead_ms", 0.0)),
             action_overhead_by_ranks=_table(rt, TABLES[0]),
+            action_overhead_by_busy=_rows3(rt, "action_overhead_by_busy", origin),
             step_overhead_by_ranks=_table(rt, TABLES[1]),
             reduce_overhead_by_ranks=_table(rt, TABLES[2]),
             reduce_drift_by_ranks=_table(rt, TABLES[3]),
@@ -306,6 +348,15 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
                 f"machine file {origin}: runtime.{key} takes [[ranks >= 1, time >= 0], ...] "
                 f"with each rank count once (got {list(table)})"
             )
+    rows = machine.action_overhead_by_busy
+    if not all(n >= 1 and 0 < b <= n and v >= 0 for n, b, v in rows) or len(
+        {(n, b) for n, b, _ in rows}
+    ) < len(rows):
+        raise ConfigError(
+            f"machine file {origin}: runtime.action_overhead_by_busy takes [[ranks >= 1, "
+            f"busy ranks in (0, ranks], time >= 0], ...] with each (ranks, busy) once (got "
+            f"{list(rows)})"
+        )
     if not (machine.busy_collective_us >= 0 and machine.busy_jitter_us >= 0):  # NaN too
         raise ConfigError(
             f"machine file {origin}: runtime.busy_collective_us and runtime.busy_jitter_us "

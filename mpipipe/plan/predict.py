@@ -20,7 +20,7 @@ Machine.collective_link (one NIC per member of the group in a node, where the fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from mpipipe import schedule
@@ -71,9 +71,22 @@ def plan_of(name: str, pp: int, m: int, v: int) -> tuple[schedule.Plan, tuple[in
     return plan, tuple(report.peak_stash)
 
 
+def busy_ranks(model: GPT, layout: Layout, machine: Machine) -> float:
+    """How many of the layout's ranks are inside an action at once, on average: its ranks
+    times its schedule's utilisation (1 - bubble) at the machine's costs without the time per
+    action, which depends on it where ranks share cores (Machine.action_overhead)."""
+    plan, _ = plan_of(layout.schedule, layout.pp, layout.microbatches, layout.v)
+    bare = replace(machine, action_overhead_us=0.0, action_overhead_by_ranks=(),
+                   action_overhead_by_busy=())  # fmt: skip
+    costs = action_costs(model, layout, bare)
+    report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
+    return layout.ranks * (1.0 - report.bubble)
+
+
 def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.0) -> Prediction:
     plan, peaks = plan_of(layout.schedule, layout.pp, layout.microbatches, layout.v)
-    costs = action_costs(model, layout, machine)
+    busy = busy_ranks(model, layout, machine) if machine.action_overhead_by_busy else None
+    costs = action_costs(model, layout, machine, busy)
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     mems = [memory(model, layout, chunks, peaks[r]) for r, chunks in enumerate(plan.stages)]
     grad_width = runtime(layout.runtime).grad_width_16 if model.width == 2 else model.width
