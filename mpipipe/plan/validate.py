@@ -7,9 +7,10 @@ of computing; real messages, reductions and optimizer) reach 16 and 32 ranks on 
 real-compute runs use a small GPT on 1-2 ranks, predicted from its layers' F/B/W timed here
 (plan/profiled.py) rather than the roofline, once just before the run and once just after it,
 so that on a shared machine whose load drifts the profile sees, on average, the load the run
-saw; each real layout runs REAL_REPEATS times (the median of the runs against the median of
-their profiles). The layouts of one group share model, batch and
-rank count, so "is the measured best the predicted best" has an answer there. Emulated ranks
+saw; each real layout, and each emulated one of CROWDED_RANKS or more, runs REAL_REPEATS
+times (the median of the runs against the median of their predictions). The layouts of one
+group share model, batch and rank count, so "is the measured best the predicted best" has an
+answer there. Emulated ranks
 mostly sleep, but each action still costs its rank Python, MPI progress and a wake-up, and past
 the core count the ranks wait for a core: the machine file's action_overhead_by_busy prices
 that per rank count and ranks busy at once, step_overhead_by_ranks the step's work outside the
@@ -158,6 +159,9 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 # its run. Each real layout therefore runs this many times, each between two profiles; its
 # prediction is the median of the profiles, its measurement the median of the runs.
 REAL_REPEATS = 3
+# The emulated runs of 16 and 32 ranks (8 and 16 per core here) repeat as often: the 32-rank
+# layout measured 207-308 ms in a dozen runs within an hour, 6 steps each.
+CROWDED_RANKS = 16
 
 
 def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
@@ -166,7 +170,8 @@ def run(machine: Machine, quick: bool, kind: str = "auto") -> list[Result]:
         for group, n, text in QUICK if quick else FULL:
             flags = [*text.split(), *RUN.split()]
             preds, steps, stashes = [], [], []
-            for _ in range(REAL_REPEATS if group == "real" else 1):
+            repeats = REAL_REPEATS if group == "real" or n >= CROWDED_RANKS else 1
+            for _ in range(repeats):
                 preds.append(prediction(n, flags, machine, profile=True))
                 step, stash = measure(n, flags, kind, Path(tmp))
                 preds.append(prediction(n, flags, machine, profile=True))  # profiled afresh
