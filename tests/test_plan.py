@@ -21,6 +21,18 @@ from tests import mpirun
 SMALL = dict(layers=6, d_model=32, heads=4, seq_len=16, vocab=64, global_batch=16)
 
 
+class FixedProfile:
+    """A profile (plan/profiled.py) with fixed F/B/W seconds per layer and an optimizer at
+    1 ns per parameter, whatever the micro-batch and tp share."""
+
+    def times(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
+        return {"embed": (1e-3, 0.0, 2e-3), "block": (8e-3, 18e-3, 30e-3),
+                "head": (2e-3, 4e-3, 5e-3)}  # fmt: skip
+
+    def optimizer_rate(self, optimizer: str, tp: int) -> float:
+        return 1e-9
+
+
 def ideal(**kw: object) -> Machine:
     """Free communication, no overhead: only compute costs time."""
     base = Machine("ideal", 8, 64.0, 1e6, {"float32": 1.0}, 1.0, Link(1e9, 0), Link(1e9, 0))
@@ -358,12 +370,7 @@ def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
     machine file keeps both (NaN refused)."""
     import tomllib
 
-    class Fixed:
-        def times(self, b: int, tp: int) -> dict[str, tuple[float, float, float]]:
-            return {"embed": (1e-3, 0.0, 2e-3), "block": (8e-3, 18e-3, 30e-3),
-                    "head": (2e-3, 4e-3, 5e-3)}  # fmt: skip
-
-    model = dataclasses.replace(GPT(**SMALL), profile=Fixed())  # 6 blocks, 2 stages of 3
+    model = dataclasses.replace(GPT(**SMALL), profile=FixedProfile())  # 6 blocks, 2 stages of 3
     busy = ideal(busy_collective_us=100.0, busy_jitter_us=10.0)
     lay = Layout(2, 1, 2, "1f1b", 1, 4)
     plain, priced = action_costs(model, lay, ideal()), action_costs(model, lay, busy)
@@ -398,6 +405,25 @@ def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
         )
         with pytest.raises(ConfigError, match="busy_jitter_us"):
             from_mapping(bad, "t")
+
+
+def test_computing_replicas_gradient_phase_waits_for_the_slowest() -> None:
+    """dp > 1 with real compute: each rank's gradient reduction ends the busy wait later, for
+    the compute since the step's start (its pipeline's end) and the slowest of dp replicas;
+    dp = 1 and emulated replicas (whose drift the calibrated tables hold) pay nothing."""
+
+    model = dataclasses.replace(GPT(**SMALL), profile=FixedProfile())
+    busy = ideal(busy_collective_us=100.0, busy_jitter_us=10.0)
+    for dp in (2, 4):
+        lay = Layout(1, dp, 1, "1f1b", 1, 4)
+        plain, priced = predict(model, lay, ideal()), predict(model, lay, busy)
+        compute = plain.breakdown["pipeline"]
+        wait = (100 + 10 * (compute / 1e-3) ** 0.5 * largest(dp) / largest(2)) * 1e-6
+        assert priced.step_time - plain.step_time == pytest.approx(wait)
+    one = Layout(1, 1, 1, "1f1b", 1, 4)
+    assert predict(model, one, busy).step_time == predict(model, one, ideal()).step_time
+    emulated, two = GPT(**SMALL, emulate=(1.0, 1.0, 1.0)), Layout(1, 2, 1, "1f1b", 1, 4)
+    assert predict(emulated, two, busy).step_time == predict(emulated, two, ideal()).step_time
 
 
 def test_sequence_parallel_prices_four_collectives_in_each_of_f_b_and_w() -> None:

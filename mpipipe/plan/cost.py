@@ -44,7 +44,6 @@ train does (no tensor-parallel all-reduces: emulated chunks only sleep).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Any
@@ -57,7 +56,7 @@ from mpipipe.memory import (
     shard_params,
 )
 from mpipipe.partition import uniform
-from mpipipe.plan.machine import Link, Machine, largest
+from mpipipe.plan.machine import Link, Machine
 from mpipipe.plan.runtimes import runtime
 
 
@@ -220,17 +219,13 @@ def action_costs(
     # compute since the last collective (the ranks' jitter is a random walk), measured on 2
     # ranks and scaled to the expected slowest of tp
     busy = tp > 1 and not model.emulate
-    slowest = largest(tp) / largest(2)  # the wait for the slowest of tp, against of 2
     ring = lambda nbytes: allreduce_time(machine.link(tp - 1), nbytes, tp)  # noqa: E731
     act = b * t * c * w  # one (B, T, C) activation's bytes
 
     def waits(*segments: float) -> float:
         """What collectives cost beyond the links, one after each of these stretches of
         compute (seconds) since the one before."""
-        if not busy:
-            return 0.0
-        jitter = sum(math.sqrt(x / 1e-3) for x in segments) * machine.busy_jitter_us * slowest
-        return (len(segments) * machine.busy_collective_us + jitter) * 1e-6
+        return sum(machine.busy_wait(x, tp) for x in segments) if busy else 0.0
 
     def evenly(compute: float, n: int) -> float:
         """waits() of n collectives spread evenly over `compute`."""

@@ -166,6 +166,16 @@ class Machine:
             ms += by_ranks(drift, ranks) * math.sqrt(actions) * largest(dp) / largest(ranks)
         return ms * 1e-3
 
+    def busy_wait(self, compute: float, group: int) -> float:
+        """Seconds a blocking collective of `group` ranks costs beyond its links when each
+        computed `compute` seconds since they last synchronised: the fixed part and the wait
+        for the slowest member, as the square root of the compute (a random walk), scaled from
+        the 2 ranks it is measured on to the expected slowest of `group` (0 for one rank)."""
+        if group <= 1:
+            return 0.0
+        jitter = self.busy_jitter_us * math.sqrt(compute / 1e-3) * largest(group) / largest(2)
+        return (self.busy_collective_us + jitter) * 1e-6
+
     def matmul_time(self, flops: float, dtype: str) -> float:
         return flops / (self.peak(dtype) * self.matmul_efficiency)
 

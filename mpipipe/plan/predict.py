@@ -114,7 +114,10 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
                 t = start + (last_w[1] - start) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
         clock = _buckets(ready, compute_end, layout, link, bucket_mb)
-        end = max(compute_end, clock) + waits + (tied if r in (0, layout.pp - 1) else 0.0)
+        # computing replicas drift apart from the step's start: the reduction waits for the
+        # slowest (the busy collectives' model; emulated replicas sleep: `waits` has theirs)
+        drift = 0.0 if model.emulate else machine.busy_wait(compute_end, layout.dp)
+        end = max(compute_end, clock) + waits + drift + (tied if r in (0, layout.pp - 1) else 0.0)
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))
