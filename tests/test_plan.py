@@ -239,33 +239,38 @@ def test_action_overhead_by_busy_ranks_interpolates_and_reaches_the_busier_layou
     pp = 4 pipeline with the same machine file."""
     import tomllib
 
-    table = (
-        (1, 1.0, 50.0),
-        (4, 2.0, 100.0),
-        (4, 4.0, 400.0),
-        (16, 4.0, 200.0),
-        (16, 12.0, 1000.0),
-    )
-    m = ideal(action_overhead_by_busy=table)
+    table = ((16, 12.0, 1000.0), (4, 4.0, 400.0), (1, 1.0, 50.0), (16, 4.0, 200.0),
+             (4, 2.0, 100.0))  # fmt: skip
+    m = ideal(action_overhead_by_busy=table)  # rows in any order
     assert m.action_overhead(4, 3.0) == pytest.approx(250e-6)  # halfway between 4's rows
     assert m.action_overhead(4, 1.0) == pytest.approx(100e-6)  # held below the fewest busy
     assert m.action_overhead(4, None) == pytest.approx(100e-6)  # None: the fewest busy
     assert m.action_overhead(4, 9.0) == pytest.approx(400e-6)  # held past the most busy
     assert m.action_overhead(8, 8.0) == pytest.approx((400e-6 + 600e-6) / 2)  # halfway in log2
     assert m.action_overhead(64, 12.0) == pytest.approx(1000e-6)
-    assert from_mapping(tomllib.loads(m.to_toml()), "t") == m
-    for bad in ("[[4, 5, 100.0]]", "[[4, 0, 100.0]]", "[[4, 2, 1.0], [4, 2, 2.0]]", "[[4, 2]]"):
+    loaded = from_mapping(tomllib.loads(m.to_toml()), "t")
+    assert loaded == dataclasses.replace(m, action_overhead_by_busy=tuple(sorted(table)))
+    bad_rows = (
+        "[[4, 5, 100.0]]",
+        "[[4, 0, 100.0]]",
+        "[[4, 2, 1.0], [4, 2, 2.0]]",
+        "[[4, 2]]",
+        "5",
+    )
+    for bad in bad_rows:
         raw = tomllib.loads(ideal().to_toml() + f"action_overhead_by_busy = {bad}\n")
-        with pytest.raises(ConfigError, match="action_overhead_by_busy"):
+        with pytest.raises(ConfigError, match="action_overhead_by_busy") as e:
             from_mapping(raw, "t")
+        assert "not a number" not in str(e.value)
     from mpipipe.plan.predict import busy_ranks
 
-    model = GPT(**{**SMALL, "layers": 4}, emulate=(1.0, 1.0, 1.0))
+    model = GPT(**{**SMALL, "layers": 4}, emulate=(1.0, 2.0, 1.0))  # B twice F and W
     pipe, wide = Layout(4, 1, 1, "1f1b", 1, 4), Layout(1, 4, 1, "1f1b", 1, 4)
     assert busy_ranks(model, wide, m) == pytest.approx(4.0)  # no bubble
-    # 1F1B with W after each B: busy m (F + B + W) = 12 of 12 + (p - 1)(F + B) = 18 units
-    assert busy_ranks(model, pipe, m) == pytest.approx(4 * 12 / 18)
-    for lay, busy in ((pipe, 4 * 12 / 18), (wide, 4.0)):
+    # 1F1B with W after each B: busy m (F + B + W) = 16 of 16 + (p - 1)(F + B) = 25 units (the
+    # overhead, the same on every action, would change that ratio: it is left out)
+    assert busy_ranks(model, pipe, m) == pytest.approx(4 * 16 / 25)
+    for lay, busy in ((pipe, 4 * 16 / 25), (wide, 4.0)):
         free, paid = action_costs(model, lay, ideal()), predict(model, lay, m)
         per_action = (
             paid.breakdown["F/B/W stage 0"] - sum(x[0] for x in (free.f, free.b, free.w))
@@ -273,15 +278,15 @@ def test_action_overhead_by_busy_ranks_interpolates_and_reaches_the_busier_layou
         assert per_action == pytest.approx(m.action_overhead(4, busy))
 
 
+@pytest.mark.parametrize("n", [4, 8])
 @pytest.mark.parametrize("kind", ["pipeline", "wide", "busy"])
-def test_calibration_runs_are_the_layouts_the_planner_fits(kind: str) -> None:
+def test_calibration_runs_are_the_layouts_the_planner_fits(kind: str, n: int) -> None:
     """Each calibration run's train flags make the job its (model, layout) describes: the fit
     inverts the planner on the run it launched, and no run is a --validate layout."""
     from mpipipe.flags import parse_train
     from mpipipe.plan import calibrate, validate
     from mpipipe.plan.cli import model_of
 
-    n = 8
     run = {"pipeline": calibrate.pipeline_run, "wide": calibrate.wide_run}.get(kind)
     model, lay, flags = run(n) if run else calibrate.busy_run(n, 4)
     job = prepare(parse_train(flags)[0], n)
@@ -296,6 +301,40 @@ def test_calibration_runs_are_the_layouts_the_planner_fits(kind: str) -> None:
 
     validated = {key(k, prepare(parse_train(t.split())[0], k).cfg) for _, k, t in validate.FULL}
     assert key(n, c) not in validated
+
+
+def test_calibration_writes_both_kinds_of_rows_at_their_busy_ranks(monkeypatch) -> None:
+    """overheads_by_ranks on runs whose times a known machine predicts (`_medians` stubbed):
+    for each N it writes the pp = N run's and, from N = 4, the wide run's time per action,
+    each at that run's own busy ranks."""
+    from mpipipe.plan import calibrate
+    from mpipipe.plan.predict import busy_ranks
+
+    runs, truth = {}, []
+    for n in calibrate.BY_RANKS:
+        kinds = [("pipe", calibrate.pipeline_run)] + [("wide", calibrate.wide_run)] * (n >= 4)
+        for kind, run in kinds:
+            model, lay, flags = run(n)
+            us = 100.0 * n + (1000.0 if kind == "wide" else 0.0)  # distinct per run
+            truth.append((n, busy_ranks(model, lay, ideal()), us))
+            runs[tuple(flags)] = (model, lay, ideal(action_overhead_us=us))
+        for m in calibrate.BUSY_M:  # the gradient phase's runs: any times
+            runs[tuple(calibrate.busy_run(n, m)[2])] = None
+
+    def medians(launcher: list[str], flags: list[str]) -> dict[str, float]:
+        if runs[tuple(flags)] is None:
+            return {"step_time_s": 1.0, "pipeline_time_s": 0.5, "allreduce_exposed_s": 0.0}
+        model, lay, at = runs[tuple(flags)]
+        p = predict(model, lay, at)
+        return {"step_time_s": p.step_time, "pipeline_time_s": p.breakdown["pipeline"],
+                "allreduce_exposed_s": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(calibrate, "_medians", medians)
+    got = calibrate.overheads_by_ranks(lambda n: [], ideal()).action_overhead_by_busy
+    assert got[0] == (1, 1.0, 0.0)  # the 1-rank runtime figure
+    assert len(got) == 1 + len(truth)
+    for (n, b, us), (tn, tb, tus) in zip(got[1:], sorted(truth), strict=True):
+        assert n == tn and b == pytest.approx(tb) and us == pytest.approx(tus, rel=1e-6)
 
 
 def test_calibrated_overhead_reproduces_the_measured_step() -> None:
@@ -408,22 +447,32 @@ def test_busy_collectives_price_tensor_parallel_ranks_only() -> None:
 
 
 def test_computing_replicas_gradient_phase_waits_for_the_slowest() -> None:
-    """dp > 1 with real compute: each rank's gradient reduction ends the busy wait later, for
-    the compute since the step's start (its pipeline's end) and the slowest of dp replicas;
-    dp = 1 and emulated replicas (whose drift the calibrated tables hold) pay nothing."""
-
+    """dp > 1 with real compute: the gradient reduction ends later by the busy wait, for the
+    compute since the step's start (the pipeline's end) and the slowest of dp replicas, in
+    place of the drift table (measured on sleeping replicas), which emulated replicas keep;
+    the all-reduce's rounds apply to both; dp = 1 pays nothing."""
     model = dataclasses.replace(GPT(**SMALL), profile=FixedProfile())
-    busy = ideal(busy_collective_us=100.0, busy_jitter_us=10.0)
-    for dp in (2, 4):
-        lay = Layout(1, dp, 1, "1f1b", 1, 4)
-        plain, priced = predict(model, lay, ideal()), predict(model, lay, busy)
-        compute = plain.breakdown["pipeline"]
+    rounds = ((2, 3.0), (8, 3.0))  # ms for dp = N replicas: dp pays log2(dp) / log2(N)
+    tables = ideal(reduce_overhead_by_ranks=rounds, reduce_drift_by_ranks=((2, 5.0), (8, 5.0)))
+    busy = dataclasses.replace(tables, busy_collective_us=100.0, busy_jitter_us=10.0)
+    for pp, dp, tp in ((1, 2, 1), (1, 4, 1), (2, 2, 1), (1, 2, 2)):
+        lay = Layout(pp, dp, tp, "1f1b", 1, 4)
+        plain = predict(model, lay, ideal(reduce_overhead_by_ranks=rounds))
+        priced = predict(model, lay, busy)
+        compute = priced.breakdown["pipeline"]  # the last rank's, whose reduction ends last
         wait = (100 + 10 * (compute / 1e-3) ** 0.5 * largest(dp) / largest(2)) * 1e-6
-        assert priced.step_time - plain.step_time == pytest.approx(wait)
+        assert priced.step_time - compute - wait == pytest.approx(
+            plain.step_time - plain.breakdown["pipeline"]
+        )
+        if tp == 1:  # no collective in the pipeline: only the gradient phase moved
+            assert compute == plain.breakdown["pipeline"]
     one = Layout(1, 1, 1, "1f1b", 1, 4)
     assert predict(model, one, busy).step_time == predict(model, one, ideal()).step_time
     emulated, two = GPT(**SMALL, emulate=(1.0, 1.0, 1.0)), Layout(1, 2, 1, "1f1b", 1, 4)
-    assert predict(emulated, two, busy).step_time == predict(emulated, two, ideal()).step_time
+    drift = 5.0 * (3 * 4) ** 0.5 * 1e-3  # 12 actions; dp = N = 2: the table's own figure
+    assert predict(emulated, two, busy).step_time == pytest.approx(
+        predict(emulated, two, ideal(reduce_overhead_by_ranks=rounds)).step_time + drift
+    )
 
 
 def test_sequence_parallel_prices_four_collectives_in_each_of_f_b_and_w() -> None:

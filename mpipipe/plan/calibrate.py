@@ -11,7 +11,7 @@
                plus a wait that grows as the square root of the compute in between (busy_fit)
     runtime    two 1-rank emulated trainings with 1 ms actions (4 and 16 micro-batches): the
                executor's fixed time per action and per step, from the difference
-    by ranks   emulated trainings of N = 2, 4, ... 32 ranks, 1 ms actions, two kinds:
+    by ranks   emulated trainings of N = 2, 4, ... 32 ranks, 1 ms actions, three kinds:
                pipelines (pp = N 1F1B, one layer per stage, 8 micro-batches): the time per
                action that makes the planner's simulation of the run's pipeline last what it
                measured (everything a rank pays between actions with N ranks here: message

@@ -22,9 +22,9 @@
     [runtime]
     action_overhead_us = 0.0      # fixed time per pipeline action (dispatch, launches, Python)
     step_overhead_ms = 0.0        # fixed time per optimizer step outside the pipeline
-    # optional, measured by `plan --calibrate` from N-rank runs on this one machine; each is a
-    # table [[N, value], ...] interpolated in log N, held constant past both ends, and replaces
-    # the fixed value above where given:
+    # optional, measured by `plan --calibrate` from N-rank runs on this one machine; each
+    # (but action_overhead_by_busy) is a table [[N, value], ...] interpolated in log N, held
+    # constant past both ends, and replaces the fixed value above where given:
     # time per action in a job of N ranks (us): what a rank pays between consecutive actions
     # (Python, MPI progress, the wake-up of a waiting rank); past the core count the ranks share
     # cores and are served in turn.
@@ -45,7 +45,8 @@
     reduce_overhead_by_ranks = [[2, 0.5], [4, 1.5]]
     reduce_drift_by_ranks = [[2, 0.2], [4, 1.0]]
     # optional (default 0), measured by `plan --calibrate`: what a blocking collective costs
-    # ranks that compute between collectives (tensor parallelism's all-reduces), beyond the
+    # ranks that compute between collectives (tensor parallelism's all-reduces; the gradient
+    # reduction of data-parallel replicas that compute, after their pipeline), beyond the
     # links' alpha-beta: a fixed time per collective (us: MPI's first call after compute runs
     # cold, the wake-up of a waiting rank) and the wait for the group's slowest member after
     # 1 ms of compute (us), which grows as the square root of the compute between two
@@ -148,20 +149,28 @@ class Machine:
         table = self.step_overhead_by_ranks
         return (by_ranks(table, ranks) if table else self.step_overhead_ms) * 1e-3
 
-    def reduce_overhead(self, ranks: int, dp: int, actions: int) -> float:
+    def reduce_overhead(
+        self, ranks: int, dp: int, actions: int, computed: float | None = None
+    ) -> float:
         """Seconds per step the gradient phase of `dp` replicas, each rank running `actions`
         actions, costs in a job of `ranks` ranks beyond its alpha-beta all-reduces (0 without
-        calibrated tables: presets price the links only). The tables hold dp = N replicas:
+        calibrated tables or busy terms: presets price the links only). The tables hold
+        dp = N replicas:
         - rounds: MPI's all-reduce of a small or mid-size message (recursive doubling, or
           Rabenseifner's reduce-scatter and all-gather) takes rounds in proportion to log2 of
           the group, each a wait for the partner on shared cores: dp pays log2(dp) / log2(N);
         - drift: replicas' pipelines drift apart by the jitter of each action (a random walk:
           sqrt(actions) steps) and all wait for the slowest, which is e(dp) standard deviations
-          above the mean (e: the expected largest of dp normal draws): dp pays e(dp) / e(N)."""
+          above the mean (e: the expected largest of dp normal draws): dp pays e(dp) / e(N).
+          The drift table is measured on emulated (sleeping) replicas; replicas that compute
+          (`computed`: seconds since the step's start, None for emulated ones) drift as
+          computing ranks do between collectives: busy_wait(computed, dp) instead."""
         if dp <= 1:
             return 0.0
         rounds, drift = self.reduce_overhead_by_ranks, self.reduce_drift_by_ranks
         ms = by_ranks(rounds, ranks) * math.log2(dp) / math.log2(max(ranks, 2)) if rounds else 0.0
+        if computed is not None:
+            return ms * 1e-3 + self.busy_wait(computed, dp)
         if drift:
             ms += by_ranks(drift, ranks) * math.sqrt(actions) * largest(dp) / largest(ranks)
         return ms * 1e-3
@@ -302,7 +311,7 @@ def _table(rt: dict[str, Any], key: str) -> tuple[tuple[int, float], ...]:
 
 def _rows3(rt: dict[str, Any], key: str, origin: str) -> tuple[tuple[int, float, float], ...]:
     rows = rt.get(key, [])
-    if any(not isinstance(r, list) or len(r) != 3 for r in rows):
+    if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != 3 for r in rows):
         raise ConfigError(
             f"machine file {origin}: runtime.{key} takes rows of three numbers [ranks, busy, "
             f"us] (got {rows})"
@@ -338,6 +347,8 @@ def from_mapping(raw: dict[str, Any], origin: str) -> Machine:
             busy_collective_us=float(rt.get("busy_collective_us", 0.0)),
             busy_jitter_us=float(rt.get("busy_jitter_us", 0.0)),
         )
+    except ConfigError:  # a ValueError too: already says what is wrong
+        raise
     except KeyError as e:
         raise ConfigError(
             f"machine file {origin}: missing key {e} (see mpipipe/plan/machine.py for the format)"

@@ -74,7 +74,8 @@ def plan_of(name: str, pp: int, m: int, v: int) -> tuple[schedule.Plan, tuple[in
 def busy_ranks(model: GPT, layout: Layout, machine: Machine) -> float:
     """How many of the layout's ranks are inside an action at once, on average: its ranks
     times its schedule's utilisation (1 - bubble) at the machine's costs without the time per
-    action, which depends on it where ranks share cores (Machine.action_overhead)."""
+    action, which depends on it where ranks share cores (Machine.action_overhead). A second
+    simulation of the schedule: predict runs it only for machine files with that table."""
     plan, _ = plan_of(layout.schedule, layout.pp, layout.microbatches, layout.v)
     bare = replace(machine, action_overhead_us=0.0, action_overhead_by_ranks=(),
                    action_overhead_by_busy=())  # fmt: skip
@@ -96,7 +97,6 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
     parts, names = bounds(model, layout), model.names
     ends, reduce_tail, opt = [], 0.0, 0.0
     actions = max(len(spans) for spans in report.spans)
-    waits = machine.reduce_overhead(layout.ranks, layout.dp, actions)
     for r, spans in enumerate(report.spans):
         compute_end = spans[-1][1] if spans else 0.0
         ready: list[tuple[float, float]] = []  # (time a layer is final, its gradient bytes)
@@ -114,10 +114,12 @@ def predict(model: GPT, layout: Layout, machine: Machine, bucket_mb: float = 25.
                 t = start + (last_w[1] - start) * (j + 1) / len(layers)
                 ready.append((t, size_of[i] * grad_width))
         clock = _buckets(ready, compute_end, layout, link, bucket_mb)
-        # computing replicas drift apart from the step's start: the reduction waits for the
-        # slowest (the busy collectives' model; emulated replicas sleep: `waits` has theirs)
-        drift = 0.0 if model.emulate else machine.busy_wait(compute_end, layout.dp)
-        end = max(compute_end, clock) + waits + drift + (tied if r in (0, layout.pp - 1) else 0.0)
+        # the rounds and the replicas' drift; computing replicas drift from the step's start
+        # (their last synchronisation) to their pipeline's end, idle stretches included: a
+        # stage waits on the jitter of the ranks upstream of it
+        computed = None if model.emulate else compute_end
+        waits = machine.reduce_overhead(layout.ranks, layout.dp, actions, computed)
+        end = max(compute_end, clock) + waits + (tied if r in (0, layout.pp - 1) else 0.0)
         ends.append(end)
         reduce_tail = max(reduce_tail, end - compute_end)
         opt = max(opt, _optimizer(model, layout, machine, mems[r].params, link))

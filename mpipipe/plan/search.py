@@ -8,10 +8,10 @@ screen get the checker's exact dry run (predict.py) and are ranked on it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mpipipe.errors import ConfigError
-from mpipipe.plan.cost import GPT, Layout, action_costs, allreduce_time, memory
+from mpipipe.plan.cost import GPT, Layout, StageCosts, action_costs, allreduce_time, memory
 from mpipipe.plan.machine import Machine
 from mpipipe.plan.predict import Prediction, predict
 
@@ -92,18 +92,29 @@ def peak_stash_bound(name: str, pp: int, m: int, v: int) -> int:
 
 def screen(model: GPT, layout: Layout, machine: Machine) -> tuple[float, float]:
     """(step time, peak memory of the first rank) in closed form."""
-    c = action_costs(model, layout, machine)
-    per_mb = max(f + b + w for f, b, w in zip(c.f, c.b, c.w, strict=True)) * layout.v
     idle = {"zb-h1": 1 / 3, "zbv": 1 / 6}.get(layout.schedule, 1.0)
-    fill = (layout.pp - 1) * (per_mb / layout.v * idle + 2 * c.p2p)
+
+    def pipeline(c: StageCosts) -> tuple[float, float]:  # (busy time per rank, step)
+        per_mb = max(f + b + w for f, b, w in zip(c.f, c.b, c.w, strict=True)) * layout.v
+        fill = (layout.pp - 1) * (per_mb / layout.v * idle + 2 * c.p2p)
+        return layout.microbatches * per_mb, layout.microbatches * per_mb + fill
+
+    busy = None  # the ranks busy at once, as predict prices the time per action (busy_ranks)
+    if machine.action_overhead_by_busy:
+        bare = replace(machine, action_overhead_us=0.0, action_overhead_by_ranks=(),
+                       action_overhead_by_busy=())  # fmt: skip
+        work, span = pipeline(action_costs(model, layout, bare))
+        busy = layout.ranks * work / span
+    step = pipeline(action_costs(model, layout, machine, busy))[1]
     link = machine.collective_link(layout.tp, layout.dp)  # as predict's gradient reduction
     params = memory(model, layout, (0,), 0).params * layout.v
     tail = allreduce_time(link, min(25e6, params * 4), layout.dp)
-    tail += machine.reduce_overhead(layout.ranks, layout.dp, 3 * layout.microbatches * layout.v)
+    actions, computed = 3 * layout.microbatches * layout.v, None if model.emulate else step
+    tail += machine.reduce_overhead(layout.ranks, layout.dp, actions, computed)
     stash = peak_stash_bound(layout.schedule, layout.pp, layout.microbatches, layout.v)
     chunks = tuple(range(0, layout.pp * layout.v, layout.pp))
     mem = memory(model, layout, chunks, stash).total
-    return layout.microbatches * per_mb + fill + tail, mem
+    return step + tail, mem
 
 
 def search(model: GPT, ranks: int, machine: Machine, space: Space, exact: int = 48
