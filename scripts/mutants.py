@@ -53,7 +53,14 @@ PLAN = [
     "tests/test_plan.py::test_busy_collectives_price_tensor_parallel_ranks_only",
     "tests/test_plan.py::test_sequence_parallel_prices_four_collectives_in_each_of_f_b_and_w",
     "tests/test_plan.py::test_busy_fit_recovers_the_fixed_time_and_the_jitter",
+    "tests/test_plan.py::test_computing_replicas_gradient_phase_waits_for_the_slowest",
 ]  # the planner's busy collectives, in-process
+BUSY = [
+    "tests/test_plan.py::test_action_overhead_by_busy_ranks_interpolates_and_reaches_the_busier_layout",
+    "tests/test_plan.py::test_calibration_writes_both_kinds_of_rows_at_their_busy_ranks",
+    "tests/test_plan.py::test_screen_prices_the_busy_ranks_as_predict_does",
+    "tests/test_plan.py::test_computing_replicas_gradient_phase_waits_for_the_slowest",
+]  # the planner's time per action by busy ranks, and computing replicas' wait
 MPI_FILES = {t.split("::")[0] for t in TRANSPARENCY + DP + CKPT}
 
 
@@ -391,16 +398,16 @@ MUTANTS = [
     # -- the planner's busy collectives ---------------------------------------------------------
     m(
         "plan-busy-linear-not-sqrt",
-        "plan/cost.py",
-        "jitter = sum(math.sqrt(x / 1e-3) for x in segments)",
-        "jitter = sum(x / 1e-3 for x in segments)",
+        "plan/machine.py",
+        "jitter = self.busy_jitter_us * math.sqrt(compute / 1e-3)",
+        "jitter = self.busy_jitter_us * (compute / 1e-3)",
         PLAN,
     ),
     m(
         "plan-busy-tp-not-scaled",
-        "plan/cost.py",
-        "slowest = largest(tp) / largest(2)",
-        "slowest = 1.0",
+        "plan/machine.py",
+        "math.sqrt(compute / 1e-3) * largest(group) / largest(2)",
+        "math.sqrt(compute / 1e-3)",
         PLAN,
     ),
     m(
@@ -427,10 +434,60 @@ MUTANTS = [
     ),
     m(
         "plan-busy-fixed-dropped",
-        "plan/cost.py",
-        "return (len(segments) * machine.busy_collective_us + jitter) * 1e-6",
+        "plan/machine.py",
+        "return (self.busy_collective_us + jitter) * 1e-6",
         "return jitter * 1e-6",
         PLAN,
+    ),
+    # -- the planner's time per action by busy ranks; computing replicas' wait ----------------
+    m(
+        "plan-busy-ranks-count-the-overhead",
+        "plan/predict.py",
+        "    costs = action_costs(model, layout, bare)",
+        "    costs = action_costs(model, layout, machine)",
+        BUSY,
+    ),
+    m(
+        "plan-busy-ranks-ignored",
+        "plan/cost.py",
+        "over = machine.action_overhead(layout.ranks, busy_ranks)",
+        "over = machine.action_overhead(layout.ranks)",
+        BUSY,
+    ),
+    m(
+        "plan-busy-rows-unsorted",
+        "plan/machine.py",
+        "    for n, b, v in sorted(table):",
+        "    for n, b, v in table:",
+        BUSY,
+    ),
+    m(
+        "plan-calibrate-no-wide-row",
+        "plan/calibrate.py",
+        "            rows.append(timed(n, wide_run)[0])",
+        "            timed(n, wide_run)",
+        BUSY,
+    ),
+    m(
+        "plan-screen-fewest-busy",
+        "plan/search.py",
+        "    step = pipeline(action_costs(model, layout, machine, busy))[1]",
+        "    step = pipeline(action_costs(model, layout, machine))[1]",
+        BUSY,
+    ),
+    m(
+        "plan-replicas-drift-table",
+        "plan/machine.py",
+        "        if computed is not None:",
+        "        if False:",
+        BUSY,
+    ),
+    m(
+        "plan-replicas-slowest-of-all-ranks",
+        "plan/machine.py",
+        "return ms * 1e-3 + self.busy_wait(computed, dp)",
+        "return ms * 1e-3 + self.busy_wait(computed, ranks)",
+        BUSY,
     ),
 ]
 

@@ -337,6 +337,21 @@ def test_calibration_writes_both_kinds_of_rows_at_their_busy_ranks(monkeypatch) 
         assert n == tn and b == pytest.approx(tb) and us == pytest.approx(tus, rel=1e-6)
 
 
+def test_screen_prices_the_busy_ranks_as_predict_does() -> None:
+    """search.screen, which picks the layouts that get an exact prediction, prices an all-busy
+    pp = 1 x dp = 4 layout at 4 busy ranks (not each N's fewest), and computing replicas' wait."""
+    from mpipipe.plan.search import screen
+
+    emulated = GPT(**{**SMALL, "layers": 4}, emulate=(1.0, 1.0, 1.0))
+    wide = Layout(1, 4, 1, "1f1b", 1, 4)
+    by_busy = ideal(action_overhead_by_busy=((4, 1.0, 0.0), (4, 4.0, 1000.0)))
+    extra = screen(emulated, wide, by_busy)[0] - screen(emulated, wide, ideal())[0]
+    assert extra == pytest.approx(3 * 4 * 1000e-6)  # F, B, W of 4 micro-batches at 1 ms each
+    real = dataclasses.replace(GPT(**SMALL), profile=FixedProfile())
+    waiting = ideal(busy_collective_us=100.0)
+    assert screen(real, wide, waiting)[0] - screen(real, wide, ideal())[0] == pytest.approx(1e-4)
+
+
 def test_calibrated_overhead_reproduces_the_measured_step() -> None:
     """calibrate.overhead_for inverts the planner: the overhead it finds for a pipeline time
     that a known overhead produced is that overhead (the step's other terms left out)."""
