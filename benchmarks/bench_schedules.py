@@ -17,6 +17,10 @@ waits up to S seconds for none before each row and measures a disturbed row agai
 
     python benchmarks/bench_schedules.py [--costs F=5,B=5,W=5] [--steps 5] [--schedules a,b]
                                          [--realtime] [--quiet 600] [--bind-to core|none]
+                                         [--memory K]
+
+`auto` is the synthesized schedule (`train --schedule auto --memory K`, K = ranks / 2 unless
+given: the tightest cap of #17's table), synthesized by the ranks for the emulated costs.
 
 `--bind-to core` pins each rank to a core, as cluster launchers do (8 ranks on 2 cores: four
 per core). Measured 2026-11-30 17:54-18:01, real-time priority: zbv m=16 1.086-1.088 pinned
@@ -91,7 +95,9 @@ def wait_quiet(limit_s: float) -> None:
         time.sleep(0.2)
 
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "v-half", "v-min", "dualpipev"]
+SCHEDULES = [
+    "gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "v-half", "v-min", "dualpipev", "auto"
+]  # fmt: skip
 
 
 def main() -> int:
@@ -101,6 +107,13 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--microbatches", default="16,32")
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated names")
+    p.add_argument(
+        "--memory",
+        type=float,
+        default=None,
+        help="auto's cap on stashed micro-batches per rank (default: ranks / 2, the tightest of "
+        "#17's table)",
+    )
     p.add_argument("--realtime", action="store_true", help="ranks at real-time priority (chrt)")
     p.add_argument(
         "--bind-to",
@@ -179,6 +192,7 @@ def run(args: argparse.Namespace, m: int, name: str) -> list[dict]:
         "1",
         "--log-every",
         "1000",
+        *(["--memory", f"{args.memory or args.ranks / 2:g}"] if name == "auto" else []),
         realtime=args.realtime,
         bind=args.bind_to == "core",
     )
