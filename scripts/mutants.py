@@ -443,7 +443,7 @@ MUTANTS = [
     m(
         "plan-busy-ranks-count-the-overhead",
         "plan/predict.py",
-        "    costs = action_costs(model, layout, bare)",
+        "    costs = action_costs(model, layout, machine.with_action_overhead(0.0))",
         "    costs = action_costs(model, layout, machine)",
         BUSY,
     ),
@@ -464,8 +464,8 @@ MUTANTS = [
     m(
         "plan-calibrate-no-wide-row",
         "plan/calibrate.py",
-        "            rows.append(timed(n, wide_run)[0])",
-        "            timed(n, wide_run)",
+        "            rows.append(timed(n, wide_run(n))[0])",
+        "            timed(n, wide_run(n))",
         BUSY,
     ),
     m(

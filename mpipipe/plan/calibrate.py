@@ -177,8 +177,7 @@ def overhead_for(pipeline: float, model: Any, layout: Any, machine: Machine) -> 
     lo, hi = 0.0, 0.1
     for _ in range(40):
         mid = (lo + hi) / 2
-        at = replace(machine, action_overhead_us=mid * 1e6, action_overhead_by_ranks=(),
-                     action_overhead_by_busy=())  # fmt: skip
+        at = machine.with_action_overhead(mid * 1e6)
         simulated = predict(model, layout, at).breakdown["pipeline"]
         lo, hi = (mid, hi) if simulated < pipeline else (lo, mid)
     return lo * 1e6
@@ -195,9 +194,9 @@ def overheads_by_ranks(launch_n: Any, machine: Machine) -> Machine:
     actions per rank (phase_fit). No run is a --validate layout."""
     from mpipipe.plan.predict import busy_ranks, predict
 
-    def timed(n: int, run: Any) -> tuple[tuple[int, float, float], dict[str, float]]:
+    def timed(n: int, run: tuple[Any, Any, list[str]]) -> tuple[tuple[int, float, float], Any]:
         """The (N, busy ranks, us per action) row of one calibration run, and its medians."""
-        model, layout, flags = run(n)
+        model, layout, flags = run
         got = _medians(launch_n(n), flags)
         us = overhead_for(got["pipeline_time_s"], model, layout, machine)
         return (n, busy_ranks(model, layout, machine), us), got
@@ -207,15 +206,15 @@ def overheads_by_ranks(launch_n: Any, machine: Machine) -> Machine:
     reduce: list[tuple[int, float]] = []
     drifts: list[tuple[int, float]] = []
     for n in BY_RANKS:
-        row, got = timed(n, pipeline_run)
+        model, layout, flags = pipeline_run(n)
+        row, got = timed(n, (model, layout, flags))
         rows.append(row)
-        model, layout, _ = pipeline_run(n)
         at = replace(machine, action_overhead_by_busy=tuple(rows))
         optimizer = predict(model, layout, at).breakdown["optimizer"]
         rest = got["step_time_s"] - got["pipeline_time_s"] - optimizer
         step.append((n, max(0.0, rest) * 1e3))
         if n >= 4:
-            rows.append(timed(n, wide_run)[0])
+            rows.append(timed(n, wide_run(n))[0])
     machine = replace(machine, action_overhead_by_busy=tuple(rows),
                       step_overhead_by_ranks=tuple(step))  # fmt: skip
     for n in BY_RANKS:

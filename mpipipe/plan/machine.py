@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,13 @@ class Machine:
             return by_busy(self.action_overhead_by_busy, ranks, busy) * 1e-6
         table = self.action_overhead_by_ranks
         return (by_ranks(table, ranks) if table else self.action_overhead_us) * 1e-6
+
+    def with_action_overhead(self, us: float) -> Machine:
+        """This machine with a flat time per action of `us` microseconds whatever the ranks
+        (no by-ranks or by-busy table): what the calibration fits, and busy_ranks' baseline
+        at 0."""
+        return replace(self, action_overhead_us=us, action_overhead_by_ranks=(),
+                       action_overhead_by_busy=())  # fmt: skip
 
     def step_overhead(self, ranks: int) -> float:
         """Seconds per step outside the pipeline and the reduction, in a job of `ranks` ranks."""

@@ -20,7 +20,7 @@ Machine.collective_link (one NIC per member of the group in a node, where the fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from mpipipe import schedule
@@ -77,9 +77,7 @@ def busy_ranks(model: GPT, layout: Layout, machine: Machine) -> float:
     action, which depends on it where ranks share cores (Machine.action_overhead). A second
     simulation of the schedule: predict runs it only for machine files with that table."""
     plan, _ = plan_of(layout.schedule, layout.pp, layout.microbatches, layout.v)
-    bare = replace(machine, action_overhead_us=0.0, action_overhead_by_ranks=(),
-                   action_overhead_by_busy=())  # fmt: skip
-    costs = action_costs(model, layout, bare)
+    costs = action_costs(model, layout, machine.with_action_overhead(0.0))
     report = schedule.simulate(plan, schedule.Costs(costs.f, costs.b, costs.w, costs.p2p))
     return layout.ranks * (1.0 - report.bubble)
 

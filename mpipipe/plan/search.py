@@ -8,7 +8,7 @@ screen get the checker's exact dry run (predict.py) and are ranked on it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mpipipe.errors import ConfigError
 from mpipipe.plan.cost import GPT, Layout, StageCosts, action_costs, allreduce_time, memory
@@ -101,9 +101,7 @@ def screen(model: GPT, layout: Layout, machine: Machine) -> tuple[float, float]:
 
     busy = None  # the ranks busy at once, as predict prices the time per action (busy_ranks)
     if machine.action_overhead_by_busy:
-        bare = replace(machine, action_overhead_us=0.0, action_overhead_by_ranks=(),
-                       action_overhead_by_busy=())  # fmt: skip
-        work, span = pipeline(action_costs(model, layout, bare))
+        work, span = pipeline(action_costs(model, layout, machine.with_action_overhead(0.0)))
         busy = layout.ranks * work / span
     step = pipeline(action_costs(model, layout, machine, busy))[1]
     link = machine.collective_link(layout.tp, layout.dp)  # as predict's gradient reduction

@@ -10,13 +10,12 @@ so that on a shared machine whose load drifts the profile sees, on average, the 
 saw; each real layout, and each emulated one of CROWDED_RANKS or more, runs REAL_REPEATS
 times (the median of the runs against the median of their predictions). The layouts of one
 group share model, batch and rank count, so "is the measured best the predicted best" has an
-answer there. Emulated ranks
-mostly sleep, but each action still costs its rank Python, MPI progress and a wake-up, and past
-the core count the ranks wait for a core: the machine file's action_overhead_by_busy prices
-that per rank count and ranks busy at once, step_overhead_by_ranks the step's work outside the
-pipeline and reduce_overhead_by_ranks the gradient phase of dp > 1, all measured by --calibrate
-on other layouts (pp = N and pp = 2 x dp = N/2 1F1B runs; pp = 1, dp = N runs of another model
-and micro-batch count).
+answer there. Emulated ranks mostly sleep, but each action still costs its rank Python, MPI
+progress and a wake-up, and past the core count the ranks wait for a core: the machine file's
+action_overhead_by_busy prices that per rank count and ranks busy at once,
+step_overhead_by_ranks the step's work outside the pipeline and reduce_overhead_by_ranks the
+gradient phase of dp > 1, all measured by --calibrate on other layouts (pp = N and
+pp = 2 x dp = N/2 1F1B runs; pp = 1, dp = N runs of another model and micro-batch count).
 """
 
 from __future__ import annotations
